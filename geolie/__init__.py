@@ -1,0 +1,15 @@
+"""geolie: how equivariant is your model? Lie derivatives under SO(3)/SE(3) for point clouds and molecules.
+
+See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
+``L_X f(x) = d/dt|0 ρ_out(exp(tX))⁻¹ f(ρ_in(exp(tX)) x)``).
+"""
+from ._groups import LieGroup, SE3, SO3, as_group, hat, so3_exp, so3_log, vee
+from ._reps import (
+    IrrepsRep, PointRep, PseudovectorRep, Rep, ScalarRep, Tensor2Rep, VectorRep, as_rep, known_reps, register_rep,
+)
+from ._lie import GeolieFallbackWarning, lie_derivative
+from ._conservative import conservative, lie_energy_from_forces
+
+__version__ = "0.1.0"
+from ._metrics import OutputMetrics, Report, aggregate, measure
+from ._finite import FiniteReport, finite_equivariance_error

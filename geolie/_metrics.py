@@ -1,0 +1,256 @@
+r"""Metrics on Lie derivatives, with noise floors, and the :func:`measure` entry point.
+
+For one sample (a structure) and generator ``k`` with output ``y`` (the sample's rows of an output tensor):
+
+* absolute norm  ``abs = ‖L_k y‖₂`` (output units per radian, or per length unit for translations);
+* relative norm  ``rel = ‖L_k y‖₂ / ‖y‖₂`` (= RMS of ``L_k y`` over the RMS of ``y``; 1/radian);
+* per-atom norm  ``per_atom = ‖L_k y‖₂ / sqrt(N)`` for per-atom outputs such as forces (the RMS over atoms of
+  the per-atom vector norm);
+* isotropic rotation norm ``iso = sqrt(mean_{k∈{rx,ry,rz}} ‖L_k y‖²)``: the RMS Lie derivative about a uniformly
+  random axis (because ``L`` is linear in the generator and ``E[n nᵀ] = I/3``).
+
+Noise floor: every figure comes with the same norm applied to an elementwise error estimate ``δ``:
+
+* finite differences: the Richardson error estimate of :mod:`geolie._lie`;
+* automatic differentiation, when a reference evaluation in the other precision is possible (``f_ref``, a copy of
+  an ``nn.Module`` cast to the other dtype, or ``f`` itself if it accepts the other dtype):
+  ``δ = |L_float32 - L_float64|`` for a float32 measurement, and that difference scaled by ``u64/u32`` for a
+  float64 one;
+* otherwise a rounding estimate ``δ = 16 u (|J dρ_in x| + |dρ_out f| + |f| / s)`` (``u`` the unit round-off,
+  ``s`` = 1 radian or the RMS radius of the points for translations): the two terms whose cancellation gives zero
+  for an equivariant model, plus the output itself (an invariant output cancels inside ``J dρ_in x``).
+
+A figure is *at the floor* when ``abs <= 2 floor`` (i.e. indistinguishable from zero at this precision).
+Aggregates over samples: mean, median, p99 and max (never the mean alone).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ._groups import SE3, as_group
+from ._lie import LieResult, _compute, _out_correction
+
+__all__ = ["measure", "Report", "OutputMetrics", "aggregate"]
+
+FLOOR_FACTOR = 2.0
+
+
+def aggregate(values) -> Dict[str, float]:
+    """Mean, median, 99th percentile and max of a 1D array (NaNs ignored)."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    a = a[~np.isnan(a)]
+    if a.size == 0:
+        return {"mean": math.nan, "median": math.nan, "p99": math.nan, "max": math.nan}
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+@dataclass
+class OutputMetrics:
+    """Metrics of one output. Arrays are ``[samples, generators]`` unless stated."""
+
+    name: str
+    rep: str
+    generator_names: List[str]
+    abs: np.ndarray
+    rel: np.ndarray
+    floor: np.ndarray
+    ynorm: np.ndarray
+    per_atom: Optional[np.ndarray] = None
+    floor_source: str = ""
+
+    @property
+    def floor_rel(self) -> np.ndarray:
+        """The floor relative to ``‖y‖`` (the floor of :attr:`rel`)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.ynorm[:, None] > 0, self.floor / self.ynorm[:, None], np.nan)
+
+    @property
+    def iso_rotation(self) -> np.ndarray:
+        """``[samples]``: RMS over the three rotation generators of ``abs``."""
+        return np.sqrt(np.mean(self.abs[:, :3] ** 2, axis=1))
+
+    @property
+    def iso_rotation_rel(self) -> np.ndarray:
+        return np.sqrt(np.mean(self.rel[:, :3] ** 2, axis=1))
+
+    @property
+    def at_floor(self) -> np.ndarray:
+        """``[samples, generators]`` booleans: the Lie derivative is indistinguishable from zero."""
+        return self.abs <= FLOOR_FACTOR * self.floor
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {
+            "rep": self.rep, "generators": self.generator_names, "floor_source": self.floor_source,
+            "abs": self.abs.tolist(), "rel": self.rel.tolist(), "floor": self.floor.tolist(),
+            "iso_rotation": self.iso_rotation.tolist(),
+            "aggregates": {
+                g: {"abs": aggregate(self.abs[:, k]), "rel": aggregate(self.rel[:, k]),
+                    "floor": aggregate(self.floor[:, k])}
+                for k, g in enumerate(self.generator_names)
+            },
+        }
+        if self.per_atom is not None:
+            d["per_atom"] = self.per_atom.tolist()
+        return d
+
+
+@dataclass
+class Report:
+    """What :func:`measure` returns: per output :class:`OutputMetrics`, plus how they were obtained."""
+
+    outputs: Dict[str, OutputMetrics]
+    method: str
+    dtype: str
+    n_samples: int
+    lie: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.method, "dtype": self.dtype, "n_samples": self.n_samples,
+                "outputs": {k: v.to_dict() for k, v in self.outputs.items()}}
+
+    def table(self, metric: str = "rel") -> str:
+        """A plain-text table: one row per output, the median over samples of ``metric`` per generator."""
+        gens = next(iter(self.outputs.values())).generator_names if self.outputs else []
+        head = f"{'output':<14}{'rep':<10}" + "".join(f"{g:>11}" for g in gens) + f"{'floor':>11}{'at floor':>10}"
+        lines = [f"{metric} Lie derivative (median over {self.n_samples} sample(s)), {self.method}, {self.dtype}",
+                 head, "-" * len(head)]
+        for name, m in self.outputs.items():
+            vals = getattr(m, metric)
+            floor = m.floor_rel if metric == "rel" else m.floor
+            row = f"{name[:13]:<14}{m.rep[:9]:<10}" + "".join(f"{np.median(vals[:, k]):>11.2e}" for k in
+                                                            range(len(gens)))
+            row += f"{np.nanmedian(floor):>11.2e}{'yes' if m.at_floor.all() else 'no':>10}"
+            lines.append(row)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _sample_slices(t: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int):
+    """Split an output tensor into samples: node-level rows by ``batch``, graph-level rows one each, else whole."""
+    if batch is not None and t.dim() >= 1 and t.shape[0] == batch.shape[0] and batch.shape[0] != n_graphs:
+        return [batch == b for b in range(n_graphs)], True
+    if batch is not None and t.dim() >= 1 and t.shape[0] == n_graphs:
+        return [torch.arange(n_graphs) == b for b in range(n_graphs)], False
+    return None, t.dim() >= 2  # one sample; [N, 3]-like tensors are per-atom
+
+
+def _norms(L: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, batch, n_graphs):
+    """Per (sample, generator) norms; ``L`` and ``floor`` are ``[K, *y.shape]``."""
+    masks, per_atom_like = _sample_slices(y, batch, n_graphs)
+    K = L.shape[0]
+    if masks is None:
+        Ls, fs, ys = [L.reshape(K, -1)], [floor.reshape(K, -1)], [y.reshape(-1)]
+        n_atoms = [y.shape[0] if y.dim() >= 2 else 1]
+    else:
+        Ls = [L[:, m].reshape(K, -1) for m in masks]
+        fs = [floor[:, m].reshape(K, -1) for m in masks]
+        ys = [y[m].reshape(-1) for m in masks]
+        n_atoms = [int(m.sum()) for m in masks]
+    a = torch.stack([x.double().norm(dim=1) for x in Ls]).cpu().numpy()
+    fl = torch.stack([x.double().norm(dim=1) for x in fs]).cpu().numpy()
+    yn = np.array([float(x.double().norm()) for x in ys])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(yn[:, None] > 0, a / yn[:, None], np.nan)
+    per_atom = a / np.sqrt(np.array(n_atoms, dtype=np.float64))[:, None] if per_atom_like else None
+    return a, rel, fl, per_atom, yn
+
+
+def _other_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float64 else torch.float64
+
+
+def _reference(res: LieResult, f_ref, kw) -> Optional[LieResult]:
+    """The same Lie derivative in the other precision, or ``None`` when it cannot be evaluated."""
+    prob = res.problem
+    dtype = prob.inputs.values[prob.inputs.moving[0]].dtype
+    other = _other_dtype(dtype)
+    if f_ref is None:
+        f = prob.f
+        f_ref = copy.deepcopy(f).to(other) if isinstance(f, torch.nn.Module) else f
+    vals = list(prob.inputs.values)
+    for i in prob.inputs.moving:
+        vals[i] = vals[i].to(other)
+    x = tuple(vals) if prob.inputs.is_tuple else vals[0]
+    try:
+        ref = _compute(f_ref, x, **kw)
+    except Exception:  # noqa: BLE001 - no reference in the other precision: fall back to the rounding estimate
+        return None
+    if any(v.dtype != other for v in ref.outputs):
+        return None
+    return ref
+
+
+def _rounding_floor(res: LieResult) -> List[torch.Tensor]:
+    """``16 u (|J dρ_in x| + |dρ_out f| + |f| / s_k)`` elementwise, ``s_k`` = 1 rad or the RMS radius."""
+    from ._lie import _length_scale
+
+    prob = res.problem
+    u = torch.finfo(res.outputs[0].dtype).eps
+    corr = _out_correction(prob, prob.y)
+    ell = _length_scale(prob)
+    K = prob.group.dim
+    scale = torch.tensor([1.0 if k < 3 else 1.0 / ell for k in range(K)], dtype=torch.float64)
+    res_ = []
+    for L, c, y in zip(res.values, corr, prob.y):
+        s = scale.to(y).reshape((K,) + (1,) * y.dim())
+        # |J dρ_in x| = |L + dρ_out f| elementwise
+        res_.append(16 * u * ((L + c).abs() + c.abs() + s * y.abs()[None]))
+    return res_
+
+
+def measure(
+    f: Callable,
+    x: Any,
+    *,
+    group=SE3,
+    in_rep: Any = "point",
+    out_rep: Any = "scalar",
+    method: str = "auto",
+    about: str = "origin",
+    batch: Optional[torch.Tensor] = None,
+    f_ref: Optional[Callable] = None,
+    floor: bool = True,
+) -> Report:
+    """Lie derivatives of ``f`` at ``x`` reduced to metrics with noise floors (see the module docstring).
+
+    Arguments are those of :func:`geolie.lie_derivative`, plus ``f_ref`` (the same function in the other
+    precision, used for the noise floor; by default an ``nn.Module`` is copied and cast, and a plain function
+    is tried with cast inputs) and ``floor`` (``False`` skips the reference evaluation).
+    ``batch`` also defines the samples: per-atom outputs are split by it, per-graph outputs by row.
+    """
+    group = as_group(group)
+    kw = dict(group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch)
+    res = _compute(f, x, **kw)
+    dtype = res.outputs[0].dtype if res.outputs else torch.float64
+    if res.fd_error is not None:
+        floors, src = res.fd_error, "finite-difference error estimate"
+    elif floor:
+        ref = _reference(res, f_ref, kw)
+        if ref is not None and ref.fd_error is None:
+            scale = 1.0
+            if dtype == torch.float64:
+                scale = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+            floors = [(a - b.to(a)).abs() * scale for a, b in zip(res.values, ref.values)]
+            floors = [torch.maximum(fl, r) for fl, r in zip(floors, _rounding_floor(res))]
+            src = "float32 vs float64" + (" (scaled by u64/u32)" if dtype == torch.float64 else "")
+        else:
+            floors, src = _rounding_floor(res), "rounding estimate"
+    else:
+        floors, src = _rounding_floor(res), "rounding estimate"
+    b = None if batch is None else torch.as_tensor(batch).long().cpu()
+    n_graphs = 1 if b is None else int(b.max()) + 1
+    outs: Dict[str, OutputMetrics] = {}
+    n_samples = 1
+    for L, y, fl, leaf in zip(res.values, res.outputs, floors, res.leaves):
+        a, rel, flo, pa, yn = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs)
+        name = leaf.path.replace("output", "", 1).strip("[]'\"") or "output"
+        outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src)
+        n_samples = max(n_samples, a.shape[0])
+    return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values)

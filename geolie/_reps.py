@@ -1,0 +1,290 @@
+r"""Representations: how a tensor transforms under rotations, inversion and translations.
+
+A :class:`Rep` describes the action :math:`\rho(g)` of a group element ``g = (R, t)`` of E(3) on a tensor, and
+its infinitesimal action :math:`d\rho(X)` for a Lie algebra element ``X = (omega, v)``:
+
+=====================  =========================================  ==========================================
+name                   finite action ``g . x``                    infinitesimal action ``dρ(X) x``
+=====================  =========================================  ==========================================
+``"scalar"``/``None``  ``x``                                      ``0``
+``"vector"``           ``x @ R.T`` (trailing dim 3)               ``x @ hat(omega).T``
+``"cell"``             alias of ``"vector"`` (cell rows)
+``"pseudovector"``     ``det(R) x @ R.T``                         ``x @ hat(omega).T``
+``"point"``            ``(x - c) @ R.T + c + t``                  ``(x - c) @ hat(omega).T + v``
+``"tensor2"``          ``R x R.T`` (trailing dims ``[3, 3]``)     ``hat(omega) x - x hat(omega)``
+``"stress"``           alias of ``"tensor2"``
+e3nn ``Irreps``        ``x @ D(R).T`` (trailing dim ``irreps.dim``) ``x @ (sum_k omega_k G_k).T``
+=====================  =========================================  ==========================================
+
+``c`` is the centre of rotation (the origin unless the caller rotates each structure about its centroid).
+For e3nn irreps, ``D(R) = irreps.D_from_matrix(R)`` (inversion handled by each irrep's parity) and ``G_k`` are
+``o3.so3_generators(l)`` in e3nn's basis; for ``1o``, ``D(R) = R``. An improper ``R`` (``det = -1``) is how
+inversion and reflections are applied; translations act on points only.
+
+Register your own with :func:`register_rep`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+
+from ._groups import hat
+
+__all__ = [
+    "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep",
+    "as_rep", "register_rep", "known_reps",
+]
+
+
+class Rep:
+    """Base class of representations. Subclasses implement :meth:`check`, :meth:`act`, :meth:`infinitesimal`.
+
+    Attributes
+    ----------
+    name: short name used in reports.
+    translation_invariant: ``False`` only for representations on which translations act (points).
+    """
+
+    name: str = "rep"
+    translation_invariant: bool = True
+
+    def check(self, x: torch.Tensor, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` if ``x`` has a shape this representation cannot act on."""
+
+    def act(self, x: torch.Tensor, R: torch.Tensor, t: Optional[torch.Tensor] = None,
+            center: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Finite action of ``g = (R, t)``; ``R [3, 3]`` may be improper (inversion, reflections)."""
+        raise NotImplementedError
+
+    def infinitesimal(self, x: torch.Tensor, omega: torch.Tensor, v: torch.Tensor,
+                      center: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``dρ(X_k) x`` for a stack of algebra elements ``omega [K, 3]``, ``v [K, 3]``; returns ``[K, *x.shape]``."""
+        raise NotImplementedError
+
+    def parity_sign(self) -> Optional[int]:
+        """+1 or -1 when inversion multiplies the whole tensor by a sign, ``None`` otherwise."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"Rep({self.name})"
+
+
+def _need_trailing(x: torch.Tensor, shape, where: str, name: str) -> None:
+    k = len(shape)
+    if x.dim() < k or tuple(x.shape[-k:]) != tuple(shape):
+        raise ValueError(
+            f"{where}: representation {name!r} needs trailing dimensions {list(shape)}, got shape {list(x.shape)}"
+        )
+
+
+class ScalarRep(Rep):
+    """Invariant: ``g . x = x`` (energies, charges, class logits; also atomic numbers, ``edge_index``)."""
+
+    name = "scalar"
+
+    def act(self, x, R, t=None, center=None):
+        return x
+
+    def infinitesimal(self, x, omega, v, center=None):
+        return x.new_zeros((omega.shape[0],) + tuple(x.shape))
+
+    def parity_sign(self):
+        return 1
+
+
+class VectorRep(Rep):
+    """Polar vector: ``v -> R v`` (rows: ``v @ R.T``), translation-invariant: forces, dipoles, velocities, cells."""
+
+    name = "vector"
+
+    def check(self, x, where):
+        _need_trailing(x, (3,), where, self.name)
+
+    def act(self, x, R, t=None, center=None):
+        return x @ R.to(x).T
+
+    def infinitesimal(self, x, omega, v, center=None):
+        W = hat(omega.to(x))  # [K, 3, 3]
+        return torch.einsum("...j,kij->k...i", x, W)
+
+    def parity_sign(self):
+        return -1
+
+
+class PseudovectorRep(VectorRep):
+    """Axial vector: rotates as a vector, does not change sign under inversion (``det(R) R v``)."""
+
+    name = "pseudovector"
+
+    def act(self, x, R, t=None, center=None):
+        R = R.to(x)
+        return torch.linalg.det(R) * (x @ R.T)
+
+    def parity_sign(self):
+        return 1
+
+
+class PointRep(VectorRep):
+    """Position: ``x -> R (x - c) + c + t``, the only representation on which translations act."""
+
+    name = "point"
+    translation_invariant = False
+
+    def act(self, x, R, t=None, center=None):
+        R = R.to(x)
+        y = x if center is None else x - center
+        y = y @ R.T
+        if center is not None:
+            y = y + center
+        if t is not None:
+            y = y + t.to(x)
+        return y
+
+    def infinitesimal(self, x, omega, v, center=None):
+        y = x if center is None else x - center
+        out = super().infinitesimal(y, omega, v)
+        shape = (v.shape[0],) + (1,) * (x.dim() - 1) + (3,)
+        return out + v.to(x).reshape(shape)
+
+    def parity_sign(self):
+        return None  # inversion about the centre: a sign only when the centre is the origin
+
+
+class Tensor2Rep(Rep):
+    """Rank-2 Cartesian tensor on the trailing ``[3, 3]``: ``σ -> R σ Rᵀ`` (stress, polarizability)."""
+
+    name = "tensor2"
+
+    def check(self, x, where):
+        _need_trailing(x, (3, 3), where, self.name)
+
+    def act(self, x, R, t=None, center=None):
+        R = R.to(x)
+        return R @ x @ R.T
+
+    def infinitesimal(self, x, omega, v, center=None):
+        W = hat(omega.to(x))
+        Wb = W.reshape((W.shape[0],) + (1,) * (x.dim() - 2) + (3, 3))
+        return Wb @ x - x @ Wb
+
+    def parity_sign(self):
+        return 1
+
+
+class IrrepsRep(Rep):
+    """Direct sum of O(3) irreps on the last dimension, in e3nn's basis (``x @ D(R).T``)."""
+
+    def __init__(self, irreps):
+        from e3nn import o3
+
+        self.irreps = o3.Irreps(irreps)
+        self.name = str(self.irreps)
+        self._gen_cache: Dict = {}
+
+    def check(self, x, where):
+        _need_trailing(x, (self.irreps.dim,), where, f"irreps {self.name}")
+
+    def D(self, R: torch.Tensor) -> torch.Tensor:
+        """``D(R) [dim, dim]`` as ``exp(sum_k omega_k G_k)`` with ``omega = log R``, times the parities if improper.
+
+        e3nn's ``D_from_matrix`` goes through Euler angles, which lose accuracy near the identity (gimbal lock);
+        the exponential of the generators is accurate for every angle.
+        """
+        from ._groups import so3_log
+
+        R = R.to(torch.float64)
+        det = torch.linalg.det(R)
+        if not bool(torch.isclose(det.abs(), torch.ones_like(det), atol=1e-6)):
+            raise ValueError(f"irreps action: R is not orthogonal (det = {float(det):.6g})")
+        improper = bool(det < 0)
+        omega = so3_log(-R if improper else R)
+        G = self._generators(torch.float64, R.device)
+        D = torch.linalg.matrix_exp(torch.einsum("c,cij->ij", omega, G))
+        if improper:
+            signs = torch.cat([torch.full((mul * ir.dim,), float(ir.p), dtype=torch.float64)
+                               for mul, ir in self.irreps]) if len(self.irreps) else torch.ones(0)
+            D = D * signs.to(D)[:, None]
+        return D
+
+    def act(self, x, R, t=None, center=None):
+        return x @ self.D(R).to(x).T
+
+    def _generators(self, dtype, device):
+        key = (dtype, device)
+        if key not in self._gen_cache:
+            from e3nn import o3
+
+            blocks = []
+            for mul, ir in self.irreps:
+                g = o3.so3_generators(ir.l).to(dtype=torch.float64)
+                blocks.extend([g] * mul)
+            dim = self.irreps.dim
+            G = torch.zeros(3, dim, dim, dtype=torch.float64)
+            i = 0
+            for g in blocks:
+                d = g.shape[-1]
+                G[:, i:i + d, i:i + d] = g
+                i += d
+            self._gen_cache[key] = G.to(dtype=dtype, device=device)
+        return self._gen_cache[key]
+
+    def infinitesimal(self, x, omega, v, center=None):
+        G = self._generators(x.dtype, x.device)
+        A = torch.einsum("kc,cij->kij", omega.to(x), G)
+        return torch.einsum("...j,kij->k...i", x, A)
+
+    def parity_sign(self):
+        # inversion multiplies an irrep (l, p) by p (e3nn's p is the full parity, 1o has p = -1)
+        ps = {ir.p for _, ir in self.irreps} if len(self.irreps) else {1}
+        return ps.pop() if len(ps) == 1 else None
+
+
+_REGISTRY: Dict[str, Rep] = {}
+
+
+def register_rep(name: str, rep: Rep) -> None:
+    """Register a representation under ``name`` (lower-case), usable wherever a representation name is taken."""
+    if not isinstance(rep, Rep):
+        raise TypeError(f"register_rep: expected a geolie.Rep instance, got {type(rep).__name__}")
+    _REGISTRY[name.lower()] = rep
+
+
+def known_reps():
+    """Names accepted by :func:`as_rep` (besides e3nn irreps strings)."""
+    return sorted(_REGISTRY)
+
+
+for _n, _r in [
+    ("scalar", ScalarRep()), ("invariant", ScalarRep()), ("vector", VectorRep()), ("cell", VectorRep()),
+    ("pseudovector", PseudovectorRep()), ("point", PointRep()), ("tensor2", Tensor2Rep()),
+    ("stress", Tensor2Rep()),
+]:
+    register_rep(_n, _r)
+
+
+def as_rep(spec: Union[None, str, Rep, "object"], where: str = "representation") -> Rep:
+    """Turn ``None``, a registered name, an e3nn ``Irreps`` (object or string) or a :class:`Rep` into a :class:`Rep`."""
+    if spec is None:
+        return _REGISTRY["scalar"]
+    if isinstance(spec, Rep):
+        return spec
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        try:
+            return IrrepsRep(spec)
+        except Exception:
+            raise ValueError(
+                f"{where}: unknown representation {spec!r}; expected one of {known_reps()}, an e3nn Irreps "
+                f"string such as '8x0e+4x1o', or a geolie.Rep"
+            ) from None
+    try:
+        from e3nn import o3
+
+        if isinstance(spec, o3.Irreps):
+            return IrrepsRep(spec)
+    except ImportError:  # pragma: no cover
+        pass
+    raise ValueError(f"{where}: cannot interpret {spec!r} as a representation")
