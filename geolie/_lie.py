@@ -61,6 +61,7 @@ class _Problem:
     leaves: List[Leaf] = field(default_factory=list)
     rebuild: Optional[Callable] = None
     y: List[torch.Tensor] = field(default_factory=list)
+    not_differentiable: List[str] = field(default_factory=list)
 
     def call(self, moving_values: Optional[List[torch.Tensor]] = None, inputs=None):
         vals = list((inputs or self.inputs).values)
@@ -79,9 +80,14 @@ def _setup(f, x, group, in_rep, out_rep, about, batch) -> _Problem:
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
     prob = _Problem(f, inputs, group, Centers(inputs, about, batch), out_rep)
-    out = prob.call()
+    # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
+    # them, cannot be differentiated by AD (a silent zero would look equivariant)
+    out = prob.call([inputs.values[i].clone().requires_grad_(True) for i in inputs.moving])
     prob.leaves, prob.rebuild = pair_outputs(out, out_rep)
-    prob.y = [t.detach() for t in check_outputs(flatten_outputs(out), prob.leaves)]
+    raw = flatten_outputs(out)
+    prob.not_differentiable = [leaf.path for o, leaf in zip(raw, prob.leaves)
+                               if not isinstance(o, torch.Tensor) or not o.requires_grad]
+    prob.y = [t.detach() for t in check_outputs(raw, prob.leaves)]
     return prob
 
 
@@ -160,6 +166,11 @@ def _jvp_double_backward(prob, primals, tangents):
 
 
 def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor], str]:
+    if prob.not_differentiable:
+        raise _ADFailed(
+            f"output(s) {prob.not_differentiable} are not connected to the inputs' autograd graph (numpy arrays, "
+            "detached tensors or constants)"
+        )
     primals = [prob.inputs.values[i] for i in prob.inputs.moving]
     tangents = _in_tangents(prob)
     errors = []
@@ -177,7 +188,7 @@ def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             continue
         corr = _out_correction(prob, prob.y)
-        return [j.to(c.dtype) - c for j, c in zip(jv, corr)], name
+        return [j.detach().to(c.dtype) - c for j, c in zip(jv, corr)], name
     raise _ADFailed("; ".join(errors))
 
 
@@ -343,7 +354,7 @@ def lie_derivative(
     Returns
     -------
     The output structure with each tensor of shape ``[group.dim, *output.shape]``, generators in the order of
-    ``group.generator_names``. Zero (to rounding) for an equivariant ``f``.
+    ``group.generator_names`` (detached from the autograd graph). Zero (to rounding) for an equivariant ``f``.
 
     Raises
     ------

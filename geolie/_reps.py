@@ -216,9 +216,13 @@ class IrrepsRep(Rep):
             from e3nn import o3
 
             blocks = []
-            for mul, ir in self.irreps:
-                g = o3.so3_generators(ir.l).to(dtype=torch.float64)
-                blocks.extend([g] * mul)
+            old = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)  # e3nn builds the generators in the default dtype
+            try:
+                for mul, ir in self.irreps:
+                    blocks.extend([o3.so3_generators(ir.l).to(torch.float64)] * mul)
+            finally:
+                torch.set_default_dtype(old)
             dim = self.irreps.dim
             G = torch.zeros(3, dim, dim, dtype=torch.float64)
             i = 0

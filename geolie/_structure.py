@@ -44,11 +44,25 @@ class Inputs:
         return tuple(values) if self.is_tuple else (values[0],)
 
 
+def _is_leaf_spec(spec: Any) -> bool:
+    """e3nn's ``Irreps`` is a tuple subclass: it declares one tensor, not a structure."""
+    try:
+        from e3nn import o3
+
+        return isinstance(spec, (o3.Irreps, o3.Irrep))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _is_seq(spec: Any) -> bool:
+    return isinstance(spec, (tuple, list)) and not _is_leaf_spec(spec)
+
+
 def prepare_inputs(x: Any, in_rep: Any) -> Inputs:
     is_tuple = isinstance(x, (tuple, list))
     xs = tuple(x) if is_tuple else (x,)
     if is_tuple:
-        if not isinstance(in_rep, (tuple, list)):
+        if not _is_seq(in_rep):
             in_rep = (in_rep,) * len(xs) if in_rep is None else None
             if in_rep is None:
                 raise ValueError(
@@ -58,7 +72,7 @@ def prepare_inputs(x: Any, in_rep: Any) -> Inputs:
         if len(in_rep) != len(xs):
             raise ValueError(f"in_rep: x has {len(xs)} entries but in_rep has {len(in_rep)}")
     else:
-        if isinstance(in_rep, (tuple, list)):
+        if _is_seq(in_rep):
             raise ValueError(f"in_rep: x is a single tensor but in_rep is a sequence of {len(in_rep)}")
         in_rep = (in_rep,)
     values, reps = [], []
@@ -119,7 +133,7 @@ def pair_outputs(out: Any, spec: Any, path: str = "output") -> Tuple[List[Leaf],
 
         return leaves, rebuild_dict
     if isinstance(out, (tuple, list)):
-        if not isinstance(spec, (tuple, list)) or len(spec) != len(out):
+        if not _is_seq(spec) or len(spec) != len(out):
             raise ValueError(
                 f"out_rep: {path} is a {type(out).__name__} of {len(out)} outputs, so out_rep must be a "
                 f"tuple of {len(out)} representations, got {spec!r}"
@@ -140,7 +154,7 @@ def pair_outputs(out: Any, spec: Any, path: str = "output") -> Tuple[List[Leaf],
             return kind(res)
 
         return leaves, rebuild_seq
-    if isinstance(spec, (tuple, list, dict)):
+    if _is_seq(spec) or isinstance(spec, dict):
         raise ValueError(f"out_rep: {path} is a single tensor but out_rep gives a {type(spec).__name__}")
     rep = as_rep(spec, where=f"out_rep for {path}")
     return [Leaf(path, rep)], lambda new: new[0]

@@ -27,6 +27,10 @@ class E3nnPotential(nn.Module):
                  seed: int = 2):
         super().__init__()
         self.cutoff, self.n_rbf = cutoff, n_rbf
+        old = torch.get_default_dtype()
+        # e3nn computes its Clebsch-Gordan buffers in the default dtype: build them in float64 so that a
+        # float64 copy of the model is equivariant to float64 precision.
+        torch.set_default_dtype(torch.float64)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
@@ -42,6 +46,8 @@ class E3nnPotential(nn.Module):
             self.radial1 = nn.Sequential(nn.Linear(n_rbf, 32), nn.SiLU(), nn.Linear(32, self.tp1.weight_numel))
             self.radial2 = nn.Sequential(nn.Linear(n_rbf, 32), nn.SiLU(), nn.Linear(32, self.tp2.weight_numel))
             self.readout = nn.Sequential(nn.Linear(mul, mul), nn.SiLU(), nn.Linear(mul, 1))
+        torch.set_default_dtype(old)
+        self.to(old)
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:

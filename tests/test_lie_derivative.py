@@ -1,0 +1,334 @@
+"""The Lie derivative engine against exact equivariance, closed forms and independent numerical routes.
+
+Tolerances: float64 results match closed forms (or zero, relative to the output scale) to 1e-12; float32 results
+to 2e-5 relative (a few hundred float32 round-offs), see ``conftest.TOL``.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+import geolie
+from geolie import SE3, SO3, hat, lie_derivative
+from conftest import TOL, rel_err
+
+W = hat(torch.eye(3, dtype=torch.float64))  # X_x, X_y, X_z
+
+
+def cloud(n=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (1.5 * torch.randn(n, 3, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def scale_of(t):
+    return float(t.detach().double().norm())
+
+
+# ------------------------------------------------------------------------------------------------ references
+def lj_energy(pos):
+    d = pos[:, None] - pos[None]
+    n = pos.shape[0]
+    r2 = (d * d).sum(-1) + torch.eye(n, dtype=pos.dtype)
+    inv6 = (1.0 / r2) ** 3
+    return 0.5 * ((4 * (inv6 * inv6 - inv6)) * (1 - torch.eye(n, dtype=pos.dtype))).sum()
+
+
+def periodic_energy(pos, cell):
+    """Gaussian pair potential over the 27 nearest images (smooth, invariant under joint rotations)."""
+    shifts = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3).to(pos)
+    img = shifts @ cell  # [27, 3]
+    d = pos[None, :, None, :] + img[:, None, None, :] - pos[None, None, :, :]  # [27, N, N, 3]
+    r2 = (d * d).sum(-1)
+    return 0.5 * (torch.exp(-r2)).sum() - 0.5 * pos.shape[0]  # drop the self term (image 0, i = j)
+
+
+def test_equivariant_spherical_harmonics(dtype):
+    irreps = "1x0e+1x1o+1x2e+1x3o"
+    x = cloud(dtype=dtype)
+    f = lambda p: o3.spherical_harmonics(irreps, p, normalize=False)  # noqa: E731
+    L = lie_derivative(f, x, group=SO3, out_rep=irreps)
+    assert L.shape == (3, 7, 16)
+    assert scale_of(L) / scale_of(f(x)) <= TOL[dtype]
+
+
+def test_equivariant_tensor_product(dtype):
+    torch.set_default_dtype(torch.float64)  # e3nn builds its CG buffers in the default dtype
+    try:
+        tp = o3.FullyConnectedTensorProduct("2x1o", "1x1o+1x2e", "2x0e+2x1e+1x2e+1x3o").to(dtype)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    x = cloud(dtype=dtype)
+
+    def f(p):
+        d = p[1:] - p[:-1]  # displacement vectors: translation invariant
+        a = torch.cat([d, d.roll(1, 0)], -1)
+        b = o3.spherical_harmonics("1o+2e", d.roll(2, 0), normalize=True)
+        return tp(a, b)
+
+    L = lie_derivative(f, x, group=SE3, out_rep=tp.irreps_out)
+    assert L.shape == (6, 6, tp.irreps_out.dim)
+    assert scale_of(L) / scale_of(f(x)) <= TOL[dtype]
+
+
+def test_equivariant_pair_potential_energy_forces(dtype):
+    x = cloud(dtype=dtype) * 1.2
+    ef = geolie.conservative(lj_energy)
+    e, f = ef(x)
+    L = lie_derivative(ef, x, out_rep=("scalar", "vector"))
+    assert L[0].shape == (6,) and L[1].shape == (6, 7, 3)
+    assert scale_of(L[0]) / scale_of(e) <= 10 * TOL[dtype]
+    assert scale_of(L[1]) / scale_of(f) <= 10 * TOL[dtype]
+
+
+def test_equivariant_periodic_stress(dtype):
+    g = torch.Generator().manual_seed(3)
+    cell = (torch.eye(3, dtype=torch.float64) * 3 + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64))
+    pos = (torch.rand(4, 3, generator=g, dtype=torch.float64) @ cell).to(dtype)
+    cell = cell.to(dtype)
+    ef = geolie.conservative(periodic_energy)
+    out = lambda p, c: ef(p, cell=c)  # noqa: E731
+    e, f, s = out(pos, cell)
+    L = lie_derivative(out, (pos, cell), in_rep=("point", "cell"), out_rep=("scalar", "vector", "stress"))
+    assert L[2].shape == (6, 3, 3)
+    for Li, yi in zip(L, (e, f, s)):
+        assert scale_of(Li) / scale_of(yi) <= 10 * TOL[dtype]
+    # rotating only the positions (the cell held fixed) is NOT a symmetry: the stress derivative is then nonzero
+    L2 = lie_derivative(lambda p: ef(p, cell=cell), pos, out_rep=("scalar", "vector", "stress"))
+    assert scale_of(L2[2]) / scale_of(s) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ closed forms
+def test_closed_form_linear_map(dtype):
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    x = cloud()
+    f = lambda p: p @ A.to(p).T  # noqa: E731
+    L = lie_derivative(f, x.to(dtype), group=SE3, in_rep="point", out_rep="vector")
+    for k in range(3):
+        expected = x @ (A @ W[k] - W[k] @ A).T
+        assert rel_err(L[k], expected) <= TOL[dtype]
+    for k in range(3):
+        assert rel_err(L[3 + k], A[:, k].expand(7, 3)) <= TOL[dtype]
+
+
+def test_closed_form_external_field(dtype):
+    field = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    q = torch.linspace(-1, 2, 7, dtype=torch.float64)
+    x = cloud()
+    ef = geolie.conservative(lambda p: lj_energy(p) * 0 - (q.to(p)[:, None] * p * field.to(p)).sum())
+    L = lie_derivative(ef, x.to(dtype), out_rep=("scalar", "vector"))
+    F = q[:, None] * field
+    for k in range(3):
+        assert rel_err(L[0][k], -(q[:, None] * (x @ W[k].T) * field).sum()) <= TOL[dtype]
+        assert rel_err(L[1][k], -(F @ W[k].T)) <= TOL[dtype]
+        assert rel_err(L[0][3 + k], -(q * field[k]).sum()) <= TOL[dtype]
+    assert float(L[1][3:].abs().max()) == 0.0
+
+
+def test_closed_form_anisotropic_pair_term(dtype):
+    n_axis = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    x = cloud()
+
+    def energy(p):
+        d = p[:, None] - p[None]
+        return 0.5 * ((d @ n_axis.to(p)) ** 2).sum()
+
+    L = lie_derivative(energy, x.to(dtype), group=SE3)
+    d = x[:, None] - x[None]
+    for k in range(3):
+        expected = 0.5 * (2 * (d @ n_axis) * ((d @ W[k].T) @ n_axis)).sum()
+        assert rel_err(L[k], expected) <= TOL[dtype]
+    assert float(L[3:].abs().max()) <= TOL[dtype] * scale_of(energy(x))
+
+
+def test_closed_form_irreps_valued_map(dtype):
+    irreps = o3.Irreps("1x0e+1x1o+1x2e")
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(irreps.dim, irreps.dim, generator=g, dtype=torch.float64)
+    x = cloud()
+    f = lambda p: o3.spherical_harmonics(irreps, p, normalize=True) @ M.to(p).T  # noqa: E731
+    L = lie_derivative(f, x.to(dtype), group=SO3, out_rep=irreps)
+    G = geolie.as_rep(irreps)._generators(torch.float64, None)
+    y = o3.spherical_harmonics(irreps, x, normalize=True)
+    for k in range(3):
+        assert rel_err(L[k], y @ (M @ G[k] - G[k] @ M).T) <= 10 * TOL[dtype]
+
+
+# -------------------------------------------------------------------------------------- independent routes
+def _cartesian_model(dtype):
+    from geolie.models import CartesianMLPPotential
+
+    m = CartesianMLPPotential(anisotropy=0.5).to(dtype)
+    z = torch.tensor([1, 6, 8, 1, 6, 1, 7])
+    return geolie.conservative(lambda p: m(z, p))
+
+
+@pytest.mark.parametrize("method", ["double-backward", "fd"])
+def test_jvp_matches_other_methods(method, dtype):
+    x = cloud(dtype=dtype)
+    ef = _cartesian_model(dtype)
+    Lj = lie_derivative(ef, x, method="jvp", out_rep=("scalar", "vector"))
+    Lm = lie_derivative(ef, x, method=method, out_rep=("scalar", "vector"))
+    # double-backward: same AD derivative, rounding only. fd: float64 (~1e-10 relative) when the function takes
+    # float64; this float32 module does not, so fd runs in float32 (h = 0.15) and is good to ~1e-3.
+    tol = {torch.float64: 1e-12 if method != "fd" else 1e-9, torch.float32: 2e-4 if method != "fd" else 2e-3}[dtype]
+    for a, b in zip(Lj, Lm):
+        assert rel_err(a, b) <= tol
+    if method == "fd":  # the reported error estimate is honest: it bounds the actual difference
+        res = geolie._lie._compute(ef, x, method="fd", out_rep=("scalar", "vector"))
+        for a, b, err in zip(Lj, res.values, res.fd_error):
+            assert float((a - b).double().norm()) <= 2 * float(err.double().norm()) + 1e-12
+    assert scale_of(Lj[1][:3]) > 1e-3 * scale_of(ef(x)[1])  # the model really breaks rotations
+
+
+def test_jvp_matches_small_finite_rotation():
+    """(ρ_out(g)⁻¹ f(g x) − f(x)) / t with g = exp(t X_k): agrees to O(t)."""
+    x = cloud()
+    ef = _cartesian_model(torch.float64)
+    L = lie_derivative(ef, x, out_rep=("scalar", "vector"))
+    e0, f0 = ef(x)
+    t = 1e-6
+    for k in range(6):
+        xi = torch.zeros(6, dtype=torch.float64)
+        xi[k] = t
+        R, tr = SE3.exp(xi)
+        e1, f1 = ef(x @ R.T + tr)
+        assert rel_err((e1 - e0) / t, L[0][k]) < 1e-4 or abs(float(L[0][k])) < 1e-12
+        assert rel_err(((f1 @ R) - f0) / t, L[1][k]) < 1e-4 or scale_of(L[1][k]) < 1e-12
+
+
+def test_forward_over_reverse_through_autograd_grad(dtype):
+    """A model computing forces with torch.autograd.grad inside (MACE/NequIP style) is differentiated exactly."""
+    from geolie.models import CartesianMLPPotential
+
+    m = CartesianMLPPotential(anisotropy=0.5).to(dtype)
+    z = torch.tensor([1, 6, 8, 1, 6, 1, 7])
+
+    def model(pos):
+        pos = pos if pos.requires_grad else pos.requires_grad_(True)
+        e = m(z, pos)
+        f = -torch.autograd.grad(e.sum(), pos, create_graph=True)[0]
+        return {"energy": e, "forces": f}
+
+    x = cloud(dtype=dtype)
+    L = lie_derivative(model, x, method="jvp", out_rep={"energy": None, "forces": "vector"})
+    Lref = lie_derivative(_cartesian_model(dtype), x, out_rep=("scalar", "vector"))
+    assert rel_err(L["forces"], Lref[1]) <= 10 * TOL[dtype]
+    assert rel_err(L["energy"], Lref[0]) <= 10 * TOL[dtype]
+
+
+def test_numpy_and_non_differentiable_functions_use_fd():
+    w = np.array([1.0, 2.0, 0.5])
+
+    def f(p):
+        a = p.detach().numpy()
+        return np.sum(w * a * a)
+
+    x = cloud()
+    L = lie_derivative(f, x, method="fd", group=SO3)
+    for k in range(3):
+        expected = (2 * torch.as_tensor(w) * x * (x @ W[k].T)).sum()
+        assert rel_err(L[k], expected) < 1e-10
+    with pytest.warns(geolie.GeolieFallbackWarning, match="falling back to finite differences"):
+        L2 = lie_derivative(f, x, group=SO3)
+    assert rel_err(L2, L) < 1e-12
+
+
+def test_fallback_warning_names_the_cause():
+    x = cloud()
+    f = lambda p: torch.cdist(p, p).pow(2).sum()  # noqa: E731  (cdist has no forward-mode formula)
+    with pytest.warns(geolie.GeolieFallbackWarning, match="cdist"):
+        L = lie_derivative(f, x)
+    assert float(L.abs().max()) < 1e-8 * scale_of(f(x))
+    with pytest.raises(RuntimeError, match="method='jvp'"):
+        lie_derivative(f, x, method="jvp")
+
+
+# --------------------------------------------------------------------------------------------- structures
+def test_dict_and_tuple_outputs_and_invariant_inputs():
+    x = cloud()
+    z = torch.arange(7)
+
+    def f(pos, zz):
+        w = zz.to(pos)[:, None]
+        return {"moment": (w * pos).sum(0), "pair": ((pos * w).sum(), pos.sum(0))}
+
+    L = lie_derivative(f, (x, z), in_rep=("point", None),
+                       out_rep={"moment": "vector", "pair": ("scalar", "vector")})
+    assert set(L) == {"moment", "pair"} and isinstance(L["pair"], tuple)
+    wz = z.double()[:, None]
+    for k in range(3):  # moment Σ w x is equivariant under rotations about the origin
+        assert float(L["moment"][k].abs().max()) < 1e-12
+    for k in range(3):  # translations: moment shifts by Σw e_k, ρ_out(vector) does not undo it
+        assert rel_err(L["moment"][3 + k], wz.sum() * torch.eye(3, dtype=torch.float64)[k]) < 1e-12
+
+
+def test_batched_about_centroid():
+    """f = Σ_i z-coordinate per graph: about the origin L_k = Σ (X_k x)_z; about each centroid it vanishes."""
+    x = cloud(9)
+    batch = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+
+    def f(pos):
+        return torch.zeros(3, dtype=pos.dtype).index_add(0, batch, pos[:, 2])
+
+    L0 = lie_derivative(f, x, group=SO3)
+    for k in range(3):
+        expected = torch.zeros(3, dtype=torch.float64).index_add(0, batch, (x @ W[k].T)[:, 2])
+        assert rel_err(L0[k], expected) < 1e-12
+    Lc = lie_derivative(f, x, group=SO3, about="centroid", batch=batch)
+    assert float(Lc.abs().max()) < 1e-14
+    # points as outputs are rotated back about the same centroids: the identity map is equivariant
+    Lid = lie_derivative(lambda p: p * 1.0, x, group=SE3, out_rep="point", about="centroid", batch=batch)
+    assert float(Lid.abs().max()) < 1e-14
+
+
+def test_cells_rotate_with_positions():
+    g = torch.Generator().manual_seed(4)
+    cell = 3 * torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    x = cloud(4)
+    vol = lambda p, c: torch.linalg.det(c) + 0 * p.sum()  # noqa: E731
+    assert float(lie_derivative(vol, (x, cell), in_rep=("point", "cell")).abs().max()) < 1e-13
+    # the cell's rows are not translated
+    L = lie_derivative(lambda p, c: c, (x, cell), in_rep=("point", "cell"), out_rep="cell")
+    assert float(L.abs().max()) < 1e-14
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([[0.0, 1.0, float("nan")]]), "NaN"),
+    (torch.tensor([[0.0, float("inf"), 1.0]]), "inf"),
+    (torch.zeros(0, 3), "empty"),
+    (torch.zeros(4, 2), r"trailing dimensions \[3\]"),
+    (torch.zeros(4, 3, dtype=torch.long), "floating-point"),
+])
+def test_bad_inputs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        lie_derivative(lambda p: p.sum(), bad)
+
+
+def test_bad_declarations():
+    x = cloud()
+    with pytest.raises(ValueError, match="unknown representation 'spinor'"):
+        lie_derivative(lambda p: p.sum(), x, in_rep="spinor")
+    with pytest.raises(ValueError, match="in_rep must be a tuple of 2"):
+        lie_derivative(lambda p, q: p.sum(), (x, x), in_rep="point")
+    with pytest.raises(ValueError, match="x has 2 entries but in_rep has 3"):
+        lie_derivative(lambda p, q: p.sum(), (x, x), in_rep=("point", None, None))
+    with pytest.raises(ValueError, match=r"undeclared output\(s\) \['stress'\]"):
+        lie_derivative(lambda p: {"energy": p.sum(), "stress": torch.eye(3)}, x, out_rep={"energy": None})
+    with pytest.raises(ValueError, match=r"output: representation 'vector' needs trailing dimensions \[3\]"):
+        lie_derivative(lambda p: p.sum(-1), x, out_rep="vector")
+    with pytest.raises(ValueError, match="tuple of 2 representations"):
+        lie_derivative(lambda p: (p.sum(), p), x, out_rep="scalar")
+    with pytest.raises(ValueError, match="floating point"):
+        lie_derivative(lambda p: (p > 0).sum(), x)
+    with pytest.raises(ValueError, match="output.*NaN"):
+        lie_derivative(lambda p: p.sum() * float("nan"), x)
+    with pytest.raises(ValueError, match="every input invariant"):
+        lie_derivative(lambda p: p.sum(), x, in_rep=None)
+    with pytest.raises(ValueError, match="method must be one of"):
+        lie_derivative(lambda p: p.sum(), x, method="magic")
+    with pytest.raises(ValueError, match="about must be"):
+        lie_derivative(lambda p: p.sum(), x, about="everywhere")
