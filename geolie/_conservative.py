@@ -63,6 +63,7 @@ def conservative(energy_fn: Callable[..., torch.Tensor]) -> Callable:
         return e, -gp, ge / volume
 
     energy_forces.__wrapped__ = energy_fn
+    energy_forces._geolie_energy_fn = energy_fn  # lets lie_derivative take the Hessian-vector-product path
     energy_forces.__doc__ = f"Energy, forces (and stress) of {getattr(energy_fn, '__name__', 'energy_fn')}."
     return energy_forces
 

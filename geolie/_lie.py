@@ -16,16 +16,21 @@ or per length unit. Rotations act about the origin, or about each structure's ce
 
 Methods
 -------
-* ``"jvp"``: forward-mode AD. First all generators in one ``torch.func.vmap(torch.func.jvp)`` call; if the model
-  does not support functorch transforms, one ``torch.autograd.forward_ad`` pass per generator, which also runs
-  through ``torch.autograd.grad(..., create_graph=True)`` inside the model (forces): forward-over-reverse.
+* ``"hvp"``: for ``f = geolie.conservative(energy_fn)`` of positions: energy and forces are computed once with
+  their graph kept, and since the Jacobian of the forces is the (symmetric) Hessian,
+  ``J_F v = -∇(∇E·v)`` costs one backward pass per generator; ``J_E v = ∇E·v`` is free.
+* ``"jvp"``: forward-mode AD. One ``torch.autograd.forward_ad`` pass per generator (``"jvp-loop"``), which also
+  runs through ``torch.autograd.grad(..., create_graph=True)`` inside the model (forces): forward-over-reverse;
+  if that fails, all generators in one ``torch.func.vmap(torch.func.jvp)`` call (``"jvp-vmap"``). The loop comes
+  first because it was faster on every model measured on the CPU (``benchmarks/lie_derivative.py``).
 * ``"double-backward"``: the trick of Gruver et al.'s lie-deriv (``grad`` of ``grad`` with a dummy cotangent),
   one generator at a time; kept as a fallback for ops without forward-mode formulas and for benchmarks.
 * ``"fd"``: central differences of the *finite* group action with two Richardson extrapolations (steps
   ``h, h/2, h/4``), in float64 when the function accepts float64 inputs. Its error estimate is
   ``|R2 - R1| + 10 u max|φ| / (h/4)`` (extrapolation difference plus rounding). Works for functions that return
   numpy arrays or are not differentiable.
-* ``"auto"``: ``jvp`` (vmap, then the loop), then double-backward, then ``fd`` with a warning saying why.
+* ``"auto"``: ``hvp`` where it applies, then ``jvp`` (loop, then vmap), then double-backward, then ``fd`` with a
+  warning saying why.
 """
 from __future__ import annotations
 
@@ -37,14 +42,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ._groups import LieGroup, SE3, as_group
-from ._reps import Rep
+from ._reps import PointRep
 from ._structure import (
     Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
 )
 
 __all__ = ["lie_derivative"]
 
-METHODS = ("auto", "jvp", "double-backward", "fd")
+METHODS = ("auto", "hvp", "jvp", "jvp-vmap", "jvp-loop", "double-backward", "fd")
 
 
 class GeolieFallbackWarning(UserWarning):
@@ -60,8 +65,10 @@ class _Problem:
     out_spec: Any
     leaves: List[Leaf] = field(default_factory=list)
     rebuild: Optional[Callable] = None
+    batch: Optional[torch.Tensor] = None
     y: List[torch.Tensor] = field(default_factory=list)
     not_differentiable: List[str] = field(default_factory=list)
+    hvp_state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def call(self, moving_values: Optional[List[torch.Tensor]] = None, inputs=None):
         vals = list((inputs or self.inputs).values)
@@ -72,17 +79,37 @@ class _Problem:
             return self.f(*self.inputs.call_args(vals))
 
 
-def _setup(f, x, group, in_rep, out_rep, about, batch) -> _Problem:
+def _hvp_base(prob: _Problem, batch) -> Optional[Any]:
+    """For a :func:`geolie.conservative` function of positions alone: energy and forces with their graph kept."""
+    energy_fn = getattr(prob.f, "_geolie_energy_fn", None)
+    inputs = prob.inputs
+    if energy_fn is None or inputs.moving != [0] or not isinstance(inputs.reps[0], PointRep):
+        return None
+    p = inputs.values[0].clone().requires_grad_(True)
+    with torch.enable_grad():
+        e = energy_fn(p, *inputs.values[1:])
+        if not isinstance(e, torch.Tensor) or not e.requires_grad:
+            return None
+        g = torch.autograd.grad(e.sum(), p, create_graph=True)[0]
+    n_graphs = None if batch is None else int(torch.as_tensor(batch).max()) + 1
+    if e.numel() == 1 or (n_graphs is not None and e.shape == (n_graphs,)):
+        prob.hvp_state = (p, e, g)
+    return e, -g
+
+
+def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> _Problem:
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     group = as_group(group)
     inputs = prepare_inputs(x, in_rep)
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
-    prob = _Problem(f, inputs, group, Centers(inputs, about, batch), out_rep)
-    # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
-    # them, cannot be differentiated by AD (a silent zero would look equivariant)
-    out = prob.call([inputs.values[i].clone().requires_grad_(True) for i in inputs.moving])
+    prob = _Problem(f, inputs, group, Centers(inputs, about, batch), out_rep, batch=batch)
+    out = _hvp_base(prob, batch) if method in ("auto", "hvp") else None
+    if out is None:
+        # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
+        # them, cannot be differentiated by AD (a silent zero would look equivariant)
+        out = prob.call([inputs.values[i].clone().requires_grad_(True) for i in inputs.moving])
     prob.leaves, prob.rebuild = pair_outputs(out, out_rep)
     raw = flatten_outputs(out)
     prob.not_differentiable = [leaf.path for o, leaf in zip(raw, prob.leaves)
@@ -165,6 +192,28 @@ def _jvp_double_backward(prob, primals, tangents):
     return [torch.stack([per_k[k][j] for k in range(K)]) for j in range(len(per_k[0]))]
 
 
+def _jvp_hvp(prob: _Problem, tangents):
+    """Conservative fields: ``J_F v = -H v = -∇(∇E·v)`` (the Hessian is symmetric), one backward per generator
+    through the graph of the forces, which is built once; ``J_E v = ∇E·v`` (per structure with ``batch``)."""
+    p, e, g = prob.hvp_state
+    v = tangents[0]
+    dE, dF = [], []
+    for k in range(v.shape[0]):
+        gv = g * v[k]
+        s = gv.sum()
+        if s.requires_grad:
+            h = torch.autograd.grad(s, p, retain_graph=True, allow_unused=True)[0]
+        else:
+            h = None
+        dF.append(torch.zeros_like(p) if h is None else -h)
+        if e.numel() == 1:
+            dE.append(s.detach().reshape(e.shape))
+        else:
+            b = torch.as_tensor(prob.batch, device=p.device).long()
+            dE.append(torch.zeros_like(e).index_add(0, b, gv.detach().sum(-1)))
+    return [torch.stack(dE), torch.stack(dF)]
+
+
 def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor], str]:
     if prob.not_differentiable:
         raise _ADFailed(
@@ -174,11 +223,17 @@ def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor
     primals = [prob.inputs.values[i] for i in prob.inputs.moving]
     tangents = _in_tangents(prob)
     errors = []
-    strategies = (
-        [("jvp-vmap", lambda: _jvp_vmap(prob, primals, tangents, chunk_size)),
-         ("jvp-loop", lambda: _jvp_forward_ad(prob, primals, tangents))]
-        if method in ("jvp", "auto") else []
-    )
+    strategies = []
+    if method in ("auto", "hvp"):
+        if prob.hvp_state is not None:
+            strategies.append(("hvp", lambda: _jvp_hvp(prob, tangents)))
+        elif method == "hvp":
+            errors.append("hvp: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
+                          "(or one per structure and `batch`)")
+    if method in ("jvp", "auto", "jvp-loop"):
+        strategies.append(("jvp-loop", lambda: _jvp_forward_ad(prob, primals, tangents)))
+    if method in ("jvp", "auto", "jvp-vmap"):
+        strategies.append(("jvp-vmap", lambda: _jvp_vmap(prob, primals, tangents, chunk_size)))
     if method in ("double-backward", "auto"):
         strategies.append(("double-backward", lambda: _jvp_double_backward(prob, primals, tangents)))
     for name, run in strategies:
@@ -300,7 +355,7 @@ def _compute(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="auto"
              chunk_size=None, fd_step=None) -> LieResult:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    prob = _setup(f, x, group, in_rep, out_rep, about, batch)
+    prob = _setup(f, x, group, in_rep, out_rep, about, batch, method)
     if method == "fd":
         vals, errs, name = _fd(prob, fd_step)
         return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob)
@@ -344,7 +399,8 @@ def lie_derivative(
         ``"tensor2"``, an e3nn irreps string, a :class:`geolie.Rep`, or ``None`` for invariant inputs.
     out_rep: representation(s) of the output, with the same structure (tensor / tuple / dict). Every dict key
         must be declared.
-    method: ``"auto"``, ``"jvp"``, ``"double-backward"`` or ``"fd"`` (see the module docstring).
+    method: ``"auto"``, ``"hvp"``, ``"jvp"``, ``"double-backward"`` or ``"fd"`` (see the module docstring);
+        ``"jvp-vmap"`` and ``"jvp-loop"`` force one of the two jvp strategies (for benchmarks).
     about: ``"origin"``, or ``"centroid"`` to rotate each structure about its own centroid (per graph when
         ``batch`` is given), the usual meaning for models that are not translation invariant.
     batch: structure index of each row of the first point input (PyG's ``batch``), for ``about="centroid"``.
