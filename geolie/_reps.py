@@ -62,6 +62,10 @@ class Rep:
         """``dρ(X_k) x`` for a stack of algebra elements ``omega [K, 3]``, ``v [K, 3]``; returns ``[K, *x.shape]``."""
         raise NotImplementedError
 
+    def act_rows(self, x: torch.Tensor, R: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Finite action with one group element per leading row: ``R [n, 3, 3]`` (``t [n, 3]``), ``x [n, ...]``."""
+        return torch.stack([self.act(x[i], R[i], None if t is None else t[i]) for i in range(x.shape[0])])
+
     def parity_sign(self) -> Optional[int]:
         """+1 or -1 when inversion multiplies the whole tensor by a sign, ``None`` otherwise."""
         return None
@@ -89,6 +93,9 @@ class ScalarRep(Rep):
     def infinitesimal(self, x, omega, v, center=None):
         return x.new_zeros((omega.shape[0],) + tuple(x.shape))
 
+    def act_rows(self, x, R, t=None):
+        return x
+
     def parity_sign(self):
         return 1
 
@@ -108,6 +115,9 @@ class VectorRep(Rep):
         W = hat(omega.to(x))  # [K, 3, 3]
         return torch.einsum("...j,kij->k...i", x, W)
 
+    def act_rows(self, x, R, t=None):
+        return torch.einsum("n...j,nij->n...i", x, R.to(x))
+
     def parity_sign(self):
         return -1
 
@@ -120,6 +130,10 @@ class PseudovectorRep(VectorRep):
     def act(self, x, R, t=None, center=None):
         R = R.to(x)
         return torch.linalg.det(R) * (x @ R.T)
+
+    def act_rows(self, x, R, t=None):
+        det = torch.linalg.det(R.to(x)).reshape((-1,) + (1,) * (x.dim() - 1))
+        return det * super().act_rows(x, R, t)
 
     def parity_sign(self):
         return 1
@@ -140,6 +154,10 @@ class PointRep(VectorRep):
         if t is not None:
             y = y + t.to(x)
         return y
+
+    def act_rows(self, x, R, t=None):
+        y = super().act_rows(x, R)
+        return y if t is None else y + t.to(x).reshape((t.shape[0],) + (1,) * (x.dim() - 2) + (3,))
 
     def infinitesimal(self, x, omega, v, center=None):
         y = x if center is None else x - center
@@ -162,6 +180,10 @@ class Tensor2Rep(Rep):
     def act(self, x, R, t=None, center=None):
         R = R.to(x)
         return R @ x @ R.T
+
+    def act_rows(self, x, R, t=None):
+        R = R.to(x)
+        return torch.einsum("nij,n...jk,nlk->n...il", R, x, R)
 
     def infinitesimal(self, x, omega, v, center=None):
         W = hat(omega.to(x))
@@ -209,6 +231,26 @@ class IrrepsRep(Rep):
 
     def act(self, x, R, t=None, center=None):
         return x @ self.D(R).to(x).T
+
+    def D_batched(self, R: torch.Tensor) -> torch.Tensor:
+        """``D(R_i)`` for ``R [n, 3, 3]`` (proper or improper): ``[n, dim, dim]``, float64."""
+        from ._groups import so3_log
+
+        R = R.to(torch.float64)
+        det = torch.linalg.det(R)
+        sign = torch.where(det < 0, -1.0, 1.0).to(R)
+        omega = so3_log(R * sign[:, None, None])
+        G = self._generators(torch.float64, R.device)
+        D = torch.linalg.matrix_exp(torch.einsum("nc,cij->nij", omega, G))
+        ps = torch.cat([torch.full((mul * ir.dim,), float(ir.p), dtype=torch.float64)
+                        for mul, ir in self.irreps]).to(R.device)
+        # improper: multiply each irrep block by its parity p
+        fac = torch.where(det[:, None] < 0, ps[None, :], torch.ones_like(ps)[None, :])
+        return D * fac[:, :, None]
+
+    def act_rows(self, x, R, t=None):
+        D = self.D_batched(R).to(x)
+        return torch.einsum("n...j,nij->n...i", x, D)
 
     def _generators(self, dtype, device):
         key = (dtype, device)

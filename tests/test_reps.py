@@ -88,3 +88,16 @@ def test_register_custom_rep():
 
     geolie.register_rep("doubled", Doubled())
     assert "doubled" in geolie.known_reps() and as_rep("Doubled").name == "doubled"
+
+
+@pytest.mark.parametrize("name", REPS)
+def test_act_rows_matches_act(name):
+    g = torch.Generator().manual_seed(7)
+    rep = as_rep(name)
+    x = _sample(name, g)
+    R = geolie.SO3.random(4, g)
+    R[1] = -R[1]  # an improper element too
+    t = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    rows = rep.act_rows(x, R, t)
+    for i in range(4):
+        assert torch.allclose(rows[i], rep.act(x[i], R[i], t[i]), atol=1e-12), (name, i)

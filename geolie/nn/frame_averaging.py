@@ -1,0 +1,269 @@
+r"""Frame averaging (Puny et al., ICLR 2022) with PCA frames, per structure, exactly equivariant.
+
+For a structure with positions ``x [n, 3]`` the centroid ``c`` (E(3)/SE(3); the origin for O(3)/SO(3)) and the
+covariance :math:`C = (x-c)^T (x-c)` (float64) give eigenvectors ``V`` (columns, ascending eigenvalues). The frames
+are ``F_s = V diag(s)`` for the 8 sign vectors ``s`` (O(3), E(3)) or the 4 with ``det F_s = +1`` (SO(3), SE(3)).
+Under ``x -> x Rᵀ + t`` the frames map to ``R F_s`` (as a set), so the canonical coordinates ``(x - c) F_s`` are
+invariant, and for an output of representation ρ
+
+.. math::
+
+    \Phi(x) = \frac{1}{|\mathcal F|}\sum_{F \in \mathcal F(x)} \rho(F, c)\; \phi\big((x - c) F\big)
+
+is exactly equivariant (``ρ(F, c)`` maps frame coordinates back: vectors ``v Fᵀ``, points ``v Fᵀ + c``, stress
+``F σ Fᵀ``, irreps ``D(F)``; invariant outputs are simply averaged). All frames go through the backbone in one
+batched call (frames folded into the batch). Periodic cells rotate with the positions (``cell F``); note that the
+PCA frame is built from the atoms in the cell as given, so it depends on the choice of the cell.
+
+Degenerate covariance (spheres, regular polyhedra, linear molecules, two atoms): with a repeated eigenvalue the
+eigenvectors of that eigenspace are arbitrary, and frame averaging is no longer equivariant; no exact frame can be
+continuous there (Dym et al., ICML 2024). Its error grows like the backbone's anisotropy times
+``u / gap`` (``u`` the unit round-off, ``gap`` the relative eigengap ``min(λ_{i+1} - λ_i) / λ_max``). The module
+computes the gap per structure and, below ``gap_threshold``: ``degenerate="warn"`` (default) warns naming the
+structures, ``"raise"`` raises, ``"average"`` (the remedy) averages each degenerate structure's output over
+``n_remedy`` frames rotated uniformly within the degenerate eigenplane, a quadrature of the residual SO(2)
+symmetry whose error falls quickly with ``n_remedy`` for smooth backbones (a fully degenerate spectrum still warns).
+
+``mode="stochastic"``: one frame drawn uniformly per structure (not per batch), equivariant in expectation only.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .._reps import as_rep
+from .._structure import _is_seq
+
+__all__ = ["FrameAveraging", "pca_frames", "GeolieDegenerateFrameWarning"]
+
+
+class GeolieDegenerateFrameWarning(UserWarning):
+    """A structure's covariance is (near-)degenerate: its PCA frame is ill-defined."""
+
+
+_GROUPS = {"SO3": (False, True), "O3": (False, False), "SE3": (True, True), "E3": (True, False)}
+
+
+def _signs(proper: bool) -> torch.Tensor:
+    s = torch.tensor(list(itertools.product([1.0, -1.0], repeat=3)), dtype=torch.float64)
+    return s[s.prod(-1) > 0] if proper else s
+
+
+def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, center: bool, proper: bool):
+    """Per structure: centroid ``[B, 3]``, frames ``[B, K, 3, 3]`` (float64), eigenvalues ``[B, 3]``, relative gap."""
+    p = pos.to(torch.float64)
+    b = torch.zeros(p.shape[0], dtype=torch.long, device=p.device) if batch is None else batch
+    cnt = torch.zeros(n_graphs, dtype=torch.float64, device=p.device).index_add_(0, b, torch.ones_like(p[:, 0]))
+    if bool((cnt == 0).any()):
+        raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(cnt == 0).flatten().tolist()} have no atoms")
+    c = torch.zeros(n_graphs, 3, dtype=torch.float64, device=p.device).index_add(0, b, p) / cnt[:, None]
+    if not center:
+        c = torch.zeros_like(c)
+    xc = p - c[b]
+    cov = torch.zeros(n_graphs, 3, 3, dtype=torch.float64, device=p.device).index_add(
+        0, b, xc[:, :, None] * xc[:, None, :])
+    lam, V = torch.linalg.eigh(cov)
+    gap = torch.minimum(lam[:, 1] - lam[:, 0], lam[:, 2] - lam[:, 1]) / lam[:, 2].abs().clamp_min(1e-300)
+    s = _signs(proper).to(p.device)  # [K, 3]
+    F = V[:, None, :, :] * s[None, :, None, :]  # column j times s_j
+    if proper:  # eigh may return det(V) = -1: then the 'proper' sign vectors give det = -1; fix by flipping one
+        d = torch.linalg.det(V)
+        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype,
+                                                                        device=F.device), F)
+    return c, F, lam, gap
+
+
+class FrameAveraging(nn.Module):
+    """Wrap a backbone ``backbone(z, pos, batch[, cell]) -> outputs`` into an exactly equivariant model.
+
+    Parameters
+    ----------
+    backbone: any module or callable with that signature (outputs a tensor, tuple or dict).
+    group: ``"SO3"``, ``"O3"``, ``"SE3"`` or ``"E3"`` (``E``/``SE`` centre each structure; ``O``/``E`` include
+        reflections: 8 frames; ``SO``/``SE``: 4 proper frames).
+    mode: ``"all"`` (exact) or ``"stochastic"`` (one random frame per structure).
+    out_rep: representation of each output (the structure of the backbone's output), as in
+        :func:`geolie.lie_derivative`: ``"scalar"`` (averaged), ``"vector"``, ``"point"``, ``"tensor2"``, irreps.
+    degenerate: ``"warn"``, ``"raise"`` or ``"average"`` for structures whose relative eigengap is below
+        ``gap_threshold`` (see the module docstring); ``n_remedy`` in-plane frames for ``"average"``.
+    dense: the backbone takes dense clouds ``backbone(pos [B, N, 3], mask [B, N])`` and ``forward(pos, mask)``.
+    """
+
+    def __init__(self, backbone, group: str = "SE3", mode: str = "all", out_rep: Any = "scalar",
+                 degenerate: str = "warn", gap_threshold: float = 1e-3, n_remedy: int = 16, dense: bool = False,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if group not in _GROUPS:
+            raise ValueError(f"group must be one of {list(_GROUPS)}, got {group!r}")
+        if mode not in ("all", "stochastic"):
+            raise ValueError(f"mode must be 'all' or 'stochastic', got {mode!r}")
+        if degenerate not in ("warn", "raise", "average"):
+            raise ValueError(f"degenerate must be 'warn', 'raise' or 'average', got {degenerate!r}")
+        self.backbone = backbone
+        self.group, self.mode, self.degenerate = group, mode, degenerate
+        self.center, self.proper = _GROUPS[group]
+        self.out_rep = out_rep
+        self.gap_threshold, self.n_remedy, self.dense = gap_threshold, n_remedy, dense
+        self.generator = generator
+        self.last_gap: Optional[torch.Tensor] = None
+
+    @property
+    def n_frames(self) -> int:
+        return 4 if self.proper else 8
+
+    # -------------------------------------------------------------------------------------------------------
+    def _frames(self, pos, batch, n_graphs):
+        c, F, lam, gap = pca_frames(pos, batch, n_graphs, self.center, self.proper)
+        self.last_gap = gap
+        bad = torch.nonzero(gap < self.gap_threshold).flatten().tolist()
+        if bad:
+            msg = (f"FrameAveraging: structure(s) {bad[:10]}{'...' if len(bad) > 10 else ''} have a near-degenerate "
+                   f"covariance (relative eigengap {[f'{float(gap[i]):.1e}' for i in bad[:5]]} < "
+                   f"{self.gap_threshold:g}): their PCA frames are ill-defined and the average is not equivariant")
+            if self.degenerate == "raise":
+                raise ValueError(msg)
+            if self.degenerate == "warn":
+                warnings.warn(msg, GeolieDegenerateFrameWarning, stacklevel=3)
+        return c, F, lam, gap, bad
+
+    def _remedy_frames(self, F, lam, gap, bad):
+        """For degenerate structures: every sign frame rotated uniformly (``n_remedy`` angles) within the degenerate
+        eigenplane, a quadrature of the residual O(2) average; ``[B, K * n_remedy, 3, 3]``."""
+        n = self.n_remedy
+        B, K = F.shape[:2]
+        out = F.repeat_interleave(n, dim=1)  # non-degenerate structures keep their frames (not used)
+        ang = 2 * math.pi * torch.arange(n, dtype=F.dtype, device=F.device) / n
+        for i in bad:
+            d = lam[i]
+            scale = max(float(d[2].abs()), 1e-300)
+            lo, hi = float(d[1] - d[0]) / scale, float(d[2] - d[1]) / scale
+            if max(lo, hi) < self.gap_threshold:
+                warnings.warn(f"FrameAveraging: structure {i} has a fully degenerate covariance; the in-plane "
+                              "remedy does not apply and its output is not equivariant", GeolieDegenerateFrameWarning,
+                              stacklevel=3)
+            j = 0 if lo <= hi else 1  # the closer pair of eigenvalues spans the degenerate plane
+            Rp = torch.eye(3, dtype=F.dtype, device=F.device).repeat(n, 1, 1)
+            Rp[:, j, j], Rp[:, j, j + 1] = torch.cos(ang), -torch.sin(ang)
+            Rp[:, j + 1, j], Rp[:, j + 1, j + 1] = torch.sin(ang), torch.cos(ang)
+            out[i] = (F[i][:, None] @ Rp[None]).reshape(K * n, 3, 3)
+        return out
+
+    def forward(self, *args, **kwargs):
+        if self.dense:
+            return self._forward_dense(*args, **kwargs)
+        return self._forward_graph(*args, **kwargs)
+
+    def _select(self, F, n_graphs, device):
+        if self.mode == "all":
+            return F
+        idx = torch.randint(0, F.shape[1], (n_graphs,), generator=self.generator).to(device)
+        return F[torch.arange(n_graphs, device=device), idx][:, None]
+
+    def _forward_graph(self, z: torch.Tensor, pos: torch.Tensor, batch: Optional[torch.Tensor] = None,
+                       cell: Optional[torch.Tensor] = None):
+        if pos.dim() != 2 or pos.shape[-1] != 3:
+            raise ValueError(f"FrameAveraging: pos must have shape [N, 3], got {list(pos.shape)}")
+        if pos.shape[0] == 0:
+            raise ValueError("FrameAveraging: empty structure (no atoms)")
+        n_graphs = 1 if batch is None else int(batch.max()) + 1
+        c, F, lam, gap, bad = self._frames(pos, batch, n_graphs)
+        F = self._select(F, n_graphs, pos.device)
+        out = self._average(z, pos, batch, cell, c, F, n_graphs)
+        if bad and self.degenerate == "average":
+            rem = self._average(z, pos, batch, cell, c, self._remedy_frames(F, lam, gap, bad), n_graphs)
+            return self._merge(out, rem, bad, batch, n_graphs)
+        return out
+
+    def _average(self, z, pos, batch, cell, c, F, n_graphs):
+        K = F.shape[1]
+        dtype = pos.dtype
+        b = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device) if batch is None else batch
+        Fn = F.to(dtype)[b]  # [N, K, 3, 3]
+        xf = torch.einsum("nj,nkji->kni", pos - c.to(dtype)[b], Fn)  # (x - c) F for every frame: [K, N, 3]
+        pos_all = xf.reshape(-1, 3)
+        z_all = z.repeat(K) if z is not None else None
+        b_all = (b[None, :] + n_graphs * torch.arange(K, device=pos.device)[:, None]).reshape(-1)
+        args = (z_all, pos_all, b_all)
+        if cell is not None:
+            cell_b = cell.reshape(-1, 3, 3).to(dtype)
+            if cell_b.shape[0] != n_graphs:
+                raise ValueError(f"FrameAveraging: {cell_b.shape[0]} cells for {n_graphs} structures")
+            cf = torch.einsum("bij,bkjl->kbil", cell_b, F.to(dtype)).reshape(-1, 3, 3)
+            args = args + (cf,)
+        out = self.backbone(*args)
+        return self._map_back(out, self.out_rep, F.to(dtype), c.to(dtype), b, n_graphs, K, pos.shape[0])
+
+    def _map_back(self, out, spec, F, c, b, n_graphs, K, n_nodes):
+        if isinstance(out, dict):
+            if not isinstance(spec, dict):
+                raise ValueError("FrameAveraging: the backbone returns a dict; out_rep must be a dict too")
+            missing = [k for k in out if k not in spec]
+            if missing:
+                raise ValueError(f"FrameAveraging: undeclared output(s) {missing} in out_rep")
+            return {k: self._map_back(v, spec[k], F, c, b, n_graphs, K, n_nodes) for k, v in out.items()}
+        if isinstance(out, (tuple, list)):
+            if not _is_seq(spec) or len(spec) != len(out):
+                raise ValueError(f"FrameAveraging: the backbone returns {len(out)} outputs; out_rep must match")
+            return type(out)(self._map_back(o, s, F, c, b, n_graphs, K, n_nodes) for o, s in zip(out, spec))
+        rep = as_rep(spec, "FrameAveraging out_rep")
+        y = out.reshape(K, -1, *out.shape[1:]) if out.dim() >= 1 else out.reshape(K, 1)
+        rows = y.shape[1]
+        if rows == n_nodes:
+            idx = b
+        elif rows == n_graphs:
+            idx = torch.arange(n_graphs, device=out.device)
+        else:
+            raise ValueError(f"FrameAveraging: output of shape {list(out.shape)} is neither per atom ({n_nodes} "
+                             f"rows per frame) nor per structure ({n_graphs})")
+        Rr = F[idx].transpose(0, 1).reshape(-1, 3, 3)  # [K*rows, 3, 3]: frame -> lab rotation is F
+        tr = c[idx][None].expand(K, -1, -1).reshape(-1, 3)
+        mapped = rep.act_rows(y.reshape(K * rows, *y.shape[2:]), Rr, tr if not rep.translation_invariant else None)
+        return mapped.reshape(K, rows, *y.shape[2:]).mean(0)
+
+    def _merge(self, base, rem, bad, batch, n_graphs):
+        """Replace the outputs of the degenerate structures by the remedy's."""
+        if isinstance(base, dict):
+            return {k: self._merge(base[k], rem[k], bad, batch, n_graphs) for k in base}
+        if isinstance(base, (tuple, list)):
+            return type(base)(self._merge(a, r, bad, batch, n_graphs) for a, r in zip(base, rem))
+        b = torch.zeros(base.shape[0], dtype=torch.long, device=base.device) if batch is None else batch
+        badt = torch.tensor(bad, device=base.device)
+        if base.shape[0] == n_graphs:
+            mask = torch.isin(torch.arange(n_graphs, device=base.device), badt)
+        else:
+            mask = torch.isin(b, badt)
+        mask = mask.reshape((-1,) + (1,) * (base.dim() - 1))
+        return torch.where(mask, rem, base)
+
+    def _forward_dense(self, pos: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        if pos.dim() != 3 or pos.shape[-1] != 3:
+            raise ValueError(f"FrameAveraging(dense=True): pos must have shape [B, N, 3], got {list(pos.shape)}")
+        B, N, _ = pos.shape
+        mask = torch.ones(B, N, dtype=torch.bool, device=pos.device) if mask is None else mask.bool()
+        flat = pos[mask]
+        b = torch.arange(B, device=pos.device)[:, None].expand(B, N)[mask]
+        c, F, lam, gap, bad = self._frames(flat, b, B)
+        F = self._select(F, B, pos.device)
+        K = F.shape[1]
+        xf = torch.einsum("bnj,bkji->kbni", pos - c.to(pos.dtype)[:, None, :], F.to(pos.dtype))
+        xf = xf * mask[None, :, :, None]
+        out = self.backbone(xf.reshape(K * B, N, 3), mask.repeat(K, 1))
+        return self._map_back_dense(out, self.out_rep, F.to(pos.dtype), c.to(pos.dtype), B, K)
+
+    def _map_back_dense(self, out, spec, F, c, B, K):
+        if isinstance(out, dict):
+            return {k: self._map_back_dense(v, spec[k], F, c, B, K) for k, v in out.items()}
+        if isinstance(out, (tuple, list)):
+            return type(out)(self._map_back_dense(o, s, F, c, B, K) for o, s in zip(out, spec))
+        rep = as_rep(spec, "FrameAveraging out_rep")
+        y = out.reshape(K, B, *out.shape[1:])
+        flat = y.reshape(K * B, *out.shape[1:])
+        Rr = F.transpose(0, 1).reshape(-1, 3, 3)
+        tr = c[None].expand(K, -1, -1).reshape(-1, 3)
+        mapped = rep.act_rows(flat, Rr, None if rep.translation_invariant else tr)
+        return mapped.reshape(K, B, *out.shape[1:]).mean(0)
