@@ -13,3 +13,5 @@ from ._conservative import conservative, lie_energy_from_forces
 __version__ = "0.1.0"
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
+from ._audit import AuditReport, audit
+from . import testing

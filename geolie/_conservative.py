@@ -25,10 +25,11 @@ from ._structure import centroids
 __all__ = ["conservative", "lie_energy_from_forces"]
 
 
-def conservative(energy_fn: Callable[..., torch.Tensor]) -> Callable:
+def conservative(energy_fn: Callable[..., torch.Tensor], as_dict: bool = False) -> Callable:
     """Wrap ``energy_fn(pos, *args, **kwargs) -> E`` into ``fn(pos, *args, cell=None, **kwargs)``.
 
-    Returns ``(energy, forces)``; when ``cell`` is given (a ``[3, 3]`` tensor, rows are lattice vectors) it is
+    Returns ``(energy, forces)`` (a dict ``{"energy", "forces"[, "stress"]}`` with ``as_dict=True``); when ``cell`` is
+    given (a ``[3, 3]`` tensor, rows are lattice vectors) it is
     passed on as ``energy_fn(pos, *args, cell=cell, **kwargs)`` and ``(energy, forces, stress)`` is returned.
     ``energy_fn`` may return a scalar or one energy per structure ``[B]``: forces are the gradient of their sum;
     stress needs a single structure. ``energy_fn`` must be written with differentiable torch operations; it must
@@ -45,7 +46,7 @@ def conservative(energy_fn: Callable[..., torch.Tensor]) -> Callable:
                 return e.sum(), e
 
             g, e = torch.func.grad(total, has_aux=True)(pos)
-            return e, -g
+            return {"energy": e, "forces": -g} if as_dict else (e, -g)
         if cell.shape != (3, 3):
             raise ValueError(f"conservative: cell must have shape [3, 3], got {list(cell.shape)}")
 
@@ -60,10 +61,13 @@ def conservative(energy_fn: Callable[..., torch.Tensor]) -> Callable:
         eps0 = torch.zeros(3, 3, dtype=pos.dtype, device=pos.device)
         (gp, ge), e = torch.func.grad(strained, argnums=(0, 1), has_aux=True)(pos, eps0)
         volume = torch.linalg.det(cell).abs()
+        if as_dict:
+            return {"energy": e, "forces": -gp, "stress": ge / volume}
         return e, -gp, ge / volume
 
     energy_forces.__wrapped__ = energy_fn
     energy_forces._geolie_energy_fn = energy_fn  # lets lie_derivative take the Hessian-vector-product path
+    energy_forces._geolie_as_dict = as_dict
     energy_forces.__doc__ = f"Energy, forces (and stress) of {getattr(energy_fn, '__name__', 'energy_fn')}."
     return energy_forces
 

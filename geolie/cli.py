@@ -1,33 +1,80 @@
-"""The ``geolie`` command line."""
+"""The ``geolie`` command line: ``geolie demo`` and ``geolie audit``."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
+
+
+def _audit_parser(sub):
+    a = sub.add_parser("audit", help="audit a model's equivariance on structures; write report.json, a CSV, plots")
+    a.add_argument("--model", required=True,
+                   help="short name (pair-mlp, e3nn, gaunt, cartesian-mlp, schnet, emt) or package.module:factory "
+                        "returning an nn.Module or an ASE Calculator")
+    a.add_argument("--data", required=True,
+                   help="a file ase.io reads, or a bundled dataset with optional split (xtb-md/aspirin:test, "
+                        "emt-bulk:test)")
+    a.add_argument("--out", required=True, help="output folder (results are appended as they are computed)")
+    a.add_argument("--group", default="SE3", choices=["SO3", "SE3"])
+    a.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    a.add_argument("--layerwise", action="store_true", help="layer-wise attribution of the energy's Lie derivative")
+    a.add_argument("--n-finite", type=int, default=4, help="finite Haar rotations/translations per structure")
+    a.add_argument("--limit", type=int, default=None, help="audit only the first N structures")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
+    a.add_argument("--fail-above", type=float, default=None,
+                   help="exit with status 1 when the metric (max over structures and generators) exceeds this")
+    a.add_argument("--metric", default="rel", choices=["rel", "abs", "per_atom"])
+    a.add_argument("--output", default=None, help="gate on this output only (energy, forces, stress)")
+    return a
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="geolie", description="Measure how equivariant a model is (Lie derivatives "
                                      "under SO(3)/SE(3)).")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="Lie derivatives of bundled equivariant and non-equivariant models on "
-                          "ASE molecules (no download)")
-    demo.add_argument("--molecules", nargs="+", default=None,
-                      help="ASE molecule names (ase.build.molecule), default: H2O CH4 CH3CH2OH C6H6 CH3COOH")
-    demo.add_argument("--json", default=None, help="also write the full results (per generator, floors) here")
+    demo = sub.add_parser("demo", help="audit bundled equivariant and non-equivariant models on bundled molecules "
+                          "(no download)")
+    demo.add_argument("--out", default=None, help="also write each audit's report and plots here")
+    demo.add_argument("--structures", type=int, default=3, help="frames per molecule (default 3)")
+    _audit_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from ._demo import DEFAULT_MOLECULES, run_demo
+        from ._demo import run_demo
 
-        mols = args.molecules or DEFAULT_MOLECULES
-        from ase.collections import g2
-
-        unknown = [m for m in mols if m not in g2.names]
-        if unknown:
-            parser.error(f"unknown molecule(s) {unknown}; choose from ase.collections.g2, e.g. {g2.names[:8]}")
-        run_demo(mols, args.json)
+        run_demo(n_frames=args.structures, out_dir=args.out)
         return 0
+    if args.command == "audit":
+        return _run_audit(args, parser)
     parser.print_help()
+    return 0
+
+
+def _run_audit(args, parser) -> int:
+    import torch
+
+    from ._audit import audit, write_report
+
+    try:
+        report = audit(args.model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
+                       layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
+                       limit=args.limit)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"geolie audit: error: {e}", file=sys.stderr)
+        return 2
+    files = write_report(report, args.out)
+    print(report.table())
+    print(f"\nwritten: {', '.join(os.path.relpath(f) for f in files + [os.path.join(args.out, 'structures.csv')])}")
+    if args.fail_above is not None:
+        value = report.metric(args.output, args.metric)
+        what = f"max {args.metric} Lie derivative" + (f" of {args.output}" if args.output else "")
+        if value > args.fail_above:
+            print(f"FAIL: {what} = {value:.3e} > {args.fail_above:.3e}")
+            return 1
+        print(f"PASS: {what} = {value:.3e} <= {args.fail_above:.3e}")
+    with open(os.path.join(args.out, "command.json"), "w") as fh:
+        json.dump(vars(args), fh, indent=1)
     return 0
 
 

@@ -354,3 +354,17 @@ def test_hvp_path_matches_forward_mode(batched, dtype):
     assert scale_of(res.values[1][:3]) > 1e-4  # a real, nonzero derivative was compared
     with pytest.raises(RuntimeError, match="hvp: needs f = geolie.conservative"):
         lie_derivative(lambda p: ef(p), x, out_rep=("scalar", "vector"), method="hvp")
+
+
+def test_hvp_path_with_dict_outputs():
+    from geolie.models import CartesianMLPPotential
+
+    m = CartesianMLPPotential(anisotropy=0.5).double()
+    z = torch.tensor([1, 6, 8, 1, 6, 1, 7])
+    ef = geolie.conservative(lambda p, zz: m(zz, p)[0], as_dict=True)
+    x = cloud()
+    spec = {"energy": None, "forces": "vector"}
+    res = geolie._lie._compute(ef, (x, z), in_rep=("point", None), out_rep=spec)
+    assert res.method == "hvp"
+    ref = lie_derivative(ef, (x, z), in_rep=("point", None), out_rep=spec, method="jvp-loop")
+    assert rel_err(res.structured()["forces"], ref["forces"]) < 1e-12

@@ -75,23 +75,29 @@ class _Layout:
         self.signals = sorted(set(self.pvals), reverse=True)  # +1 first
         self.blocks = [(mul, ir.dim) for mul, ir in self.irreps]  # plain ints: torch.compile-friendly
         self.dim = self.irreps.dim
+        # one gather each way between the e3nn layout [C x (2l+1) blocks] and the channel layout [C, d]
+        perm, start = [], 0
+        offs = []
+        for mul, d in self.blocks:
+            offs.append(start)
+            start += mul * d
+        for c in range(self.mul):
+            for (mul, d), o in zip(self.blocks, offs):
+                perm.extend(range(o + c * d, o + (c + 1) * d))
+        self.perm = torch.tensor(perm)
+        self.inv_perm = torch.argsort(self.perm)
+        self.identity = bool(torch.equal(self.perm, torch.arange(len(perm))))
 
     def to_channels(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected a last dimension of {self.dim} ({self.irreps}), got {x.shape[-1]}")
-        parts, i = [], 0
-        for mul, d in self.blocks:
-            n = mul * d
-            parts.append(x[..., i:i + n].reshape(*x.shape[:-1], mul, d))
-            i += n
-        return torch.cat(parts, -1)
+        if not self.identity:
+            x = x[..., self.perm.to(x.device)]
+        return x.reshape(*x.shape[:-1], self.mul, self.d)
 
     def from_channels(self, xc: torch.Tensor) -> torch.Tensor:
-        parts, i = [], 0
-        for l in self.ls:
-            parts.append(xc[..., i:i + 2 * l + 1].reshape(*xc.shape[:-2], -1))
-            i += 2 * l + 1
-        return torch.cat(parts, -1)
+        x = xc.reshape(*xc.shape[:-2], -1)
+        return x if self.identity else x[..., self.inv_perm.to(x.device)]
 
     def sh_rows(self, pval: int) -> List[int]:
         """Components belonging to the signal of value parity ``pval``."""
@@ -202,13 +208,36 @@ class _FourierPlan:
         return idx, mat, L3
 
 
-class GauntTensorProduct(nn.Module):
+class _Float64Buffers(nn.Module):
+    """Keeps float64 master copies of its floating buffers through ``.to(dtype)`` / ``.float()`` (only the device
+    follows), so that a float32 model can be cast back to float64 without losing precision; ``_b(name, dtype)``
+    returns a cached cast for the forward pass."""
+
+    def _apply(self, fn, recurse=True):
+        saved = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
+        super()._apply(fn, recurse)
+        for n, b in saved.items():
+            self._buffers[n] = b.to(device=fn(b[:0]).device)
+        self._cast_cache = {}
+        return self
+
+    def _b(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_cast_cache", {})
+        key = (name, dtype)
+        t = self._buffers[name]
+        if key not in cache or cache[key].device != t.device:
+            cache[key] = t if t.dtype == dtype else t.to(dtype)
+        return cache[key]
+
+
+class GauntTensorProduct(_Float64Buffers):
     """Channel-wise Gaunt product ``z = GauntTP(x, y)`` of ``irreps_in1`` and ``irreps_in2`` onto ``irreps_out``.
 
     Every irreps is ``C x (l, p)`` over a set of degrees, with one multiplicity ``C`` (``irreps_in2`` may also
     have multiplicity 1, shared by all channels). ``forward(x [..., irreps_in1.dim], y [..., irreps_in2.dim])``
     returns ``[..., irreps_out.dim]``. See the module docstring for the definition, the methods and what a Gaunt
-    product cannot express. Buffers are float64 at construction; ``.to(dtype/device)`` moves them.
+    product cannot express. Buffers stay float64 (``.to(dtype)`` moves only their device; the forward pass uses a
+    cached cast to the input's dtype), so a model cast to float32 and back loses nothing.
     """
 
     def __init__(self, irreps_in1, irreps_in2, irreps_out, method: str = "grid",
@@ -315,7 +344,7 @@ class GauntTensorProduct(nn.Module):
         xc = self._weighted(x, self.l1, self.w1, self.e1)  # [..., C, d1]
         yc = self._weighted(y, self.l2, self.w2, self.e2)  # [..., C or 1, d2]
         if self.method == "dense":
-            z = torch.einsum("...ci,...cj,ijk->...ck", xc, yc, self.T.to(xc.dtype))
+            z = torch.einsum("...ci,...cj,ijk->...ck", xc, yc, self._b('T', xc.dtype))
         elif self.method == "grid":
             z = self._grid(xc, yc)
         else:
@@ -326,8 +355,8 @@ class GauntTensorProduct(nn.Module):
 
     def _grid(self, xc, yc):
         G = self.n_grid
-        f1 = (xc @ self.B1.to(xc.dtype)).unflatten(-1, (len(self.l1.signals), G))
-        f2 = (yc @ self.B2.to(yc.dtype)).unflatten(-1, (len(self.l2.signals), G))
+        f1 = (xc @ self._b('B1', xc.dtype)).unflatten(-1, (len(self.l1.signals), G))
+        f2 = (yc @ self._b('B2', yc.dtype)).unflatten(-1, (len(self.l2.signals), G))
         h = []
         for p3 in self.out_signals:
             acc = None
@@ -338,15 +367,15 @@ class GauntTensorProduct(nn.Module):
                         acc = t if acc is None else acc + t
             h.append(acc)
         h = torch.cat(h, -1)
-        return h @ self.P3.to(h.dtype)
+        return h @ self._b('P3', h.dtype)
 
     def _to_torus(self, xc, idx, re, im, L, mask):
         """Signal coefficients ``[..., C, d]`` -> torus coefficients ``[..., C, S, M, M]`` (complex, circular)."""
         xp = torch.cat([xc, xc.new_zeros(*xc.shape[:-1], 1)], -1)  # zero column for padding
-        xs = xp[..., None, :] * mask.to(xc.dtype)  # [..., C, S, d+1]
+        xs = xp[..., None, :] * mask  # [..., C, S, d+1]
         g = xs[..., idx]  # [..., C, S, V, width]
-        cr = torch.einsum("...vw,vwu->...vu", g, re.to(xc.dtype))
-        ci = torch.einsum("...vw,vwu->...vu", g, im.to(xc.dtype))
+        cr = torch.einsum("...vw,vwu->...vu", g, re)
+        ci = torch.einsum("...vw,vwu->...vu", g, im)
         c = torch.complex(cr, ci).transpose(-1, -2)  # [..., C, S, U, V], frequencies -L..L
         M = self.M
         out = c.new_zeros(*c.shape[:-2], M, M)
@@ -357,8 +386,9 @@ class GauntTensorProduct(nn.Module):
     def _fourier(self, xc, yc):
         L1, L2, L3 = self.L
         M = self.M
-        c1 = self._to_torus(xc, self.a1_idx, self.a1_re, self.a1_im, L1, self.m1)
-        c2 = self._to_torus(yc, self.a2_idx, self.a2_re, self.a2_im, L2, self.m2)
+        d = xc.dtype
+        c1 = self._to_torus(xc, self.a1_idx, self._b("a1_re", d), self._b("a1_im", d), L1, self._b("m1", d))
+        c2 = self._to_torus(yc, self.a2_idx, self._b("a2_re", d), self._b("a2_im", d), L2, self._b("m2", d))
         v1 = torch.fft.ifft2(c1) * (M * M)  # values on the M x M torus grid
         v2 = torch.fft.ifft2(c2) * (M * M)
         hs = []
@@ -376,13 +406,13 @@ class GauntTensorProduct(nn.Module):
         fu = torch.arange(-K, K + 1, device=h.device) % M
         fv = torch.arange(-L3, L3 + 1, device=h.device) % M
         c3 = c3[..., fu[:, None], fv[None, :]].transpose(-1, -2)  # [..., C, S3, V3, U]
-        re, im = self.s_re.to(xc.dtype), self.s_im.to(xc.dtype)
+        re, im = self._b("s_re", d), self._b("s_im", d)
         zr = torch.einsum("...vu,vuw->...vw", c3.real, re) - torch.einsum("...vu,vuw->...vw", c3.imag, im)
         # scatter (v, slot) -> component, keeping each signal's own components
         d3 = self.l3.d
         flat = zr.flatten(-2)  # [..., C, S3, V3*width]
         z = flat.new_zeros(*flat.shape[:-1], d3 + 1).index_add(-1, self.s_idx.flatten(), flat)
-        z = (z * self.m3.to(z.dtype)).sum(-2)
+        z = (z * self._b("m3", d)).sum(-2)
         return z[..., :d3]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,91 @@
+"""Overhead of frame averaging against the bare backbone.
+
+Backbones (both non-equivariant): ``point-mlp`` (DeepSets on raw centred coordinates, cost linear in the batch)
+and ``cartesian-pair`` (``geolie.models.CartesianMLPPotential``, dense pairs within each structure; its cost grows
+with the square of the batch's atoms because its pair mask spans the batch). Batches of 32 molecules from the
+bundled ``xtb-md`` data (9-21 atoms), float32, CPU. For E(3) (8 frames) and SE(3) (4 frames):
+
+* ``ratio_vs_k_calls`` = t(FrameAveraging) / (K · t(backbone on the batch)): the issue's target is <= 1.2;
+* ``ratio_vs_folded`` = t(FrameAveraging) / t(backbone on the K-times larger folded batch): the pure overhead of
+  frames, folding and mapping back.
+
+Energies only, and energy + forces by autograd. Writes ``benchmarks/results/frame_averaging.json``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import device_info, timeit, write_json  # noqa: E402
+
+import geolie.data as gd  # noqa: E402
+from geolie.models import CartesianMLPPotential  # noqa: E402
+from geolie.nn import FrameAveraging  # noqa: E402
+
+
+class PointMLP(torch.nn.Module):
+    """DeepSets energy on raw coordinates (centred per structure): plain and non-equivariant."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(100, 16)
+        self.phi = torch.nn.Sequential(torch.nn.Linear(19, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
+                                       torch.nn.SiLU(), torch.nn.Linear(hidden, 1))
+
+    def forward(self, z, pos, batch):
+        n = int(batch.max()) + 1
+        cnt = torch.zeros(n, dtype=pos.dtype).index_add(0, batch, torch.ones_like(pos[:, 0]))
+        c = torch.zeros(n, 3, dtype=pos.dtype).index_add(0, batch, pos) / cnt[:, None]
+        e = self.phi(torch.cat([pos - c[batch], self.emb(z).to(pos.dtype)], -1))[:, 0]
+        return torch.zeros(n, dtype=pos.dtype).index_add(0, batch, e)
+
+
+def main():
+    frames = []
+    for mol in ("ethanol", "benzene", "aspirin", "naphthalene"):
+        frames += gd.load(f"xtb-md/{mol}", "test")[:8]
+    b = gd.to_pyg(frames, dtype=torch.float32)
+    z, pos, batch = b.z, b.pos, b.batch
+    rows = []
+    for name, bb in (("point-mlp", PointMLP()), ("cartesian-pair", CartesianMLPPotential(anisotropy=1.0))):
+        t_bare = timeit(lambda: bb(z, pos, batch), min_time=0.5)["median_s"]
+        for group in ("E3", "SE3"):
+            fa = FrameAveraging(bb, group=group, gap_threshold=0.0)
+            K = fa.n_frames
+            zf = z.repeat(K)
+            pf = pos.repeat(K, 1)
+            bf = (batch[None] + 32 * torch.arange(K)[:, None]).reshape(-1)
+            t_fold = timeit(lambda: bb(zf, pf, bf), min_time=0.5)["median_s"]
+            t_fa = timeit(lambda: fa(z, pos, batch), min_time=0.5)["median_s"]
+
+            def ef():
+                p = pos.clone().requires_grad_(True)
+                torch.autograd.grad(fa(z, p, batch).sum(), p)
+
+            def ef_bare():
+                p = pos.clone().requires_grad_(True)
+                torch.autograd.grad(bb(z, p, batch).sum(), p)
+
+            t_ef = timeit(ef, min_time=0.5)["median_s"]
+            t_ef_bare = timeit(ef_bare, min_time=0.5)["median_s"]
+            row = {"backbone": name, "group": group, "frames": K, "structures": 32, "atoms": int(pos.shape[0]),
+                   "bare_ms": 1e3 * t_bare, "folded_ms": 1e3 * t_fold, "fa_ms": 1e3 * t_fa,
+                   "ratio_vs_k_calls": t_fa / (K * t_bare), "ratio_vs_folded": t_fa / t_fold,
+                   "forces_ratio_vs_k_calls": t_ef / (K * t_ef_bare)}
+            rows.append(row)
+            print(row, file=sys.stderr)
+    write_json(os.path.join(os.path.dirname(__file__), "results", "frame_averaging.json"),
+               {"benchmark": "frame_averaging", "env": device_info("cpu"), "rows": rows})
+    print("| backbone | group | frames | bare (ms) | FA (ms) | FA / (K x bare) | FA / folded batch | "
+          "E+F: FA / (K x bare) |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backbone']} | {r['group']} | {r['frames']} | {r['bare_ms']:.2f} | {r['fa_ms']:.2f} | "
+              f"{r['ratio_vs_k_calls']:.2f} | {r['ratio_vs_folded']:.2f} | {r['forces_ratio_vs_k_calls']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""``geolie.audit``: how equivariant is a model on a set of structures, where does it break, does it pass a gate.
+
+For every structure: the Lie derivatives of each output along the group's generators (absolute, relative,
+per atom, with noise floors, via :func:`geolie.measure`), the finite companions (Haar rotations, translations,
+inversion, atom permutations, repeated calls: :func:`geolie.finite_equivariance_error`), and on request the
+layer-wise attribution of the energy's Lie derivative (:mod:`geolie._layerwise`). Aggregates over structures:
+mean, median, p99, max. With an output folder, each structure's result is appended to ``results.jsonl`` and
+``structures.csv`` as soon as it is computed; ``resume=True`` skips the structures already there.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._finite import finite_equivariance_error
+from ._groups import SE3, as_group
+from ._metrics import aggregate, measure
+
+__all__ = ["audit", "AuditReport"]
+
+
+@dataclass
+class AuditReport:
+    """Per-structure rows and aggregates; ``metric(output, kind)`` gives the value a gate compares."""
+
+    model: str
+    group: str
+    dtype: str
+    rows: List[Dict[str, Any]]
+    generator_names: List[str]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> List[str]:
+        names: List[str] = []
+        for r in self.rows:
+            for k in r.get("outputs", {}):
+                if k not in names:
+                    names.append(k)
+        return names
+
+    def values(self, output: str, kind: str = "rel", generators: Optional[Sequence[str]] = None) -> np.ndarray:
+        """``[structures, generators]`` array of ``abs``, ``rel``, ``per_atom`` or ``floor`` for ``output``."""
+        gens = list(generators or self.generator_names)
+        idx = [self.generator_names.index(g) for g in gens]
+        vals = []
+        for r in self.rows:
+            o = r.get("outputs", {}).get(output)
+            if o is None or o.get(kind) is None:
+                continue
+            vals.append([o[kind][i] for i in idx])
+        return np.array(vals, dtype=np.float64).reshape(-1, len(idx))
+
+    def aggregates(self) -> Dict[str, Any]:
+        out = {}
+        for name in self.outputs:
+            rel = self.values(name, "rel")
+            iso = np.sqrt(np.mean(rel[:, :3] ** 2, axis=1)) if rel.size else rel
+            out[name] = {g: aggregate(rel[:, k]) for k, g in enumerate(self.generator_names)}
+            out[name]["iso_rotation"] = aggregate(iso)
+            out[name]["floor_rel_median"] = float(np.nanmedian(self.values(name, "floor_rel"))) if rel.size else None
+            fin: Dict[str, List[float]] = {}
+            for r in self.rows:
+                for fam, v in r.get("finite", {}).get(name, {}).items():
+                    fin.setdefault(fam, []).append(v)
+            out[name]["finite_max_rel"] = {fam: float(np.max(v)) for fam, v in fin.items()}
+        return out
+
+    def metric(self, output: Optional[str] = None, kind: str = "rel") -> float:
+        """Max over structures and generators (and outputs, when ``output`` is None) of ``kind``."""
+        names = [output] if output else self.outputs
+        vals = [self.values(n, kind) for n in names]
+        vals = [v for v in vals if v.size]
+        return float(max(np.nanmax(v) for v in vals)) if vals else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
+                "n_structures": len(self.rows), "aggregates": self.aggregates(), "meta": self.meta,
+                "structures": self.rows}
+
+    def table(self) -> str:
+        agg = self.aggregates()
+        gens = self.generator_names
+        head = f"{'output':<10}{'stat':<8}" + "".join(f"{g:>10}" for g in gens) + f"{'iso rot':>10}{'floor':>10}"
+        lines = [f"geolie audit: {self.model}, {len(self.rows)} structure(s), {self.group}, {self.dtype}; relative "
+                 "Lie derivative ‖L_X y‖/‖y‖", head, "-" * len(head)]
+        for name, a in agg.items():
+            for stat in ("median", "max"):
+                fl = a["floor_rel_median"]
+                lines.append(f"{name[:9]:<10}{stat:<8}" + "".join(f"{a[g][stat]:>10.1e}" for g in gens)
+                             + f"{a['iso_rotation'][stat]:>10.1e}" + (f"{fl:>10.1e}" if stat == "median" and
+                                                                      fl is not None else f"{'':>10}"))
+        fams = sorted({f for a in agg.values() for f in a["finite_max_rel"]})
+        if fams:
+            lines.append("")
+            lines.append(f"{'finite':<18}" + "".join(f"{f:>13}" for f in fams) + "   (max relative error)")
+            for name, a in agg.items():
+                lines.append(f"{name[:17]:<18}" + "".join(
+                    f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams))
+        lw = self.layerwise_summary()
+        if lw:
+            lines.append("")
+            lines.append("layer-wise attribution of L_X energy (mean |signed contribution| over structures, rotations):")
+            for name, v in sorted(lw.items(), key=lambda kv: -kv[1])[:10]:
+                lines.append(f"  {name:<40}{v:>12.3e}")
+        return "\n".join(lines)
+
+    def layerwise_summary(self) -> Dict[str, float]:
+        acc: Dict[str, List[float]] = {}
+        for r in self.rows:
+            for name, v in (r.get("layerwise") or {}).items():
+                if name == "__total__":
+                    continue
+                acc.setdefault(name, []).append(float(np.sqrt(np.mean(np.square(v["contribution"][:3])))))
+        return {k: float(np.mean(v)) for k, v in acc.items()}
+
+    def plots(self, folder: str) -> List[str]:
+        """PNG plots in ``folder``: per output, the distribution of per-structure relative norms per generator;
+        the layer-wise bars when present. Returns the paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        paths = []
+        for name in self.outputs:
+            rel = self.values(name, "rel")
+            if not rel.size:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            data = [np.clip(rel[:, k], 1e-18, None) for k in range(rel.shape[1])]
+            ax.boxplot(data, showfliers=True)
+            ax.set_xticks(range(1, len(self.generator_names) + 1), self.generator_names)
+            ax.set_yscale("log")
+            fl = self.values(name, "floor_rel")
+            if fl.size:
+                ax.axhline(float(np.nanmedian(fl)), color="grey", ls="--", label="noise floor (median)")
+                ax.legend()
+            ax.set_ylabel("‖L_X y‖ / ‖y‖")
+            ax.set_title(f"{self.model}: {name}, {len(rel)} structures")
+            fig.tight_layout()
+            p = os.path.join(folder, f"lie_{name}.png")
+            fig.savefig(p, dpi=80)
+            plt.close(fig)
+            paths.append(p)
+        lw = self.layerwise_summary()
+        if lw:
+            items = sorted(lw.items(), key=lambda kv: -kv[1])[:15]
+            fig, ax = plt.subplots(figsize=(6, 0.35 * len(items) + 1.2))
+            ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
+            ax.set_xlabel("|contribution to L_X E| (rotations, mean)")
+            ax.set_title("layer-wise attribution")
+            fig.tight_layout()
+            p = os.path.join(folder, "layerwise.png")
+            fig.savefig(p, dpi=80)
+            plt.close(fig)
+            paths.append(p)
+        return paths
+
+
+def _as_structures(structures) -> List:
+    from .adapters._base import Structure
+
+    if isinstance(structures, str):
+        from .data import load
+
+        name, _, split = structures.partition(":")
+        structures = load(name, split or "all")
+    out = []
+    for i, s in enumerate(structures):
+        if isinstance(s, Structure):
+            out.append(s)
+        elif hasattr(s, "get_positions"):
+            out.append(Structure.from_atoms(s))
+        else:
+            raise TypeError(f"structure {i}: expected ase.Atoms or geolie Structure, got {type(s).__name__}")
+    if not out:
+        raise ValueError("audit: no structures given")
+    return out
+
+
+def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
+    where = f"structure {index} ({st.name})"
+    pot.check(st, where)
+    if len(st.numbers) == 0:
+        raise ValueError(f"{where}: empty structure")
+    fn, x, in_rep, out_rep = pot.function(st, dtype)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    f_ref = pot.function(st, other)[0] if other in pot.dtypes else None
+    try:
+        rep = measure(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, method=pot.method, f_ref=f_ref,
+                      floor=f_ref is not None)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    row: Dict[str, Any] = {"index": index, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
+                           "outputs": {}}
+    for name, m in rep.outputs.items():
+        row["outputs"][name] = {
+            "rep": m.rep, "abs": m.abs[0].tolist(), "rel": m.rel[0].tolist(), "floor": m.floor[0].tolist(),
+            "floor_rel": m.floor_rel[0].tolist(), "per_atom": None if m.per_atom is None else m.per_atom[0].tolist(),
+            "at_floor": m.at_floor[0].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[0])}
+    perm = {"inputs": (True, True) + (False,) * (len(in_rep) - 2),  # positions and atomic numbers move together
+            "outputs": {"forces": True}}
+    fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
+                                    permutation=perm, generator=torch.Generator().manual_seed(seed + index))
+    row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+    if layerwise:
+        mod = pot.module()
+        if mod is None:
+            row["layerwise"] = None
+        else:
+            from ._layerwise import layerwise_attribution
+
+            m = pot.copy_for(dtype)
+            energy = pot.energy_fn(st, dtype, module=m)
+            z = x[1]
+            row["layerwise"] = layerwise_attribution(m, lambda p: energy(p, z), x[0], group=group)
+    return row
+
+
+def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
+          n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
+          seed: int = 0, limit: Optional[int] = None) -> AuditReport:
+    """Audit ``model`` on ``structures``; see the module docstring.
+
+    ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
+    (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
+    split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
+    """
+    from tqdm import tqdm
+
+    from .adapters import load_model
+
+    group = as_group(group)
+    pot = load_model(model)
+    if dtype not in pot.dtypes:
+        raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}")
+    sts = _as_structures(structures)
+    if limit is not None:
+        sts = sts[:limit]
+    done: Dict[int, Dict] = {}
+    jsonl = csv_path = None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        jsonl, csv_path = os.path.join(out_dir, "results.jsonl"), os.path.join(out_dir, "structures.csv")
+        if resume and os.path.exists(jsonl):
+            with open(jsonl) as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line:
+                        try:
+                            r = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # a line cut by an interruption: recomputed below
+                        done[r["index"]] = r
+            with open(jsonl, "w") as fh:  # rewrite without any partial line
+                for r in sorted(done.values(), key=lambda r: r["index"]):
+                    fh.write(json.dumps(r) + "\n")
+        elif not resume:
+            for p in (jsonl, csv_path):
+                if os.path.exists(p):
+                    os.remove(p)
+    rows = []
+    todo = [(i, s) for i, s in enumerate(sts)]
+    bar = tqdm(todo, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
+    for i, st in bar:
+        if i in done:
+            rows.append(done[i])
+            continue
+        row = _row(pot, st, i, group, dtype, n_finite, layerwise, seed)
+        rows.append(row)
+        if jsonl:
+            with open(jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            _append_csv(csv_path, row, group.generator_names)
+    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
+                       {"n_finite": n_finite, "layerwise": layerwise})
+
+
+def _append_csv(path, row, gens):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(["index", "name", "atoms", "output", "method"] + [f"rel_{g}" for g in gens]
+                       + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens] + ["iso_rotation_rel"])
+        for name, o in row["outputs"].items():
+            iso = math.sqrt(sum(v * v for v in o["rel"][:3]) / 3)
+            w.writerow([row["index"], row["name"], row["atoms"], name, row["method"]] + o["rel"] + o["abs"]
+                       + o["floor"] + [iso])
+
+
+def write_report(report: AuditReport, out_dir: str) -> List[str]:
+    """``report.json`` and the plots in ``out_dir``; returns the files written."""
+    os.makedirs(out_dir, exist_ok=True)
+    p = os.path.join(out_dir, "report.json")
+    with open(p, "w") as fh:
+        json.dump(report.to_dict(), fh, indent=1)
+    return [p] + report.plots(out_dir)

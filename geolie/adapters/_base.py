@@ -1,0 +1,188 @@
+"""Potential adapters for torch modules, and model specs (``package.module:factory`` or short names)."""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .._conservative import conservative
+
+
+@dataclass
+class Structure:
+    """One structure: atomic numbers, positions (Å), optional cell (rows) for periodic systems, a name."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: Optional[np.ndarray] = None
+    name: str = ""
+    labels: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_atoms(cls, atoms, name: str = "") -> "Structure":
+        cell = np.asarray(atoms.cell, dtype=np.float64) if atoms.pbc.any() else None
+        return cls(np.asarray(atoms.numbers), np.asarray(atoms.positions, dtype=np.float64), cell,
+                   name or atoms.get_chemical_formula())
+
+    def to_atoms(self):
+        from ase import Atoms
+
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell,
+                     pbc=self.cell is not None)
+
+
+class Potential:
+    """A model mapping one structure to ``{"energy", "forces"[, "stress"]}`` (see ``geolie.adapters``)."""
+
+    name = "potential"
+    method = "auto"
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    elements: Optional[Sequence[int]] = None  # supported atomic numbers (None: any)
+
+    def check(self, st: Structure, where: str) -> None:
+        if self.elements is not None:
+            bad = sorted(set(int(z) for z in st.numbers) - set(self.elements))
+            if bad:
+                from ase.data import chemical_symbols
+
+                raise ValueError(f"{where}: model {self.name!r} cannot handle element(s) "
+                                 f"{[chemical_symbols[z] for z in bad]} (supported: "
+                                 f"{[chemical_symbols[z] for z in self.elements]})")
+
+    def function(self, st: Structure, dtype: torch.dtype):
+        """``(fn, x, in_rep, out_rep)`` with ``x = (pos, z[, cell])``; ``fn(*x) -> dict`` of outputs."""
+        raise NotImplementedError
+
+    def module(self) -> Optional[torch.nn.Module]:
+        """The torch module (for layer-wise attribution), or ``None``."""
+        return None
+
+
+def _signature_kind(module: torch.nn.Module) -> str:
+    params = list(inspect.signature(module.forward).parameters)
+    if "edge_index" in params:
+        return "edges"
+    if len(params) >= 2 and params[0] in ("z", "numbers", "atomic_numbers") and params[1] in ("pos", "positions"):
+        return "zpb"
+    if params and params[0] in ("pos", "positions", "x"):
+        return "pos"
+    raise TypeError(f"cannot tell how to call {type(module).__name__}.forward{inspect.signature(module.forward)}: "
+                    "expected forward(z, pos, batch), forward(z, pos, edge_index, batch) or forward(pos)")
+
+
+class TorchPotential(Potential):
+    """A torch module predicting an energy (forces by autograd, through :func:`geolie.conservative`).
+
+    Call conventions, detected from ``forward``'s parameters: ``forward(z, pos, batch)`` (PyG style: SchNet,
+    DimeNet++, ViSNet; their ``radius_graph`` is served by :mod:`geolie.neighbors` while geolie calls them),
+    ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held fixed), or
+    ``forward(pos)``. The module may return the energy (any shape with one element per structure) or a dict with
+    ``"energy"``. Copies are cast to each dtype the audit needs; the caller's module is not modified.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str = "", cutoff: float = 5.0):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"TorchPotential needs a torch.nn.Module, got {type(module).__name__}")
+        self._module = module.eval()
+        self.name = name or type(module).__name__
+        self.cutoff = cutoff
+        self.kind = _signature_kind(module)
+        self._copies: Dict[torch.dtype, torch.nn.Module] = {}
+
+    def module(self):
+        return self._module
+
+    def copy_for(self, dtype):
+        if dtype not in self._copies:
+            self._copies[dtype] = copy.deepcopy(self._module).to(dtype)
+        return self._copies[dtype]
+
+    def energy_fn(self, st: Structure, dtype, module=None) -> Callable:
+        m = module if module is not None else self.copy_for(dtype)
+        if st.cell is not None:
+            raise ValueError(f"{self.name}: periodic structures are not supported by this adapter "
+                             "(the module takes no cell); audit it on molecules or wrap it yourself")
+        kind = self.kind
+        edges = None
+        if kind == "edges":
+            from ..neighbors import radius_graph
+
+            edges = radius_graph(torch.as_tensor(st.positions), self.cutoff)
+
+        def energy(pos, z):
+            from .pyg import geolie_radius_graph
+
+            with geolie_radius_graph():
+                if kind == "zpb":
+                    out = m(z, pos, torch.zeros_like(z))
+                elif kind == "edges":
+                    out = m(z, pos, edges, None)
+                else:
+                    out = m(pos)
+            if isinstance(out, dict):
+                out = out["energy"]
+            return out.reshape(-1).sum()
+
+        return energy
+
+    def function(self, st, dtype):
+        fn = conservative(self.energy_fn(st, dtype), as_dict=True)
+        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
+        return fn, x, ("point", None), {"energy": "scalar", "forces": "vector"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+SHORT_NAMES = {
+    "pair-mlp": "geolie.models:PairMLPPotential",
+    "e3nn": "geolie.models:E3nnPotential",
+    "cartesian-mlp": "geolie.models:CartesianMLPPotential",
+    "gaunt": "geolie.models:GauntPotential",
+    "schnet": "geolie.adapters.pyg:schnet",
+    "emt": "geolie.adapters.ase_calc:emt",
+}
+
+
+def load_model(spec: Any) -> Potential:
+    """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
+    ``emt``), a ``package.module:factory`` string (the factory returns an
+    ``nn.Module`` or an ASE ``Calculator``), or such an object directly."""
+    from .ase_calc import CalculatorPotential
+
+    if isinstance(spec, Potential):
+        return spec
+    name = None
+    if isinstance(spec, str):
+        name = spec
+        target = SHORT_NAMES.get(spec, spec)
+        if ":" not in target:
+            raise ValueError(f"unknown model {spec!r}: use a short name {sorted(SHORT_NAMES)} or "
+                             "'package.module:factory'")
+        mod_name, attr = target.split(":", 1)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"model {spec!r}: cannot import {mod_name!r} ({e})") from None
+        if not hasattr(mod, attr):
+            raise ValueError(f"model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        factory = getattr(mod, attr)
+        obj = factory() if callable(factory) else factory
+    else:
+        obj = spec
+    if isinstance(obj, Potential):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return TorchPotential(obj, name=name or type(obj).__name__)
+    try:
+        from ase.calculators.calculator import BaseCalculator
+
+        if isinstance(obj, BaseCalculator):
+            return CalculatorPotential(obj, name=name or type(obj).__name__)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"model {spec!r}: the factory returned a {type(obj).__name__}; expected a torch.nn.Module, an "
+                    "ASE Calculator or a geolie.adapters.Potential")

@@ -1,0 +1,120 @@
+"""geolie.audit, the CLI, layer-wise attribution and geolie.testing."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import geolie
+from geolie.cli import main
+
+HERE = os.path.dirname(__file__)
+MOLS = "xtb-md/ethanol:test"
+
+
+def test_planted_break_is_flagged_and_attributed():
+    sys.path.insert(0, HERE)
+    rep = geolie.audit("planted_models:planted", MOLS, limit=2, layerwise=True, progress=False)
+    assert rep.values("energy", "rel")[:, :3].max() > 1e-4  # rotations break
+    assert rep.values("energy", "rel")[:, 3:].max() > 1e-4  # translations break too (absolute coordinates)
+    lw = rep.layerwise_summary()
+    assert max(lw, key=lw.get) == "field"
+    row = rep.rows[0]["layerwise"]
+    assert row["field"]["status"].startswith("point input")
+    total = np.array(row["__total__"]["contribution"])
+    parts = sum(np.array(v["contribution"]) for k, v in row.items() if k != "__total__")
+    assert np.allclose(parts, total, rtol=1e-10, atol=1e-14)  # signed contributions sum to the total
+
+
+@pytest.mark.parametrize("model", ["e3nn", "schnet", "gaunt"])
+def test_equivariant_models_sit_at_their_floor(model, dtype):
+    rep = geolie.audit(model, MOLS, limit=2, dtype=dtype, n_finite=2, progress=False)
+    for row in rep.rows:
+        for name, o in row["outputs"].items():
+            assert all(o["at_floor"]), (model, name, o["rel"], o["floor_rel"])
+
+
+def test_emt_sits_at_its_finite_difference_floor():
+    rep = geolie.audit("emt", "emt-bulk:test", limit=2, n_finite=2, progress=False)
+    assert set(rep.outputs) == {"energy", "forces", "stress"}
+    for row in rep.rows:
+        assert row["method"] == "fd-float64"
+        for o in row["outputs"].values():
+            assert all(o["at_floor"]) and o["floor_source"] == "finite-difference error estimate"
+            assert max(o["rel"]) < 1e-9
+
+
+def test_calculator_with_external_field_matches_closed_form():
+    sys.path.insert(0, HERE)
+    from planted_models import FIELD
+
+    atoms = geolie.data.load("xtb-md/ethanol", "test")[0]
+    rep = geolie.audit("planted_models:external_field", [atoms], n_finite=1, progress=False)
+    q = np.where(atoms.numbers == 1, 1.0, -1.0)
+    x = atoms.positions
+    X = geolie.hat(torch.eye(3, dtype=torch.float64)).numpy()
+    o = rep.rows[0]["outputs"]
+    expected_e = [abs(-(q[:, None] * (x @ X[k].T) * FIELD).sum()) for k in range(3)]
+    expected_e += [abs(-(q * FIELD[k]).sum()) for k in range(3)]
+    assert np.allclose(o["energy"]["abs"], expected_e, rtol=1e-8)
+    F = q[:, None] * FIELD
+    expected_f = [np.linalg.norm(F @ X[k].T) for k in range(3)] + [0, 0, 0]
+    assert np.allclose(o["forces"]["abs"], expected_f, rtol=1e-8, atol=1e-9)
+
+
+def test_cli_end_to_end_gate_and_resume(tmp_path, capsys):
+    data = tmp_path / "mols.extxyz"
+    import ase.io
+
+    ase.io.write(data, geolie.data.load("xtb-md/ethanol", "test")[:3])
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", "pair-mlp", "--data", str(data), "--out", str(out), "--n-finite", "1",
+                 "--fail-above", "1e-8"]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "forces" in text
+    for f in ("report.json", "structures.csv", "results.jsonl", "lie_forces.png", "lie_energy.png"):
+        assert (out / f).exists(), f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_structures"] == 3 and "p99" in rep["aggregates"]["forces"]["rx"]
+    # a broken model fails the gate
+    bad = tmp_path / "bad"
+    assert main(["audit", "--model", "cartesian-mlp", "--data", str(data), "--out", str(bad), "--n-finite", "1",
+                 "--fail-above", "1e-6", "--output", "forces"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    # an interrupted audit: keep one finished line and a torn one, then resume
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    first = json.loads(lines[0])
+    assert main(["audit", "--model", "pair-mlp", "--data", str(data), "--out", str(out), "--n-finite", "1",
+                 "--resume"]) == 0
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2]
+    assert rows[0] == first  # the finished structure was not recomputed
+
+
+def test_bad_specs_and_structures(tmp_path, capsys):
+    sys.path.insert(0, HERE)
+    with pytest.raises(ValueError, match="unknown model 'nonsense'"):
+        geolie.audit("nonsense", MOLS, progress=False)
+    with pytest.raises(ValueError, match="cannot import 'no_such_package_xyz.mod'"):
+        geolie.audit("no_such_package_xyz.mod:f", MOLS, progress=False)
+    with pytest.raises(TypeError, match="returned a dict"):
+        geolie.audit("planted_models:not_a_model", MOLS, progress=False)
+    from ase.build import bulk
+
+    with pytest.raises(ValueError, match=r"structure 0 \(Fe\).*cannot handle element\(s\) \['Fe'\]"):
+        geolie.audit("emt", [bulk("Fe")], progress=False)
+    with pytest.raises(ValueError, match=r"structure 0 .*NaN"):
+        geolie.audit("planted_models:nan_model", MOLS, limit=1, progress=False)
+    assert main(["audit", "--model", "nonsense", "--data", MOLS, "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_assert_equivariant():
+    mols = geolie.data.load("xtb-md/ethanol", "val")[:2]
+    geolie.testing.assert_equivariant("pair-mlp", mols, rtol=1e-10)
+    with pytest.raises(AssertionError, match=r"output 'forces', generator rx, structure 0 .* noise floor"):
+        geolie.testing.assert_equivariant("cartesian-mlp", mols, rtol=1e-6)
