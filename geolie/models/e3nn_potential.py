@@ -21,7 +21,8 @@ from ._common import cosine_cutoff, gaussian_rbf, sum_per_graph
 
 
 class E3nnPotential(nn.Module):
-    """``forward(z [N], pos [N, 3], edge_index [2, E], batch [N] | None) -> energy [B]``."""
+    """``forward(z [N], pos [N, 3], edge_index [2, E] | None, batch [N] | None) -> energy [B]``; without
+    ``edge_index`` the edges are built with the cutoff (from detached positions)."""
 
     def __init__(self, cutoff: float = 5.0, mul: int = 8, lmax: int = 2, n_rbf: int = 8, n_elements: int = 100,
                  seed: int = 2):
@@ -49,8 +50,12 @@ class E3nnPotential(nn.Module):
         torch.set_default_dtype(old)
         self.to(old)
 
-    def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
+    def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: Optional[torch.Tensor] = None,
                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if edge_index is None:  # built from detached positions: fixed while geolie differentiates
+            from ..neighbors import radius_graph
+
+            edge_index = radius_graph(pos, self.cutoff, batch)
         src, dst = edge_index[0], edge_index[1]
         vec = pos[dst] - pos[src]
         r = torch.sqrt((vec * vec).sum(-1))

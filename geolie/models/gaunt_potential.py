@@ -74,8 +74,12 @@ class GauntPotential(nn.Module):
             i += n
         return torch.cat(parts, -1)
 
-    def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: torch.Tensor,
+    def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: Optional[torch.Tensor] = None,
                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if edge_index is None:  # built from detached positions: fixed while geolie differentiates
+            from ..neighbors import radius_graph
+
+            edge_index = radius_graph(pos, self.cutoff, batch)
         src, dst = edge_index[0], edge_index[1]
         vec = pos[dst] - pos[src]
         r = torch.sqrt((vec * vec).sum(-1))
