@@ -209,9 +209,11 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
             "at_floor": m.at_floor[0].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[0])}
     perm = {"inputs": (True, True) + (False,) * (len(in_rep) - 2),  # positions and atomic numbers move together
             "outputs": {"forces": True}}
-    fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
-                                    permutation=perm, generator=torch.Generator().manual_seed(seed + index))
-    row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+    row["finite"] = {}
+    if n_finite > 0:
+        fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
+                                        permutation=perm, generator=torch.Generator().manual_seed(seed + index))
+        row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     if layerwise:
         mod = pot.module()
         if mod is None:
@@ -231,7 +233,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
           seed: int = 0, limit: Optional[int] = None) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
-    ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
+    ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
+    them. ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
     """

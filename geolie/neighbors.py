@@ -28,6 +28,11 @@ def radius_graph(pos: torch.Tensor, r: float, batch: Optional[torch.Tensor] = No
     b = torch.zeros(n, dtype=torch.long, device=pos.device) if batch is None else batch.to(pos.device).long()
     if b.shape != (n,):
         raise ValueError(f"radius_graph: batch must have shape [{n}], got {list(b.shape)}")
+    if batch is not None and n > 0:
+        counts = torch.bincount(b)
+        nmax = int(counts.max())
+        if counts.numel() > 1 and counts.numel() * nmax * nmax <= 4 * block * max(n, 1):
+            return _padded(p, b, counts, nmax, r, loop, max_num_neighbors)
     src, dst = [], []
     for s in range(0, n, block):
         d2 = (p[s:s + block, None, :] - p[None, :, :]).pow(2).sum(-1)
@@ -39,11 +44,35 @@ def radius_graph(pos: torch.Tensor, r: float, batch: Optional[torch.Tensor] = No
         dst.append(i + s)
         src.append(j)
     src_t, dst_t = torch.cat(src), torch.cat(dst)
+    return _limit(p, src_t, dst_t, max_num_neighbors)
+
+
+def _padded(p, b, counts, nmax, r, loop, max_num_neighbors):
+    """Many small structures: distances within each structure only, padded to ``[B, nmax, nmax]`` (no loop)."""
+    B = counts.numel()
+    order = torch.argsort(b, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(b.numel(), device=p.device) - start[b[order]]
+    idx = torch.full((B, nmax), -1, dtype=torch.long, device=p.device)
+    idx[b[order], rank] = order
+    valid = idx >= 0
+    xyz = p[idx.clamp_min(0)]  # [B, nmax, 3]
+    d2 = (xyz[:, :, None, :] - xyz[:, None, :, :]).pow(2).sum(-1)
+    ok = (d2 < r * r) & valid[:, :, None] & valid[:, None, :]
+    if not loop:
+        ok &= ~torch.eye(nmax, dtype=torch.bool, device=p.device)[None]
+    g, i, j = ok.nonzero(as_tuple=True)
+    dst, src = idx[g, i], idx[g, j]
+    key = torch.argsort(dst * (b.numel() + 1) + src)  # the same order as the blockwise path
+    return _limit(p, src[key], dst[key], max_num_neighbors)
+
+
+def _limit(p, src_t, dst_t, max_num_neighbors):
     if max_num_neighbors is not None:
         d = (p[src_t] - p[dst_t]).norm(dim=-1)
         order = torch.argsort(dst_t * (d.max() + 1 if d.numel() else 1) + d)  # by target, then distance
         src_t, dst_t = src_t[order], dst_t[order]
-        rank = torch.arange(len(dst_t), device=pos.device) - torch.searchsorted(dst_t, dst_t)
+        rank = torch.arange(len(dst_t), device=p.device) - torch.searchsorted(dst_t, dst_t)
         keep = rank < max_num_neighbors
         src_t, dst_t = src_t[keep], dst_t[keep]
     return torch.stack([src_t, dst_t])

@@ -34,3 +34,15 @@ def test_errors():
         radius_graph(torch.zeros(3, 2), 1.0)
     with pytest.raises(ValueError, match="positive"):
         radius_graph(torch.zeros(3, 3), 0.0)
+
+
+def test_padded_batches_match_the_blockwise_path():
+    g = torch.Generator().manual_seed(1)
+    sizes = [5, 17, 1, 9, 30]
+    batch = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    pos = torch.rand(len(batch), 3, generator=g, dtype=torch.float64) * 4
+    fast = radius_graph(pos, 1.5, batch)  # many small structures: the padded path
+    slow = radius_graph(pos, 1.5, batch, block=7)  # forces the blockwise path (padding would exceed 4 blocks)
+    assert _pairs(fast) == _pairs(slow) and fast.shape == slow.shape
+    assert torch.equal(radius_graph(pos, 1.5, batch, max_num_neighbors=3), radius_graph(pos, 1.5, batch, block=7,
+                                                                                        max_num_neighbors=3))

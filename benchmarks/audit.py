@@ -1,0 +1,71 @@
+"""Audit throughput: structures per second for SchNet and an e3nn network on molecules of 10-100 atoms.
+
+For each model, size and dtype: ``geolie.audit`` with the six SE(3) Lie derivatives of energy and forces and their
+float32/float64 noise floors (no finite checks), with and without layer-wise attribution; against a finite check
+(8 Haar rotations of energy + forces per structure: ``geolie.finite_equivariance_error``). Reported: structures/s
+and the median relative error each reaches on these exactly invariant models (its noise floor). Molecule-like
+random clouds (density 0.1 / Å³, H C N O), 4 structures per size. SevenNet-0 is not included: the ``sevenn``
+package is not installed here. Writes ``benchmarks/results/audit.json``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from ase import Atoms
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import device_info, write_json  # noqa: E402
+from lie_derivative import molecule_like  # noqa: E402
+
+import geolie  # noqa: E402
+from geolie.adapters import load_model  # noqa: E402
+
+
+def main():
+    rows = []
+    for model in ("schnet", "e3nn"):
+        pot = load_model(model)
+        for n in (10, 30, 100):
+            mols = []
+            for s in range(4):
+                z, pos = molecule_like(n, seed=100 * n + s, dtype=torch.float64)
+                mols.append(Atoms(numbers=z.numpy(), positions=pos.numpy()))
+            for dtype in (torch.float32, torch.float64):
+                row = {"model": model, "atoms": n, "dtype": str(dtype).replace("torch.", "")}
+                geolie.audit(pot, mols[:1], dtype=dtype, n_finite=0, progress=False)  # warm-up
+                for lw in (False, True):
+                    t = time.perf_counter()
+                    rep = geolie.audit(pot, mols, dtype=dtype, n_finite=0, layerwise=lw, progress=False)
+                    dt = time.perf_counter() - t
+                    key = "layerwise" if lw else "lie"
+                    row[f"{key}_structures_per_s"] = len(mols) / dt
+                    if not lw:
+                        row["lie_median_rel_forces"] = float(np.median(rep.values("forces", "rel")))
+                        row["lie_median_floor_rel_forces"] = float(np.median(rep.values("forces", "floor_rel")))
+                t = time.perf_counter()
+                errs = []
+                for at in mols:
+                    fn, x, in_rep, out_rep = pot.function(geolie.adapters._base.Structure.from_atoms(at), dtype)
+                    fin = geolie.finite_equivariance_error(fn, x, in_rep=in_rep, out_rep=out_rep, n=8)
+                    errs.append(fin.errors["forces"]["rotation"]["max_rel"])
+                row["finite_structures_per_s"] = len(mols) / (time.perf_counter() - t)
+                row["finite_median_rel_forces"] = float(np.median(errs))
+                rows.append(row)
+                print(row, file=sys.stderr)
+    write_json(os.path.join(os.path.dirname(__file__), "results", "audit.json"),
+               {"benchmark": "audit", "env": device_info("cpu"), "rows": rows})
+    print("| model | atoms | dtype | audit (structures/s) | + layer-wise | finite, 8 rotations | Lie rel. (floor) | "
+          "finite rel. |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['atoms']} | {r['dtype']} | {r['lie_structures_per_s']:.2f} | "
+              f"{r['layerwise_structures_per_s']:.2f} | {r['finite_structures_per_s']:.2f} | "
+              f"{r['lie_median_rel_forces']:.1e} ({r['lie_median_floor_rel_forces']:.1e}) | "
+              f"{r['finite_median_rel_forces']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
