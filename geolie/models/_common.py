@@ -33,3 +33,16 @@ def sum_per_graph(x: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: Opti
         return x.sum(0, keepdim=True)
     n = int(batch.max()) + 1 if n_graphs is None else n_graphs
     return torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, batch, x)
+
+
+def edge_geometry(pos: torch.Tensor, edge_index: Optional[torch.Tensor], cutoff: float,
+                  batch: Optional[torch.Tensor] = None):
+    """``(src, dst, vec = pos[dst] - pos[src], r = |vec|)``; without ``edge_index`` the edges are built with the
+    cutoff from detached positions (held fixed while geolie differentiates)."""
+    if edge_index is None:
+        from ..neighbors import radius_graph
+
+        edge_index = radius_graph(pos, cutoff, batch)
+    src, dst = edge_index[0], edge_index[1]
+    vec = pos[dst] - pos[src]
+    return src, dst, vec, torch.sqrt((vec * vec).sum(-1))

@@ -17,7 +17,7 @@ from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
 
-from ._common import cosine_cutoff, gaussian_rbf, sum_per_graph
+from ._common import cosine_cutoff, edge_geometry, gaussian_rbf, sum_per_graph
 
 
 class E3nnPotential(nn.Module):
@@ -52,13 +52,7 @@ class E3nnPotential(nn.Module):
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: Optional[torch.Tensor] = None,
                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if edge_index is None:  # built from detached positions: fixed while geolie differentiates
-            from ..neighbors import radius_graph
-
-            edge_index = radius_graph(pos, self.cutoff, batch)
-        src, dst = edge_index[0], edge_index[1]
-        vec = pos[dst] - pos[src]
-        r = torch.sqrt((vec * vec).sum(-1))
+        src, dst, vec, r = edge_geometry(pos, edge_index, self.cutoff, batch)
         sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
         rbf = gaussian_rbf(r, self.n_rbf, self.cutoff) * cosine_cutoff(r, self.cutoff)[:, None]
         h = self.embed(z).to(pos.dtype)

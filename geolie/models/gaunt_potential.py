@@ -19,7 +19,7 @@ from e3nn import o3
 from torch import nn
 
 from ..nn.gaunt import GauntTensorProduct
-from ._common import cosine_cutoff, gaussian_rbf, sum_per_graph
+from ._common import cosine_cutoff, edge_geometry, gaussian_rbf, sum_per_graph
 
 
 def _natural(mul: int, lmax: int) -> o3.Irreps:
@@ -76,13 +76,7 @@ class GauntPotential(nn.Module):
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: Optional[torch.Tensor] = None,
                 batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if edge_index is None:  # built from detached positions: fixed while geolie differentiates
-            from ..neighbors import radius_graph
-
-            edge_index = radius_graph(pos, self.cutoff, batch)
-        src, dst = edge_index[0], edge_index[1]
-        vec = pos[dst] - pos[src]
-        r = torch.sqrt((vec * vec).sum(-1))
+        src, dst, vec, r = edge_geometry(pos, edge_index, self.cutoff, batch)
         sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="integral")
         rbf = gaussian_rbf(r, self.n_rbf, self.cutoff) * cosine_cutoff(r, self.cutoff)[:, None]
         n, C = pos.shape[0], self.C

@@ -357,17 +357,21 @@ class GauntTensorProduct(_Float64Buffers):
         G = self.n_grid
         f1 = (xc @ self._b('B1', xc.dtype)).unflatten(-1, (len(self.l1.signals), G))
         f2 = (yc @ self._b('B2', yc.dtype)).unflatten(-1, (len(self.l2.signals), G))
-        h = []
+        h = torch.cat(self._sub_products(f1, f2, dim=-2), -1)
+        return h @ self._b('P3', h.dtype)
+
+    def _sub_products(self, f1, f2, dim):
+        """Pointwise products of the input signals (signal index on ``dim``), summed per output value-parity."""
+        out = []
         for p3 in self.out_signals:
             acc = None
             for a, pa in enumerate(self.l1.signals):
                 for b, pb in enumerate(self.l2.signals):
                     if pa * pb == p3:
-                        t = f1[..., a, :] * f2[..., b, :]
+                        t = f1.select(dim, a) * f2.select(dim, b)
                         acc = t if acc is None else acc + t
-            h.append(acc)
-        h = torch.cat(h, -1)
-        return h @ self._b('P3', h.dtype)
+            out.append(acc)
+        return out
 
     def _to_torus(self, xc, idx, re, im, L, mask):
         """Signal coefficients ``[..., C, d]`` -> torus coefficients ``[..., C, S, M, M]`` (complex, circular)."""
@@ -391,16 +395,7 @@ class GauntTensorProduct(_Float64Buffers):
         c2 = self._to_torus(yc, self.a2_idx, self._b("a2_re", d), self._b("a2_im", d), L2, self._b("m2", d))
         v1 = torch.fft.ifft2(c1) * (M * M)  # values on the M x M torus grid
         v2 = torch.fft.ifft2(c2) * (M * M)
-        hs = []
-        for p3 in self.out_signals:
-            acc = None
-            for a, pa in enumerate(self.l1.signals):
-                for b, pb in enumerate(self.l2.signals):
-                    if pa * pb == p3:
-                        t = v1[..., a, :, :] * v2[..., b, :, :]
-                        acc = t if acc is None else acc + t
-            hs.append(acc)
-        h = torch.stack(hs, -3)  # [..., C, S3, M, M]
+        h = torch.stack(self._sub_products(v1, v2, dim=-3), -3)  # [..., C, S3, M, M]
         c3 = torch.fft.fft2(h) / (M * M)
         K = L1 + L2
         fu = torch.arange(-K, K + 1, device=h.device) % M
