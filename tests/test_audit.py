@@ -118,3 +118,19 @@ def test_assert_equivariant():
     geolie.testing.assert_equivariant("pair-mlp", mols, rtol=1e-10)
     with pytest.raises(AssertionError, match=r"output 'forces', generator rx, structure 0 .* noise floor"):
         geolie.testing.assert_equivariant("cartesian-mlp", mols, rtol=1e-6)
+
+
+def test_pretrained_ani1x_in_both_dtypes():
+    """ANI-1x (weights inside torchani 2.2.4's wheel, read offline): at its floor in float32 and float64. In
+    float32 the forces' floor (~3e-7) is set by the float32 AEVs and networks; the energy stays ~1e-10 because
+    torchani adds the self-energies in float64."""
+    pytest.importorskip("torchani")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        rep = geolie.audit("ani1x", MOLS, limit=1, dtype=dtype, n_finite=1, progress=False)
+        o = rep.rows[0]["outputs"]
+        assert all(o["forces"]["at_floor"]) and max(o["forces"]["rel"]) < tol
+        assert max(o["energy"]["rel"]) < tol
+    from ase.build import molecule
+
+    with pytest.raises(ValueError, match=r"cannot handle element\(s\) \['Si'\]"):
+        geolie.audit("ani1x", [molecule("SiH4")], progress=False)

@@ -144,12 +144,13 @@ SHORT_NAMES = {
     "gaunt": "geolie.models:GauntPotential",
     "schnet": "geolie.adapters.pyg:schnet",
     "emt": "geolie.adapters.ase_calc:emt",
+    "ani1x": "geolie.adapters.pretrained:ani1x",
 }
 
 
 def load_model(spec: Any) -> Potential:
     """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
-    ``emt``), a ``package.module:factory`` string (the factory returns an
+    ``emt``, ``ani1x``), a ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly."""
     from .ase_calc import CalculatorPotential
 
