@@ -91,9 +91,11 @@ def finite_equivariance_error(
     centers = Centers(inputs, about, batch)
 
     def call(vals):
-        return flatten_outputs(f(*inputs.call_args(vals)))
+        # grad stays enabled: models that compute forces with torch.autograd.grad need it
+        with torch.enable_grad():
+            return [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(f(*inputs.call_args(vals)))]
 
-    with torch.no_grad():
+    with torch.enable_grad():
         out0 = f(*inputs.call_args(list(inputs.values)))
     leaves, _ = pair_outputs(out0, out_rep)
     y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
@@ -118,11 +120,9 @@ def finite_equivariance_error(
             vals[i] = inputs.reps[i].act(v, R.to(v), None if t is None else t.to(v), c)
         exp = [lf.rep.act(y, R.to(y), None if t is None else t.to(y), centers.for_tensor(y, lf.rep, lf.path))
                for y, lf in zip(y0, leaves)]
-        with torch.no_grad():
-            return call(vals), exp
+        return call(vals), exp
 
-    with torch.no_grad():
-        record("repeat", call(list(inputs.values)), y0)
+    record("repeat", call(list(inputs.values)), y0)
     R = group.random(n, generator) if not group.has_translations else group.random(n, generator, box=box)[0]
     for k in range(n):
         record("rotation", *transform(R[k], None))
@@ -143,8 +143,7 @@ def finite_equivariance_error(
         for k in range(n):
             p = torch.randperm(rows[0], generator=generator)
             vals = [v[p] if flag else v for v, flag in zip(inputs.values, pin)]
-            with torch.no_grad():
-                outs = call(vals)
+            outs = call(vals)
             exp = [y[p.to(y.device)] if flag else y for y, flag in zip(y0, pout)]
             record("permutation", outs, exp)
     for nm in names:

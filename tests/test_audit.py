@@ -134,3 +134,18 @@ def test_pretrained_ani1x_in_both_dtypes():
 
     with pytest.raises(ValueError, match=r"cannot handle element\(s\) \['Si'\]"):
         geolie.audit("ani1x", [molecule("SiH4")], progress=False)
+
+
+def test_pretrained_sevenn0():
+    """SevenNet-0 with its own autograd forces, differentiated forward-over-reverse: at its float32 floor under
+    rotations and translations; it is not inversion-symmetric (finite inversion error ~1e-2 on forces), which the
+    audit reports. float64 is refused with a clear error (float32 constants in the checkpoint's generated code)."""
+    pytest.importorskip("sevenn")
+    rep = geolie.audit("sevenn-0", MOLS, limit=1, dtype=torch.float32, n_finite=1, progress=False)
+    assert rep.rows[0]["method"] == "jvp-loop"
+    f = rep.rows[0]["outputs"]["forces"]
+    assert all(f["at_floor"]) and max(f["rel"]) < 1e-5
+    fin = rep.rows[0]["finite"]["forces"]
+    assert fin["rotation"] < 1e-5 and fin["inversion"] > 1e-3
+    with pytest.raises(ValueError, match="runs in .*float32.* only"):
+        geolie.audit("sevenn-0", MOLS, limit=1, dtype=torch.float64, progress=False)

@@ -85,13 +85,13 @@ class TorchPotential(Potential):
     ``"energy"``. Copies are cast to each dtype the audit needs; the caller's module is not modified.
     """
 
-    def __init__(self, module: torch.nn.Module, name: str = "", cutoff: float = 5.0):
+    def __init__(self, module: torch.nn.Module, name: str = "", cutoff: float = 5.0, kind: Optional[str] = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"TorchPotential needs a torch.nn.Module, got {type(module).__name__}")
         self._module = module.eval()
         self.name = name or type(module).__name__
         self.cutoff = cutoff
-        self.kind = _signature_kind(module)
+        self.kind = kind or _signature_kind(module)
         self._copies: Dict[torch.dtype, torch.nn.Module] = {}
 
     def module(self):
@@ -145,12 +145,13 @@ SHORT_NAMES = {
     "schnet": "geolie.adapters.pyg:schnet",
     "emt": "geolie.adapters.ase_calc:emt",
     "ani1x": "geolie.adapters.pretrained:ani1x",
+    "sevenn-0": "geolie.adapters.pretrained:sevenn0",
 }
 
 
 def load_model(spec: Any) -> Potential:
     """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
-    ``emt``, ``ani1x``), a ``package.module:factory`` string (the factory returns an
+    ``emt``, ``ani1x``, ``sevenn-0``), a ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly."""
     from .ase_calc import CalculatorPotential
 

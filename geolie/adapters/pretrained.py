@@ -5,7 +5,10 @@
   its parameters; this loader reads the files inside the wheel (``resources/ani-1x_8x``): the AEV constants, the
   self-energies and the eight networks. Elements H, C, N, O; energies converted from Hartree to eV.
 
-SevenNet-0 (``sevenn``) and CHGNet (``chgnet``) also ship their weights, but are not wired here yet.
+* ``sevenn-0``: SevenNet-0 (11Jul2024) from the ``sevenn`` wheel (``pip install "geolie[sevenn]"``), with its own
+  forces (see :class:`SevenNetPotential`).
+
+CHGNet (``chgnet``) also ships its weights but is not wired here yet.
 """
 from __future__ import annotations
 
@@ -64,3 +67,87 @@ def ani1x() -> TorchPotential:
     pot = TorchPotential(ANIPotential(model, consts.species), name="ani1x")
     pot.elements = (1, 6, 7, 8)
     return pot
+
+
+class SevenNetPotential(TorchPotential):
+    """SevenNet-0 (``sevenn``, an e3nn NequIP-style model) with its own forces.
+
+    The deployed model takes edge vectors (``data["edge_vec"]``) and computes forces from their gradient with
+    ``torch.autograd.grad`` inside (``create_graph`` follows ``model.training``). geolie builds the neighbour graph
+    once per structure with sevenn's own ``unlabeled_atoms_to_graph`` (held fixed; a call with reordered atoms
+    rebuilds it), recomputes the edge vectors from the positions it differentiates, and runs the model in training
+    mode (it has no dropout or batch statistics) so that its forces can be differentiated: forward-over-reverse,
+    exact.
+    """
+
+    def __init__(self, name: str = "sevenn-0", checkpoint: str = "7net-0"):
+        _require("sevenn", "sevenn")
+        from sevenn.calculator import SevenNetCalculator
+
+        calc = SevenNetCalculator(checkpoint, device="cpu")
+        super().__init__(calc.model, name=name, cutoff=float(calc.cutoff), kind="sevenn")
+        self.method = "jvp"
+        # float32 only: e3nn's generated code inside the checkpoint holds float32 constants, and a float64 copy
+        # fails ("both inputs should have same dtype"); floors then come from the float32 rounding estimate
+        self.dtypes = (torch.float32,)
+
+    def copy_for(self, dtype):
+        if dtype not in self._copies:
+            import copy
+
+            self._copies[dtype] = copy.deepcopy(self._module).to(dtype).train()
+        return self._copies[dtype]
+
+    def _graph(self, numbers, positions, dtype):
+        from ase import Atoms
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+        at = Atoms(numbers=numbers, positions=positions)
+        data = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(at, self.cutoff, with_shift=False))
+        for k, v in data.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                data[k] = v.to(dtype)
+        src, dst = data["edge_index"]
+        if not torch.allclose(data["pos"][dst] - data["pos"][src], data["edge_vec"], atol=1e-5):
+            raise RuntimeError("sevenn's edge_vec convention is not pos[dst] - pos[src] (periodic shifts?)")
+        return data
+
+    @staticmethod
+    def _with_pos(data, pos):
+        data = data.clone()
+        src, dst = data["edge_index"]
+        data["pos"] = pos
+        data["edge_vec"] = pos[dst] - pos[src]
+        return data
+
+    def energy_fn(self, st, dtype, module=None):
+        m = module if module is not None else self.copy_for(dtype)
+        base = self._graph(st.numbers, st.positions, dtype)
+        z0 = torch.as_tensor(st.numbers)
+
+        def energy(pos, z):
+            data = base if torch.equal(z.cpu(), z0) else self._graph(z.numpy(), pos.detach().numpy(), dtype)
+            return m(self._with_pos(data, pos))["inferred_total_energy"].reshape(-1).sum()
+
+        return energy
+
+    def function(self, st, dtype):
+        m = self.copy_for(dtype)
+        base = self._graph(st.numbers, st.positions, dtype)
+        z0 = torch.as_tensor(st.numbers)
+
+        def fn(pos, z):
+            data = base if torch.equal(z.cpu(), z0) else self._graph(z.numpy(), pos.detach().numpy(), dtype)
+            if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent (no detach)
+                pos = pos + torch.zeros((), dtype=pos.dtype, device=pos.device, requires_grad=True)
+            out = m(self._with_pos(data, pos))
+            return {"energy": out["inferred_total_energy"].reshape(1), "forces": out["inferred_force"]}
+
+        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
+        return fn, x, ("point", None), {"energy": "scalar", "forces": "vector"}
+
+
+def sevenn0() -> SevenNetPotential:
+    """SevenNet-0 (11Jul2024) from the ``sevenn`` wheel, offline."""
+    return SevenNetPotential()
