@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import AuditReport, audit
-from . import testing
+from . import data, testing

@@ -180,8 +180,12 @@ def _as_structures(structures) -> List:
             out.append(s)
         elif hasattr(s, "get_positions"):
             out.append(Structure.from_atoms(s))
+        elif hasattr(s, "points") and hasattr(s, "label"):  # a geolie.data.ShapeSample
+            p = s.points.detach().double().numpy()
+            out.append(Structure(np.zeros(len(p), dtype=np.int64), p, None, f"{s.name}#{i}"))
         else:
-            raise TypeError(f"structure {i}: expected ase.Atoms or geolie Structure, got {type(s).__name__}")
+            raise TypeError(f"structure {i}: expected ase.Atoms, a geolie Structure or a ShapeSample, got "
+                            f"{type(s).__name__}")
     if not out:
         raise ValueError("audit: no structures given")
     return out
@@ -207,8 +211,9 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
             "rep": m.rep, "abs": m.abs[0].tolist(), "rel": m.rel[0].tolist(), "floor": m.floor[0].tolist(),
             "floor_rel": m.floor_rel[0].tolist(), "per_atom": None if m.per_atom is None else m.per_atom[0].tolist(),
             "at_floor": m.at_floor[0].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[0])}
+    per_atom = {"forces": True, "output": bool(getattr(pot, "per_point", False))}
     perm = {"inputs": (True, True) + (False,) * (len(in_rep) - 2),  # positions and atomic numbers move together
-            "outputs": {"forces": True}}
+            "outputs": per_atom}
     row["finite"] = {}
     if n_finite > 0:
         fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,

@@ -26,7 +26,11 @@ def _audit_parser(sub):
     a.add_argument("--fail-above", type=float, default=None,
                    help="exit with status 1 when the metric (max over structures and generators) exceeds this")
     a.add_argument("--metric", default="rel", choices=["rel", "abs", "per_atom"])
-    a.add_argument("--output", default=None, help="gate on this output only (energy, forces, stress)")
+    a.add_argument("--output", default=None, help="gate on this output only (energy, forces, stress, output)")
+    a.add_argument("--out-rep", default="scalar",
+                   help="for point-cloud models (forward(pos)): the output's representation (scalar, vector, point, "
+                        "an e3nn irreps string); default scalar (invariant logits)")
+    a.add_argument("--per-point", action="store_true", help="for point-cloud models: the output is per point")
     return a
 
 
@@ -56,8 +60,13 @@ def _run_audit(args, parser) -> int:
 
     from ._audit import audit, write_report
 
+    from .adapters import PointCloudModel, load_model
+
     try:
-        report = audit(args.model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
+        model = load_model(args.model)
+        if isinstance(model, PointCloudModel):
+            model.out_rep, model.per_point = args.out_rep, args.per_point
+        report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
                        limit=args.limit)
     except (ValueError, TypeError, FileNotFoundError) as e:

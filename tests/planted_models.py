@@ -53,3 +53,34 @@ class ExternalField(Calculator):
 
 def external_field():
     return ExternalField()
+
+
+class OrientationBiasedClassifier(torch.nn.Module):
+    """A PointNet-like classifier on raw centred coordinates: learns (here: has) an orientation bias."""
+
+    def __init__(self, classes=12):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W1 = torch.nn.Parameter(torch.randn(3, 32, generator=g) / 2)
+        self.W2 = torch.nn.Parameter(torch.randn(32, classes, generator=g) / 6)
+
+    def forward(self, pos):
+        h = torch.tanh((pos - pos.mean(0)) @ self.W1.to(pos))
+        return h.max(0).values @ self.W2.to(pos)
+
+
+class InvariantClassifier(torch.nn.Module):
+    """Logits from the sorted-free histogram of distances to the centroid: exactly invariant."""
+
+    def forward(self, pos):
+        r = (pos - pos.mean(0)).norm(dim=-1)
+        centers = torch.linspace(0, 1.5, 12, dtype=pos.dtype)
+        return torch.exp(-((r[:, None] - centers) / 0.2) ** 2).mean(0)
+
+
+def biased_classifier():
+    return OrientationBiasedClassifier()
+
+
+def invariant_classifier():
+    return InvariantClassifier()

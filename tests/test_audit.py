@@ -149,3 +149,17 @@ def test_pretrained_sevenn0():
     assert fin["rotation"] < 1e-5 and fin["inversion"] > 1e-3
     with pytest.raises(ValueError, match="runs in .*float32.* only"):
         geolie.audit("sevenn-0", MOLS, limit=1, dtype=torch.float64, progress=False)
+
+
+def test_point_cloud_classifiers_on_shapes(tmp_path):
+    """Point-cloud models (forward(pos) -> logits) audited on the bundled canonical-orientation shapes."""
+    sys.path.insert(0, HERE)
+    shapes = geolie.data.load("shapes", "test")[:3]
+    bad = geolie.audit("planted_models:biased_classifier", shapes, n_finite=2, progress=False)
+    assert bad.outputs == ["output"] and bad.values("output", "rel")[:, :3].max() > 1e-3
+    assert bad.values("output", "rel")[:, 3:].max() < 1e-12  # centred: translation invariant
+    good = geolie.audit("planted_models:invariant_classifier", shapes, n_finite=2, progress=False)
+    assert all(all(r["outputs"]["output"]["at_floor"]) for r in good.rows)
+    assert max(r["finite"]["output"]["rotation"] for r in good.rows) < 1e-12
+    assert main(["audit", "--model", "planted_models:biased_classifier", "--data", "shapes:test", "--limit", "2",
+                 "--out", str(tmp_path), "--n-finite", "1", "--fail-above", "1e-6"]) == 1

@@ -7,7 +7,7 @@ uses these adapters. A :class:`Potential` maps one structure to its outputs:
 ``{"energy": [1], "forces": [N, 3], "stress": [3, 3]}`` (the keys the model provides), ``x`` is ``(pos,)`` or
 ``(pos, cell)`` for periodic structures, and ``in_rep``/``out_rep`` declare how they transform.
 """
-from ._base import Potential, TorchPotential, load_model
+from ._base import PointCloudModel, Potential, Structure, TorchPotential, load_model
 from .ase_calc import CalculatorPotential
 
-__all__ = ["Potential", "TorchPotential", "CalculatorPotential", "load_model"]
+__all__ = ["Potential", "TorchPotential", "PointCloudModel", "CalculatorPotential", "Structure", "load_model"]

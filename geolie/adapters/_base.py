@@ -152,7 +152,8 @@ SHORT_NAMES = {
 def load_model(spec: Any) -> Potential:
     """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
     ``emt``, ``ani1x``, ``sevenn-0``), a ``package.module:factory`` string (the factory returns an
-    ``nn.Module`` or an ASE ``Calculator``), or such an object directly."""
+    ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
+    only is a :class:`PointCloudModel` with an invariant output (wrap it yourself to declare another)."""
     from .ase_calc import CalculatorPotential
 
     if isinstance(spec, Potential):
@@ -178,6 +179,8 @@ def load_model(spec: Any) -> Potential:
     if isinstance(obj, Potential):
         return obj
     if isinstance(obj, torch.nn.Module):
+        if _signature_kind(obj) == "pos":  # a model on one point cloud: invariant output unless declared
+            return PointCloudModel(obj, name=name or type(obj).__name__)
         return TorchPotential(obj, name=name or type(obj).__name__)
     try:
         from ase.calculators.calculator import BaseCalculator
@@ -188,3 +191,46 @@ def load_model(spec: Any) -> Potential:
         pass
     raise TypeError(f"model {spec!r}: the factory returned a {type(obj).__name__}; expected a torch.nn.Module, an "
                     "ASE Calculator or a geolie.adapters.Potential")
+
+
+class PointCloudModel(Potential):
+    """A module on one point cloud, ``forward(pos [N, 3]) -> output``, with a declared output representation.
+
+    For point-cloud classifiers (``out_rep="scalar"``: logits are invariant), segmenters (per-point scalars) and
+    models predicting vectors or points. ``per_point=True`` says the output's first dimension follows the points
+    (permuted with them in the finite checks). The output is reported as ``"output"``.
+    """
+
+    def __init__(self, module: Callable, out_rep: Any = "scalar", name: str = "", per_point: bool = False):
+        self._module = module
+        self.out_rep = out_rep
+        self.per_point = per_point
+        self.name = name or type(module).__name__
+        self._copies: Dict[torch.dtype, Any] = {}
+
+    def module(self):
+        return self._module if isinstance(self._module, torch.nn.Module) else None
+
+    def copy_for(self, dtype):
+        if dtype not in self._copies:
+            m = self._module
+            self._copies[dtype] = copy.deepcopy(m).to(dtype) if isinstance(m, torch.nn.Module) else m
+        return self._copies[dtype]
+
+    def energy_fn(self, st, dtype, module=None):
+        m = module if module is not None else self.copy_for(dtype)
+
+        def first_output(pos, z):
+            out = m(pos)
+            return out.sum() if out.numel() > 1 else out.reshape(())
+
+        return first_output
+
+    def function(self, st, dtype):
+        m = self.copy_for(dtype)
+
+        def fn(pos, z):
+            return {"output": m(pos)}
+
+        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
+        return fn, x, ("point", None), {"output": self.out_rep}
