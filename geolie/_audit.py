@@ -235,11 +235,12 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
 
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
-          seed: int = 0, limit: Optional[int] = None) -> AuditReport:
+          seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
-    them. ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
+    them. ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
+    ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
     """
@@ -249,6 +250,12 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
 
     group = as_group(group)
     pot = load_model(model)
+    if device is not None:
+        from .adapters import CalculatorPotential
+
+        if not isinstance(pot, CalculatorPotential):
+            pot.device = torch.device(device)
+            pot._copies = {}
     if dtype not in pot.dtypes:
         raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}")
     sts = _as_structures(structures)

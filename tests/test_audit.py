@@ -72,7 +72,7 @@ def test_cli_end_to_end_gate_and_resume(tmp_path, capsys):
     ase.io.write(data, geolie.data.load("xtb-md/ethanol", "test")[:3])
     out = tmp_path / "audit"
     assert main(["audit", "--model", "pair-mlp", "--data", str(data), "--out", str(out), "--n-finite", "1",
-                 "--fail-above", "1e-8"]) == 0
+                 "--fail-above", "1e-8", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "PASS" in text and "forces" in text
     for f in ("report.json", "structures.csv", "results.jsonl", "lie_forces.png", "lie_energy.png"):

@@ -41,6 +41,7 @@ class Potential:
 
     name = "potential"
     method = "auto"
+    device = torch.device("cpu")  # where models and inputs live; set by audit(device=...)
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
     elements: Optional[Sequence[int]] = None  # supported atomic numbers (None: any)
 
@@ -61,6 +62,11 @@ class Potential:
     def module(self) -> Optional[torch.nn.Module]:
         """The torch module (for layer-wise attribution), or ``None``."""
         return None
+
+    def inputs(self, st: Structure, dtype: torch.dtype):
+        """``(pos, z)`` on this potential's device."""
+        return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
+                torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
 
 
 def _signature_kind(module: torch.nn.Module) -> str:
@@ -99,7 +105,7 @@ class TorchPotential(Potential):
 
     def copy_for(self, dtype):
         if dtype not in self._copies:
-            self._copies[dtype] = copy.deepcopy(self._module).to(dtype)
+            self._copies[dtype] = copy.deepcopy(self._module).to(device=self.device, dtype=dtype)
         return self._copies[dtype]
 
     def energy_fn(self, st: Structure, dtype, module=None) -> Callable:
@@ -112,7 +118,7 @@ class TorchPotential(Potential):
         if kind == "edges":
             from ..neighbors import radius_graph
 
-            edges = radius_graph(torch.as_tensor(st.positions), self.cutoff)
+            edges = radius_graph(torch.as_tensor(st.positions, device=self.device), self.cutoff)
 
         def energy(pos, z):
             from .pyg import geolie_radius_graph
@@ -132,8 +138,7 @@ class TorchPotential(Potential):
 
     def function(self, st, dtype):
         fn = conservative(self.energy_fn(st, dtype), as_dict=True)
-        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
-        return fn, x, ("point", None), {"energy": "scalar", "forces": "vector"}
+        return fn, self.inputs(st, dtype), ("point", None), {"energy": "scalar", "forces": "vector"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,7 +219,8 @@ class PointCloudModel(Potential):
     def copy_for(self, dtype):
         if dtype not in self._copies:
             m = self._module
-            self._copies[dtype] = copy.deepcopy(m).to(dtype) if isinstance(m, torch.nn.Module) else m
+            self._copies[dtype] = copy.deepcopy(m).to(device=self.device, dtype=dtype) \
+                if isinstance(m, torch.nn.Module) else m
         return self._copies[dtype]
 
     def energy_fn(self, st, dtype, module=None):
@@ -232,5 +238,4 @@ class PointCloudModel(Potential):
         def fn(pos, z):
             return {"output": m(pos)}
 
-        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
-        return fn, x, ("point", None), {"output": self.out_rep}
+        return fn, self.inputs(st, dtype), ("point", None), {"output": self.out_rep}

@@ -95,7 +95,7 @@ class SevenNetPotential(TorchPotential):
         if dtype not in self._copies:
             import copy
 
-            self._copies[dtype] = copy.deepcopy(self._module).to(dtype).train()
+            self._copies[dtype] = copy.deepcopy(self._module).to(device=self.device, dtype=dtype).train()
         return self._copies[dtype]
 
     def _graph(self, numbers, positions, dtype):
@@ -106,8 +106,8 @@ class SevenNetPotential(TorchPotential):
         at = Atoms(numbers=numbers, positions=positions)
         data = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(at, self.cutoff, with_shift=False))
         for k, v in data.items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                data[k] = v.to(dtype)
+            if isinstance(v, torch.Tensor):
+                data[k] = v.to(device=self.device, dtype=dtype if v.is_floating_point() else v.dtype)
         src, dst = data["edge_index"]
         if not torch.allclose(data["pos"][dst] - data["pos"][src], data["edge_vec"], atol=1e-5):
             raise RuntimeError("sevenn's edge_vec convention is not pos[dst] - pos[src] (periodic shifts?)")
@@ -127,7 +127,7 @@ class SevenNetPotential(TorchPotential):
         z0 = torch.as_tensor(st.numbers)
 
         def energy(pos, z):
-            data = base if torch.equal(z.cpu(), z0) else self._graph(z.numpy(), pos.detach().numpy(), dtype)
+            data = base if torch.equal(z.cpu(), z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
             return m(self._with_pos(data, pos))["inferred_total_energy"].reshape(-1).sum()
 
         return energy
@@ -138,14 +138,13 @@ class SevenNetPotential(TorchPotential):
         z0 = torch.as_tensor(st.numbers)
 
         def fn(pos, z):
-            data = base if torch.equal(z.cpu(), z0) else self._graph(z.numpy(), pos.detach().numpy(), dtype)
+            data = base if torch.equal(z.cpu(), z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
             if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent (no detach)
                 pos = pos + torch.zeros((), dtype=pos.dtype, device=pos.device, requires_grad=True)
             out = m(self._with_pos(data, pos))
             return {"energy": out["inferred_total_energy"].reshape(1), "forces": out["inferred_force"]}
 
-        x = (torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long))
-        return fn, x, ("point", None), {"energy": "scalar", "forces": "vector"}
+        return fn, self.inputs(st, dtype), ("point", None), {"energy": "scalar", "forces": "vector"}
 
 
 def sevenn0() -> SevenNetPotential:
