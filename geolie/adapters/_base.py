@@ -87,8 +87,8 @@ class TorchPotential(Potential):
     Call conventions, detected from ``forward``'s parameters: ``forward(z, pos, batch)`` (PyG style: SchNet,
     DimeNet++, ViSNet; their ``radius_graph`` is served by :mod:`geolie.neighbors` while geolie calls them),
     ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held fixed), or
-    ``forward(pos)``. The module may return the energy (any shape with one element per structure) or a dict with
-    ``"energy"``. Copies are cast to each dtype the audit needs; the caller's module is not modified.
+    ``forward(pos)``. The module may return the energy (any shape with one element per structure), a dict with
+    ``"energy"``, or a tuple whose first entry is the energy (PyG's ViSNet). Copies are cast to each dtype the audit needs; the caller's module is not modified.
     """
 
     def __init__(self, module: torch.nn.Module, name: str = "", cutoff: float = 5.0, kind: Optional[str] = None):
@@ -132,6 +132,8 @@ class TorchPotential(Potential):
                     out = m(pos)
             if isinstance(out, dict):
                 out = out["energy"]
+            elif isinstance(out, (tuple, list)):  # e.g. PyG's ViSNet returns (energy, forces or None)
+                out = out[0]
             return out.reshape(-1).sum()
 
         return energy
