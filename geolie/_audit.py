@@ -108,7 +108,8 @@ class AuditReport:
         lw = self.layerwise_summary()
         if lw:
             lines.append("")
-            lines.append("layer-wise attribution of L_X energy (mean |signed contribution| over structures, rotations):")
+            lines.append("layer-wise attribution (rotations, mean over structures; |signed contribution| for an energy, "
+                         "Hutchinson norms for other outputs):")
             for name, v in sorted(lw.items(), key=lambda kv: -kv[1])[:10]:
                 lines.append(f"  {name:<40}{v:>12.3e}")
         return "\n".join(lines)
@@ -227,9 +228,14 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
             from ._layerwise import layerwise_attribution
 
             m = pot.copy_for(dtype)
-            energy = pot.energy_fn(st, dtype, module=m)
             z = x[1]
-            row["layerwise"] = layerwise_attribution(m, lambda p: energy(p, z), x[0], group=group)
+            from .adapters import PointCloudModel
+
+            if isinstance(pot, PointCloudModel):  # the model's own output, exact or by Hutchinson probes
+                row["layerwise"] = layerwise_attribution(m, lambda p: m(p), x[0], group=group, out_rep=pot.out_rep)
+            else:
+                energy = pot.energy_fn(st, dtype, module=m)
+                row["layerwise"] = layerwise_attribution(m, lambda p: energy(p, z), x[0], group=group)
     return row
 
 

@@ -38,13 +38,16 @@ def _leaves(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
 
 
 def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tensor], torch.Tensor],
-                          pos: torch.Tensor, *, group=SO3, reps: Optional[Dict] = None, tol: float = 1e-6
-                          ) -> Dict[str, Dict]:
-    """Per leaf module of ``module``: signed contribution ``[group.dim]`` to ``L_X E``, and how its reps were set.
+                          pos: torch.Tensor, *, group=SO3, reps: Optional[Dict] = None, tol: float = 1e-6,
+                          out_rep="scalar", n_probes: int = 100, seed: int = 0) -> Dict[str, Dict]:
+    """Per leaf module of ``module``: its contribution to ``L_X y`` per generator, and how its reps were set.
 
-    ``energy(pos)`` must run ``module`` and return a scalar. Returns ``{name: {"contribution": [...],
-    "in_rep": str, "out_rep": str, "status": "ok" | "receives broken input" | "invariant"}}`` plus the key
-    ``"__total__"`` with the directly computed ``L_X E`` for comparison.
+    ``energy(pos)`` runs ``module`` and returns the output ``y``. A scalar ``y`` (an energy) gets exact signed
+    contributions ``⟨∂y/∂y_i, L_X f_i⟩`` (one backward pass) that sum to ``L_X y``. Any other output (declared by
+    ``out_rep``, e.g. per-point vectors of a point-cloud model) gets Hutchinson estimates of the norms
+    ``‖J_{>i} L_X f_i‖`` from ``n_probes`` Rademacher probes ``z`` (``E[(zᵀ J_{>i} L_X f_i)²] = ‖J_{>i} L_X f_i‖²``);
+    norms do not add up (cross terms). Returns ``{name: {"contribution": [...], "in_rep", "out_rep", "status"}}``
+    (``"kind"``: ``"signed"`` or ``"norm (Hutchinson, n probes)"``) plus ``"__total__"``, computed directly.
     """
     group = as_group(group)
     reps = reps or {}
@@ -61,8 +64,6 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
         def hook(mod, inp, out):
             if name in calls or not isinstance(out, torch.Tensor):
                 return
-            if out.requires_grad:
-                out.retain_grad()
             calls[name] = {"inputs": tuple(i.detach() if isinstance(i, torch.Tensor) else i for i in inp),
                            "output": out}
         return hook
@@ -72,11 +73,24 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
     try:
         p = pos.clone().requires_grad_(True)
         with torch.enable_grad():
-            E = energy(p)
-            E.backward()
+            Y = energy(p)
     finally:
         for h in handles:
             h.remove()
+    scalar = Y.numel() == 1
+    names = [n for n in calls if calls[n]["output"].requires_grad]
+    outs = [calls[n]["output"] for n in names]
+    # cotangents at every module output: the exact gradient for a scalar, one per Rademacher probe otherwise
+    gen = torch.Generator().manual_seed(seed)
+    probes = [None] if scalar else [
+        (torch.randint(0, 2, Y.shape, generator=gen) * 2 - 1).to(Y) for _ in range(n_probes)]
+    cot: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+    for z in probes:
+        s = Y.sum() if z is None else (z * Y).sum()
+        gs = torch.autograd.grad(s, outs, retain_graph=True, allow_unused=True) if outs else []
+        for n, g in zip(names, gs):
+            cot[n].append(torch.zeros_like(calls[n]["output"]) if g is None else g.detach())
+    kind = "signed" if scalar else f"norm (Hutchinson, {n_probes} probes)"
     # 2) how each module's (first floating) input actually moves under each generator (forward mode)
     tangents: Dict[str, List[Optional[torch.Tensor]]] = {n: [] for n in calls}
     for k in range(K):
@@ -105,44 +119,44 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
                 h.remove()
         for n in calls:
             tangents[n].append(tcalls.get(n))
-    # 3) local Lie derivatives, contracted with dE/dy
+    # 3) local Lie derivatives, contracted with the cotangents
     result: Dict[str, Dict] = {}
     for name, m in leaves:
         if name not in calls:
             continue
         c = calls[name]
-        out, grad = c["output"], c["output"].grad
+        out = c["output"]
         fl = [i for i in c["inputs"] if isinstance(i, torch.Tensor) and i.is_floating_point()]
-        if grad is None or not fl:
+        if name not in cot or not fl:
             continue
         u = fl[0]
         if name in reps:
-            in_rep, out_rep = (as_rep(r) for r in reps[name])
+            m_in, m_out = (as_rep(r) for r in reps[name])
             status = "declared"
         elif hasattr(m, "irreps_in") and hasattr(m, "irreps_out"):
-            in_rep, out_rep = as_rep(m.irreps_in), as_rep(m.irreps_out)
+            m_in, m_out = as_rep(m.irreps_in), as_rep(m.irreps_out)
             status = "e3nn irreps"
         else:
-            out_rep = ScalarRep()
+            m_out = ScalarRep()
             scale = float(u.norm()) + 1e-300
             moved = [t for t in tangents[name] if t is not None]
             rot = moved[:3]
             if all(float(t.norm()) <= tol * scale for t in moved):
-                in_rep, status = ScalarRep(), "invariant"
+                m_in, status = ScalarRep(), "invariant"
             elif u.shape[-1] == 3 and all(
                     float((t - VectorRep().infinitesimal(u, omega[k:k + 1], trans[k:k + 1])[0]).norm()) <= tol * scale
                     for k, t in enumerate(rot)) and all(float(t.norm()) <= tol * scale for t in moved[3:]):
-                in_rep, status = VectorRep(), "vector input"
+                m_in, status = VectorRep(), "vector input"
             elif u.shape[-1] == 3 and len(moved) == K and all(
                     float((t - PointRep().infinitesimal(u, omega[k:k + 1], trans[k:k + 1])[0]).norm()) <= tol * scale
                     for k, t in enumerate(moved)):
-                in_rep, status = PointRep(), "point input (absolute coordinates)"
+                m_in, status = PointRep(), "point input (absolute coordinates)"
             else:
-                result[name] = {"contribution": [0.0] * K, "in_rep": "?", "out_rep": out_rep.name,
-                                "status": "receives broken input"}
+                result[name] = {"contribution": [0.0] * K, "in_rep": "?", "out_rep": m_out.name,
+                                "status": "receives broken input", "kind": kind}
                 continue
-        if isinstance(in_rep, ScalarRep):
-            L = torch.zeros((K,) + tuple(out.shape), dtype=out.dtype) - out_rep.infinitesimal(
+        if isinstance(m_in, ScalarRep):
+            L = torch.zeros((K,) + tuple(out.shape), dtype=out.dtype) - m_out.infinitesimal(
                 out.detach(), omega.to(out.dtype), trans.to(out.dtype))
         else:
             args = c["inputs"]
@@ -154,10 +168,12 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
                 a.insert(idx, v)
                 return m(*a)
 
-            L = lie_derivative(f_local, u, group=group, in_rep=in_rep, out_rep=out_rep, method="jvp")
-        contrib = (grad.detach()[None] * L).reshape(K, -1).sum(-1)
-        result[name] = {"contribution": contrib.tolist(), "in_rep": in_rep.name, "out_rep": out_rep.name,
-                        "status": status}
-    total = lie_derivative(energy, pos, group=group, method="jvp")
-    result["__total__"] = {"contribution": total.reshape(K).tolist(), "status": "direct L_X E"}
+            L = lie_derivative(f_local, u, group=group, in_rep=m_in, out_rep=m_out, method="jvp")
+        per_probe = torch.stack([(g[None] * L).reshape(K, -1).sum(-1) for g in cot[name]])  # [P, K]
+        contrib = per_probe[0] if scalar else per_probe.pow(2).mean(0).sqrt()
+        result[name] = {"contribution": contrib.tolist(), "in_rep": m_in.name, "out_rep": m_out.name,
+                        "status": status, "kind": kind}
+    total = lie_derivative(energy, pos, group=group, out_rep="scalar" if scalar else out_rep, method="jvp")
+    tot = total.reshape(K) if scalar else total.reshape(K, -1).norm(dim=-1)
+    result["__total__"] = {"contribution": tot.tolist(), "status": "direct L_X y", "kind": kind}
     return result

@@ -225,15 +225,6 @@ class PointCloudModel(Potential):
                 if isinstance(m, torch.nn.Module) else m
         return self._copies[dtype]
 
-    def energy_fn(self, st, dtype, module=None):
-        m = module if module is not None else self.copy_for(dtype)
-
-        def first_output(pos, z):
-            out = m(pos)
-            return out.sum() if out.numel() > 1 else out.reshape(())
-
-        return first_output
-
     def function(self, st, dtype):
         m = self.copy_for(dtype)
 
