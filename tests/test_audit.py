@@ -195,3 +195,18 @@ def test_hutchinson_attribution_for_vector_outputs():
     assert all(abs(e - t) / t < 0.15 for e, t in zip(est, exact))
     assert np.allclose(res["__total__"]["contribution"], exact, rtol=1e-10)  # the only break: total = planted
     assert max(res["radial"]["contribution"]) < 1e-12
+
+
+def test_e3nn_dict_network_gate_points():
+    """e3nn's gate_points_2101 network (dict input, declared irreps_out 0e + 1o) is at its float64 floor on shapes;
+    the same network round-tripped through float32 carries float32 constants, which the audit exposes."""
+    from geolie.adapters.e3nn_models import gate_points
+
+    pot = gate_points()
+    rep = geolie.audit(pot, "shapes:test", limit=1, n_finite=1, progress=False)
+    o = rep.rows[0]["outputs"]["output"]
+    assert o["rep"] == "1x0e+1x1o" and all(o["at_floor"]) and max(o["rel"]) < 1e-14
+    spoiled = gate_points()
+    spoiled._module = spoiled._module.float()  # the float64 copy now holds float32-rounded constants
+    rep = geolie.audit(spoiled, "shapes:test", limit=1, n_finite=1, progress=False)
+    assert max(rep.rows[0]["outputs"]["output"]["rel"][:3]) > 1e-12

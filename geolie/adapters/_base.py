@@ -153,6 +153,7 @@ SHORT_NAMES = {
     "emt": "geolie.adapters.ase_calc:emt",
     "ani1x": "geolie.adapters.pretrained:ani1x",
     "sevenn-0": "geolie.adapters.pretrained:sevenn0",
+    "gate-points": "geolie.adapters.e3nn_models:gate_points",
 }
 
 
