@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))

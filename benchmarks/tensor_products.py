@@ -11,7 +11,6 @@ for larger L (recorded as such). Fitted log-log slopes of time against L (L >= 3
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

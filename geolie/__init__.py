@@ -1,5 +1,10 @@
 """geolie: how equivariant is your model? Lie derivatives under SO(3)/SE(3) for point clouds and molecules.
 
+The public API is flat (small private modules re-exported here): groups (``SO3``, ``SE3``), representations
+(``as_rep``, ``register_rep``), the engine (``lie_derivative``, ``conservative``, ``measure``,
+``finite_equivariance_error``), the audit (``audit``, ``testing.assert_equivariant``) and data (``geolie.data``).
+Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
+
 See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
 ``L_X f(x) = d/dt|0 ρ_out(exp(tX))⁻¹ f(ρ_in(exp(tX)) x)``).
 """
@@ -9,9 +14,18 @@ from ._reps import (
 )
 from ._lie import GeolieFallbackWarning, lie_derivative
 from ._conservative import conservative, lie_energy_from_forces
-
-__version__ = "0.1.0"
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import AuditReport, audit
 from . import data, testing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LieGroup", "SO3", "SE3", "as_group", "hat", "vee", "so3_exp", "so3_log",
+    "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep", "as_rep", "known_reps",
+    "register_rep",
+    "lie_derivative", "GeolieFallbackWarning", "conservative", "lie_energy_from_forces",
+    "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
+    "audit", "AuditReport", "data", "testing",
+]

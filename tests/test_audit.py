@@ -1,7 +1,6 @@
 """geolie.audit, the CLI, layer-wise attribution and geolie.testing."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np

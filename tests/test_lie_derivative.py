@@ -3,7 +3,6 @@
 Tolerances: float64 results match closed forms (or zero, relative to the output scale) to 1e-12; float32 results
 to 2e-5 relative (a few hundred float32 round-offs), see ``conftest.TOL``.
 """
-import warnings
 
 import numpy as np
 import pytest
