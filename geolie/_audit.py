@@ -239,13 +239,50 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     return row
 
 
+def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
+    """Rows for several molecules evaluated in one batched call (per-structure Lie derivatives and floors; the
+    finite checks rotate the whole batch at once, so their errors are per batch)."""
+    idx = [i for i, _ in chunk]
+    sts = [st for _, st in chunk]
+    for i, st in chunk:
+        pot.check(st, f"structure {i} ({st.name})")
+    fn, x, batch, in_rep, out_rep = pot.batch_function(sts, dtype)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    f_ref = pot.batch_function(sts, other)[0] if other in pot.dtypes else None
+    where = f"structures {idx[0]}-{idx[-1]}"
+    try:
+        rep = measure(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, method=pot.method, f_ref=f_ref,
+                      floor=f_ref is not None, batch=batch)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    finite = {}
+    if n_finite > 0:
+        fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
+                                        generator=torch.Generator().manual_seed(seed + idx[0]))
+        finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+    rows = []
+    for b, (i, st) in enumerate(chunk):
+        row = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method, "outputs": {},
+               "finite": finite, "batched": len(chunk)}
+        for name, m in rep.outputs.items():
+            row["outputs"][name] = {
+                "rep": m.rep, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(), "floor": m.floor[b].tolist(),
+                "floor_rel": m.floor_rel[b].tolist(),
+                "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(),
+                "at_floor": m.at_floor[b].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[b])}
+        rows.append(row)
+    return rows
+
+
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
-          seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None) -> AuditReport:
+          seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
+          batch_size: int = 1) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
-    them. ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
+    them. ``batch_size > 1`` evaluates that many molecules per call (torch models with a ``batch`` argument; finite
+    checks are then per batch). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
     ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
@@ -289,21 +326,30 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
             for p in (jsonl, csv_path):
                 if os.path.exists(p):
                     os.remove(p)
-    rows = []
-    todo = [(i, s) for i, s in enumerate(sts)]
-    bar = tqdm(todo, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
-    for i, st in bar:
-        if i in done:
-            rows.append(done[i])
-            continue
-        row = _row(pot, st, i, group, dtype, n_finite, layerwise, seed)
-        rows.append(row)
-        if jsonl:
-            with open(jsonl, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            _append_csv(csv_path, row, group.generator_names)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size > 1 and layerwise:
+        raise ValueError("layer-wise attribution needs batch_size=1")
+    rows = {i: r for i, r in done.items() if i < len(sts)}
+    todo = [(i, s) for i, s in enumerate(sts) if i not in done]
+    chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    bar = tqdm(total=len(sts), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
+    for chunk in chunks:
+        if batch_size == 1:
+            new = [_row(pot, chunk[0][1], chunk[0][0], group, dtype, n_finite, layerwise, seed)]
+        else:
+            new = _rows_batched(pot, chunk, group, dtype, n_finite, seed)
+        for row in new:
+            rows[row["index"]] = row
+            if jsonl:
+                with open(jsonl, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                _append_csv(csv_path, row, group.generator_names)
+        bar.update(len(new))
+    bar.close()
+    rows = [rows[i] for i in sorted(rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
-                       {"n_finite": n_finite, "layerwise": layerwise})
+                       {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size})
 
 
 def _append_csv(path, row, gens):

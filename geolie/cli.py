@@ -22,6 +22,8 @@ def _audit_parser(sub):
     a.add_argument("--layerwise", action="store_true", help="layer-wise attribution of the energy's Lie derivative")
     a.add_argument("--n-finite", type=int, default=4, help="finite Haar rotations/translations per structure")
     a.add_argument("--limit", type=int, default=None, help="audit only the first N structures")
+    a.add_argument("--batch-size", type=int, default=1,
+                   help="molecules per call for torch models with a batch argument (finite checks then per batch)")
     a.add_argument("--device", default=None, help="where torch models run: cpu (default), cuda, cuda:1, ...")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--fail-above", type=float, default=None,
@@ -69,7 +71,7 @@ def _run_audit(args, parser) -> int:
             model.out_rep, model.per_point = args.out_rep, args.per_point
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
-                       limit=args.limit, device=args.device)
+                       limit=args.limit, device=args.device, batch_size=args.batch_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2

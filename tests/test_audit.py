@@ -209,3 +209,17 @@ def test_e3nn_dict_network_gate_points():
     spoiled._module = spoiled._module.float()  # the float64 copy now holds float32-rounded constants
     rep = geolie.audit(spoiled, "shapes:test", limit=1, n_finite=1, progress=False)
     assert max(rep.rows[0]["outputs"]["output"]["rel"][:3]) > 1e-12
+
+
+def test_batched_audit_matches_one_at_a_time():
+    mols = geolie.data.load("xtb-md/ethanol", "test")[:3] + geolie.data.load("xtb-md/aspirin", "test")[:2]
+    one = geolie.audit("cartesian-mlp", mols, n_finite=1, progress=False)
+    many = geolie.audit("cartesian-mlp", mols, n_finite=1, progress=False, batch_size=3)
+    assert [r["index"] for r in many.rows] == list(range(5)) and many.rows[4]["batched"] == 2
+    for a, b in zip(one.rows, many.rows):
+        for name in ("energy", "forces"):
+            assert np.allclose(a["outputs"][name]["abs"], b["outputs"][name]["abs"], rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        geolie.audit("emt", "emt-bulk:test", limit=2, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="layer-wise attribution needs batch_size=1"):
+        geolie.audit("pair-mlp", mols, batch_size=2, layerwise=True, progress=False)

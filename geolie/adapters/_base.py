@@ -63,6 +63,10 @@ class Potential:
         """The torch module (for layer-wise attribution), or ``None``."""
         return None
 
+    def batch_function(self, sts, dtype):
+        """Several structures in one call (see :meth:`TorchPotential.batch_function`); not all models can."""
+        raise ValueError(f"{self.name}: this model cannot evaluate several structures per call; use batch_size=1")
+
     def inputs(self, st: Structure, dtype: torch.dtype):
         """``(pos, z)`` on this potential's device."""
         return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
@@ -137,6 +141,36 @@ class TorchPotential(Potential):
             return out.reshape(-1).sum()
 
         return energy
+
+    def batch_function(self, sts: Sequence[Structure], dtype: torch.dtype):
+        """Several molecules in one call: ``(fn, (pos, z), batch, in_rep, out_rep)`` with per-structure energies."""
+        if self.kind not in ("zpb", "edges") or any(st.cell is not None for st in sts):
+            raise ValueError(f"{self.name}: batched audits need a forward(z, pos, batch) or forward(z, pos, "
+                             "edge_index, batch) module and molecules; use batch_size=1")
+        m = self.copy_for(dtype)
+        pos = torch.as_tensor(np.concatenate([st.positions for st in sts]), dtype=dtype, device=self.device)
+        z = torch.as_tensor(np.concatenate([st.numbers for st in sts]), dtype=torch.long, device=self.device)
+        batch = torch.cat([torch.full((len(st.numbers),), i, dtype=torch.long) for i, st in enumerate(sts)]).to(
+            self.device)
+        kind, n = self.kind, len(sts)
+        if kind == "edges":
+            from ..neighbors import radius_graph
+
+            edges = radius_graph(pos, self.cutoff, batch)
+
+        def energy(p, zz):
+            from .pyg import geolie_radius_graph
+
+            with geolie_radius_graph():
+                out = m(zz, p, batch) if kind == "zpb" else m(zz, p, edges, batch)
+            if isinstance(out, dict):
+                out = out["energy"]
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.reshape(n)
+
+        fn = conservative(energy, as_dict=True)
+        return fn, (pos, z), batch, ("point", None), {"energy": "scalar", "forces": "vector"}
 
     def function(self, st, dtype):
         fn = conservative(self.energy_fn(st, dtype), as_dict=True)
