@@ -2,8 +2,8 @@
 
 Models: ``pair-mlp`` (exactly invariant pair potential), ``e3nn`` (e3nn message passing), ``gaunt`` (Gaunt grid
 tensor products), ``schnet`` (PyG's SchNet on geolie's neighbour list) and ``cartesian-mlp`` (reads Cartesian
-displacement components: breaks rotations on purpose), and the pretrained ANI-1x ensemble and SevenNet-0 (float32)
-when ``torchani`` / ``sevenn`` are installed, each on a few GFN2-xTB frames of ethanol and aspirin from ``datasets/xtb-md``, in float64 with float32
+displacement components: breaks rotations on purpose), and the pretrained ANI-1x ensemble, SevenNet-0 and CHGNet
+(float32) when ``torchani`` / ``sevenn`` / ``chgnet`` are installed, each on a few GFN2-xTB frames of ethanol and aspirin from ``datasets/xtb-md``, in float64 with float32
 noise floors; then ASE's EMT on bundled metal cells (finite differences, with their error estimate as the floor).
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ def run_demo(n_frames: int = 3, out_dir: Optional[str] = None, stream=None):
     for name in MODELS:
         reports[name] = audit(name, mols, dtype=torch.float64, n_finite=2)
     notes = []
-    for name, dtype in (("ani1x", torch.float64), ("sevenn-0", torch.float32)):
+    for name, dtype in (("ani1x", torch.float64), ("sevenn-0", torch.float32), ("chgnet", torch.float32)):
         try:  # pretrained potentials, when their optional packages are installed
             reports[name] = audit(name, mols, dtype=dtype, n_finite=2)
         except ValueError as e:
             notes.append(f"{name} skipped: {e}")
     reports["emt"] = audit("emt", cells, dtype=torch.float64, n_finite=2)
-    print("\ngeolie demo: max over structures of the relative Lie derivative ‖L_X y‖/‖y‖ (float64; sevenn-0 float32), "
+    print("\ngeolie demo: max over structures of the relative Lie derivative ‖L_X y‖/‖y‖ (float64; sevenn-0 and chgnet float32), "
           "its noise floor "
           "(float32 vs float64, or the finite-difference error), the worst finite-rotation error, and a verdict",
           file=stream)

@@ -223,3 +223,19 @@ def test_batched_audit_matches_one_at_a_time():
         geolie.audit("emt", "emt-bulk:test", limit=2, batch_size=2, progress=False)
     with pytest.raises(ValueError, match="layer-wise attribution needs batch_size=1"):
         geolie.audit("pair-mlp", mols, batch_size=2, layerwise=True, progress=False)
+
+
+def test_pretrained_chgnet_molecules_and_crystals():
+    """CHGNet (float32) through its own create_graph forces: molecules at the float32 floor; crystals at ~1e-5
+    (float32 fractional-coordinate round trips); its stress changes sign under inversion (a left-handed cell has a
+    negative signed volume in CHGNet), which the finite companions report."""
+    pytest.importorskip("chgnet")
+    rep = geolie.audit("chgnet", MOLS, limit=1, dtype=torch.float32, n_finite=1, progress=False)
+    f = rep.rows[0]["outputs"]["forces"]
+    assert all(f["at_floor"]) and max(f["rel"]) < 1e-5
+    rep = geolie.audit("chgnet", "emt-bulk:test", limit=1, dtype=torch.float32, n_finite=1, progress=False)
+    o = rep.rows[0]["outputs"]
+    assert set(o) == {"energy", "forces", "stress"} and max(o["forces"]["rel"]) < 1e-4
+    fin = rep.rows[0]["finite"]
+    assert fin["forces"]["rotation"] < 1e-3 and fin["forces"]["permutation"] < 1e-3
+    assert fin["stress"]["inversion"] > 1.0

@@ -188,12 +188,13 @@ SHORT_NAMES = {
     "ani1x": "geolie.adapters.pretrained:ani1x",
     "sevenn-0": "geolie.adapters.pretrained:sevenn0",
     "gate-points": "geolie.adapters.e3nn_models:gate_points",
+    "chgnet": "geolie.adapters.pretrained:chgnet",
 }
 
 
 def load_model(spec: Any) -> Potential:
     """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
-    ``emt``, ``ani1x``, ``sevenn-0``), a ``package.module:factory`` string (the factory returns an
+    ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
     only is a :class:`PointCloudModel` with an invariant output (wrap it yourself to declare another)."""
     from .ase_calc import CalculatorPotential

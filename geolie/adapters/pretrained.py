@@ -8,7 +8,8 @@
 * ``sevenn-0``: SevenNet-0 (11Jul2024) from the ``sevenn`` wheel (``pip install "geolie[sevenn]"``), with its own
   forces (see :class:`SevenNetPotential`).
 
-CHGNet (``chgnet``) also ships its weights but is not wired here yet.
+* ``chgnet``: CHGNet 0.3.0 from the ``chgnet`` wheel (``pip install "geolie[chgnet]"``), molecules and crystals
+  (see :class:`CHGNetPotential`).
 """
 from __future__ import annotations
 
@@ -17,9 +18,17 @@ from typing import Optional
 
 import torch
 
-from ._base import TorchPotential
+import numpy as np
+
+from ._base import Potential, TorchPotential
 
 HARTREE_EV = 27.211386245988
+
+
+def _near_base(pos, z, p0, z0, tol: float = 1e-3) -> bool:
+    """At (or infinitesimally near) the structure the neighbour graph was built for: same atoms in the same order,
+    positions within ``tol`` Å. Finite rotations, translations and permutations move farther and rebuild it."""
+    return torch.equal(z.cpu(), z0) and float((pos.detach().cpu().double() - p0.double()).abs().max()) <= tol
 
 
 def _require(package: str, extra: str):
@@ -124,10 +133,10 @@ class SevenNetPotential(TorchPotential):
     def energy_fn(self, st, dtype, module=None):
         m = module if module is not None else self.copy_for(dtype)
         base = self._graph(st.numbers, st.positions, dtype)
-        z0 = torch.as_tensor(st.numbers)
+        z0, p0 = torch.as_tensor(st.numbers), torch.as_tensor(st.positions)
 
         def energy(pos, z):
-            data = base if torch.equal(z.cpu(), z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
+            data = base if _near_base(pos, z, p0, z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
             return m(self._with_pos(data, pos))["inferred_total_energy"].reshape(-1).sum()
 
         return energy
@@ -135,10 +144,10 @@ class SevenNetPotential(TorchPotential):
     def function(self, st, dtype):
         m = self.copy_for(dtype)
         base = self._graph(st.numbers, st.positions, dtype)
-        z0 = torch.as_tensor(st.numbers)
+        z0, p0 = torch.as_tensor(st.numbers), torch.as_tensor(st.positions)
 
         def fn(pos, z):
-            data = base if torch.equal(z.cpu(), z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
+            data = base if _near_base(pos, z, p0, z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
             if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent (no detach)
                 pos = pos + torch.zeros((), dtype=pos.dtype, device=pos.device, requires_grad=True)
             out = m(self._with_pos(data, pos))
@@ -150,3 +159,80 @@ class SevenNetPotential(TorchPotential):
 def sevenn0() -> SevenNetPotential:
     """SevenNet-0 (11Jul2024) from the ``sevenn`` wheel, offline."""
     return SevenNetPotential()
+
+
+class CHGNetPotential(Potential):
+    """CHGNet (``chgnet``, invariant crystal-graph network) with its own autograd forces (and stress).
+
+    CHGNet builds a crystal graph (atom and bond graphs with periodic images) from a pymatgen ``Structure`` and
+    takes positions as fractional coordinates times the lattice. geolie builds the graph once per structure (held
+    fixed near the base geometry; finite moves and reordered atoms rebuild it) and feeds ``frac = pos · cell⁻¹`` with the lattice as differentiable inputs,
+    so the Lie derivative runs forward-over-reverse through CHGNet's ``create_graph=True`` forces. Molecules are put
+    in a 40 Å box (no periodic image within the 6 Å cutoff). Energies are totals in eV (CHGNet's per-atom energy
+    times the atom count), forces eV/Å, stress GPa. float32 only (CHGNet's graph code hard-codes float32).
+    """
+
+    name = "chgnet"
+    method = "jvp"
+    dtypes = (torch.float32,)
+    BOX = 40.0
+
+    def __init__(self):
+        _require("chgnet", "chgnet")
+        from chgnet.model import CHGNet
+
+        self._model = CHGNet.load(verbose=False)
+        self._model.eval()
+
+    def module(self):
+        return None  # layer-wise attribution needs leaf-module representations CHGNet does not declare
+
+    def _graph(self, numbers, positions, cell):
+        from pymatgen.core import Lattice
+        from pymatgen.core import Structure as PmgStructure
+
+        s = PmgStructure(Lattice(np.asarray(cell, dtype=np.float64)), [int(z) for z in numbers],
+                         np.asarray(positions, dtype=np.float64), coords_are_cartesian=True)
+        return self._model.graph_converter(s)
+
+    def function(self, st, dtype):
+        import copy
+
+        periodic = st.cell is not None
+        box = np.eye(3) * self.BOX
+        base = self._graph(st.numbers, st.positions, st.cell if periodic else box)
+        z0 = torch.as_tensor(st.numbers)
+        p0 = torch.as_tensor(st.positions)
+        fixed_cell = torch.as_tensor(box, dtype=torch.float32)
+        model = self._model
+
+        def fn(pos, z, cell=None):
+            lat = (cell if cell is not None else fixed_cell.to(pos)).to(torch.float32)
+            if _near_base(pos, z, p0, z0):
+                g = copy.copy(base)
+            else:
+                g = self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), lat.detach().cpu().numpy())
+            if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent
+                pos = pos + torch.zeros((), dtype=pos.dtype, requires_grad=True)
+            g.atom_frac_coord = pos.to(torch.float32) @ torch.linalg.inv(lat)
+            g.lattice = lat
+            out = model([g], task="efs" if cell is not None else "ef")
+            n = pos.shape[0]
+            e = out["e"][0] * (n if model.is_intensive else 1)
+            res = {"energy": e.reshape(1).to(pos.dtype), "forces": out["f"][0].to(pos.dtype)}
+            if cell is not None:
+                res["stress"] = out["s"][0].reshape(3, 3).to(pos.dtype)
+            return res
+
+        x = [torch.as_tensor(st.positions, dtype=dtype), torch.as_tensor(st.numbers, dtype=torch.long)]
+        in_rep, out_rep = ["point", None], {"energy": "scalar", "forces": "vector"}
+        if periodic:
+            x.append(torch.as_tensor(st.cell, dtype=dtype))
+            in_rep.append("cell")
+            out_rep["stress"] = "stress"
+        return fn, tuple(x), tuple(in_rep), out_rep
+
+
+def chgnet() -> CHGNetPotential:
+    """CHGNet 0.3.0 from the ``chgnet`` wheel, offline."""
+    return CHGNetPotential()
