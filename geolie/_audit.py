@@ -145,7 +145,7 @@ class AuditReport:
             if fl.size:
                 ax.axhline(float(np.nanmedian(fl)), color="grey", ls="--", label="noise floor (median)")
                 ax.legend()
-            ax.set_ylabel("‖L_X y‖ / ‖y‖")
+            ax.set_ylabel("‖L_X y‖ / ‖y‖ (exact zeros drawn at 1e-18)")
             ax.set_title(f"{self.model}: {name}, {len(rel)} structures")
             fig.tight_layout()
             p = os.path.join(folder, f"lie_{name}.png")
