@@ -192,6 +192,13 @@ def _as_structures(structures) -> List:
     return out
 
 
+def _sample(m, b: int) -> Dict[str, Any]:
+    """One sample's figures of an :class:`OutputMetrics`, as stored in a row."""
+    return {"rep": m.rep, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(), "floor": m.floor[b].tolist(),
+            "floor_rel": m.floor_rel[b].tolist(), "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(),
+            "at_floor": m.at_floor[b].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[b])}
+
+
 def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     where = f"structure {index} ({st.name})"
     pot.check(st, where)
@@ -206,12 +213,7 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     row: Dict[str, Any] = {"index": index, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-                           "outputs": {}}
-    for name, m in rep.outputs.items():
-        row["outputs"][name] = {
-            "rep": m.rep, "abs": m.abs[0].tolist(), "rel": m.rel[0].tolist(), "floor": m.floor[0].tolist(),
-            "floor_rel": m.floor_rel[0].tolist(), "per_atom": None if m.per_atom is None else m.per_atom[0].tolist(),
-            "at_floor": m.at_floor[0].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[0])}
+                           "outputs": {name: _sample(m, 0) for name, m in rep.outputs.items()}}
     per_atom = {"forces": True, "output": bool(getattr(pot, "per_point", False))}
     perm = {"inputs": (True, True) + (False,) * (len(in_rep) - 2),  # positions and atomic numbers move together
             "outputs": per_atom}
@@ -262,15 +264,9 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
         finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     rows = []
     for b, (i, st) in enumerate(chunk):
-        row = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method, "outputs": {},
-               "finite": finite, "batched": len(chunk)}
-        for name, m in rep.outputs.items():
-            row["outputs"][name] = {
-                "rep": m.rep, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(), "floor": m.floor[b].tolist(),
-                "floor_rel": m.floor_rel[b].tolist(),
-                "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(),
-                "at_floor": m.at_floor[b].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[b])}
-        rows.append(row)
+        rows.append({"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
+                     "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "finite": finite,
+                     "batched": len(chunk)})
     return rows
 
 

@@ -64,7 +64,6 @@ class _Problem:
     inputs: Inputs
     group: LieGroup
     centers: Centers
-    out_spec: Any
     leaves: List[Leaf] = field(default_factory=list)
     rebuild: Optional[Callable] = None
     batch: Optional[torch.Tensor] = None
@@ -108,7 +107,7 @@ def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> _Proble
     inputs = prepare_inputs(x, in_rep)
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
-    prob = _Problem(f, inputs, group, Centers(inputs, about, batch), out_rep, batch=batch)
+    prob = _Problem(f, inputs, group, Centers(inputs, about, batch), batch=batch)
     out = _hvp_base(prob, batch) if method in ("auto", "hvp") else None
     if out is None:
         # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
@@ -257,8 +256,6 @@ class _ADFailed(RuntimeError):
 
 # -- finite differences ----------------------------------------------------------------------------------------
 def _length_scale(prob: _Problem) -> float:
-    from ._reps import PointRep
-
     scales = []
     for i in prob.inputs.moving:
         v, rep = prob.inputs.values[i], prob.inputs.reps[i]

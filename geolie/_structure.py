@@ -160,7 +160,7 @@ def pair_outputs(out: Any, spec: Any, path: str = "output") -> Tuple[List[Leaf],
     return [Leaf(path, rep)], lambda new: new[0]
 
 
-def flatten_outputs(out: Any, leaves_hint: Optional[int] = None) -> List[torch.Tensor]:
+def flatten_outputs(out: Any) -> List[torch.Tensor]:
     """Leaves of ``out`` in the order used by :func:`pair_outputs` (dict insertion order, then sequence order)."""
     if isinstance(out, dict):
         res = []

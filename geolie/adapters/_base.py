@@ -73,6 +73,16 @@ class Potential:
                 torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
 
 
+def _energy_of(out):
+    """The energy in a model's output: the tensor itself, ``out["energy"]``, or the first entry of a tuple (PyG's
+    ViSNet returns ``(energy, forces or None)``)."""
+    if isinstance(out, dict):
+        return out["energy"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
 def _signature_kind(module: torch.nn.Module) -> str:
     params = list(inspect.signature(module.forward).parameters)
     if "edge_index" in params:
@@ -134,11 +144,7 @@ class TorchPotential(Potential):
                     out = m(z, pos, edges, None)
                 else:
                     out = m(pos)
-            if isinstance(out, dict):
-                out = out["energy"]
-            elif isinstance(out, (tuple, list)):  # e.g. PyG's ViSNet returns (energy, forces or None)
-                out = out[0]
-            return out.reshape(-1).sum()
+            return _energy_of(out).reshape(-1).sum()
 
         return energy
 
@@ -163,11 +169,7 @@ class TorchPotential(Potential):
 
             with geolie_radius_graph():
                 out = m(zz, p, batch) if kind == "zpb" else m(zz, p, edges, batch)
-            if isinstance(out, dict):
-                out = out["energy"]
-            elif isinstance(out, (tuple, list)):
-                out = out[0]
-            return out.reshape(n)
+            return _energy_of(out).reshape(n)
 
         fn = conservative(energy, as_dict=True)
         return fn, (pos, z), batch, ("point", None), {"energy": "scalar", "forces": "vector"}
