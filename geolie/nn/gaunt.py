@@ -27,6 +27,8 @@ Methods (identical results, float64 agreement ~1e-14):
 * ``"grid"``: evaluate both signals on a Gauss–Legendre grid (SH matrices as buffers: two GEMMs), multiply
   pointwise, integrate against the output harmonics (one GEMM). Minimal exact grid ``n_beta = ceil((D+1)/2)``,
   ``n_alpha = D+1``, ``D = L1 + L2 + Lout``; ``resolution=(n_beta, n_alpha)`` overrides it (smaller grids alias).
+  On the CPU the batch runs in chunks whose grid values fit in cache (``chunk_bytes``, 1 MiB; 0 turns it off):
+  the same numbers, 2.5x faster at 32 channels than one pass over fresh multi-hundred-MB intermediates.
 * ``"fourier"``: SH → 2D Fourier coefficients on the torus (θ from the y axis, φ about it, where e3nn's basis has
   azimuthal order ``m``: a block-sparse change of basis with ``O(L³)`` entries, stored densely per ``m``), the
   product as a 2D convolution by ``torch.fft``, and back to SH by exact integrals of ``e^{i(uθ+vφ)} Y sinθ``.
@@ -252,6 +254,7 @@ class GauntTensorProduct(_Float64Buffers):
         if self.l3.mul != C or self.l2.mul not in (1, C):
             raise ValueError(f"multiplicities must match (in1 {C}, in2 {self.l2.mul} or 1, out {self.l3.mul})")
         self.method = method
+        self.chunk_bytes = 1 << 20  # CPU grid: rows per chunk such that one intermediate is ~1 MiB (see _chunk_rows)
         # which output value-parities are reachable by a sub-product
         self.pairs = [(a, b) for a in self.l1.signals for b in self.l2.signals]
         reach = {a * b for a, b in self.pairs}
@@ -341,6 +344,28 @@ class GauntTensorProduct(_Float64Buffers):
         return xc if w is None else xc * w.to(xc.dtype)[:, e]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = self._chunk_rows(x, y)
+        if rows is None:
+            return self._forward(x, y)
+        lead = x.shape[:-1]
+        xf, yf = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        z = torch.cat([self._forward(a, b) for a, b in zip(xf.split(rows), yf.split(rows))])
+        return z.reshape(*lead, z.shape[-1])
+
+    def _chunk_rows(self, x: torch.Tensor, y: torch.Tensor) -> Optional[int]:
+        """Rows per chunk for the grid method on the CPU (``None``: no chunking). The grid's intermediates are
+        ``C x S x n_grid`` per row; chunks of about ``chunk_bytes`` keep them in cache, measured 2-3x faster than
+        one pass at batch 10⁴ x 32 channels on a 2-core CPU (benchmarks/tensor_products.py). CUDA runs unchunked."""
+        if self.method != "grid" or x.device.type != "cpu" or not self.chunk_bytes:
+            return None
+        if x.shape[:-1] != y.shape[:-1]:
+            return None  # broadcasting leading dimensions: one pass
+        n = x[..., 0].numel()
+        per_row = self.l1.mul * max(len(self.l1.signals), len(self.l2.signals)) * self.n_grid * x.element_size()
+        rows = max(1, int(self.chunk_bytes // max(per_row, 1)))
+        return rows if n > rows else None
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         xc = self._weighted(x, self.l1, self.w1, self.e1)  # [..., C, d1]
         yc = self._weighted(y, self.l2, self.w2, self.e2)  # [..., C or 1, d2]
         if self.method == "dense":
@@ -357,7 +382,8 @@ class GauntTensorProduct(_Float64Buffers):
         G = self.n_grid
         f1 = (xc @ self._b('B1', xc.dtype)).unflatten(-1, (len(self.l1.signals), G))
         f2 = (yc @ self._b('B2', yc.dtype)).unflatten(-1, (len(self.l2.signals), G))
-        h = torch.cat(self._sub_products(f1, f2, dim=-2), -1)
+        parts = self._sub_products(f1, f2, dim=-2)
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         return h @ self._b('P3', h.dtype)
 
     def _sub_products(self, f1, f2, dim):
