@@ -3,23 +3,25 @@
 Backbones: ``point-mlp`` (DeepSets on raw centred coordinates: plain, non-equivariant, cost linear in the batch)
 and ``schnet`` (PyG's SchNet on geolie's radius graph: a realistic GNN cost; its equivariance is irrelevant to the
 overhead measured here). Batches of 32 molecules from the
-bundled ``xtb-md`` data (9-21 atoms), float32, CPU. For E(3) (8 frames) and SE(3) (4 frames):
+bundled ``xtb-md`` data (9-21 atoms; ``--structures`` for more), float32, CPU (``--device cuda``: on a GPU, where
+K separate calls pay K launch latencies and the folded batch does not). For E(3) (8 frames) and SE(3) (4 frames):
 
 * ``ratio_vs_k_calls`` = t(FrameAveraging) / (K · t(backbone on the batch)): the issue's target is <= 1.2;
 * ``ratio_vs_folded`` = t(FrameAveraging) / t(backbone on the K-times larger folded batch): the pure overhead of
   frames, folding and mapping back.
 
-Energies only, and energy + forces by autograd. Writes ``benchmarks/results/frame_averaging.json``.
+Energies only, and energy + forces by autograd. Writes ``benchmarks/results/frame_averaging[_cuda].json``.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import device_info, timeit, write_json  # noqa: E402
+from _common import device_info, result_path, timeit, write_json  # noqa: E402
 
 import geolie.data as gd  # noqa: E402
 from geolie.adapters.pyg import geolie_radius_graph, schnet  # noqa: E402
@@ -38,33 +40,54 @@ class PointMLP(torch.nn.Module):
 
     def forward(self, z, pos, batch):
         n = int(batch.max()) + 1
-        cnt = torch.zeros(n, dtype=pos.dtype).index_add(0, batch, torch.ones_like(pos[:, 0]))
-        c = torch.zeros(n, 3, dtype=pos.dtype).index_add(0, batch, pos) / cnt[:, None]
+        cnt = pos.new_zeros(n).index_add(0, batch, torch.ones_like(pos[:, 0]))
+        c = pos.new_zeros(n, 3).index_add(0, batch, pos) / cnt[:, None]
         e = self.phi(torch.cat([pos - c[batch], self.emb(z).to(pos.dtype)], -1))[:, 0]
-        return torch.zeros(n, dtype=pos.dtype).index_add(0, batch, e)
+        return pos.new_zeros(n).index_add(0, batch, e)
 
 
-def main():
-    frames = []
-    for mol in ("ethanol", "benzene", "aspirin", "naphthalene"):
-        frames += gd.load(f"xtb-md/{mol}", "test")[:8]
-    b = gd.to_pyg(frames, dtype=torch.float32)
-    z, pos, batch = b.z, b.pos, b.batch
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--structures", nargs="+", type=int, default=[32], help="batch sizes (molecules per batch)")
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device(args.device)
     rows = []
-    sch = schnet()
+    for n_st in args.structures:
+        rows += measure(n_st, dev)
+    write_json(result_path("frame_averaging", args.device),
+               {"benchmark": "frame_averaging", "env": device_info(args.device), "rows": rows})
+    print("| backbone | structures | group | frames | bare (ms) | FA (ms) | FA / (K x bare) | FA / folded batch | "
+          "E+F: FA / (K x bare) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backbone']} | {r['structures']} | {r['group']} | {r['frames']} | {r['bare_ms']:.2f} | "
+              f"{r['fa_ms']:.2f} | {r['ratio_vs_k_calls']:.2f} | {r['ratio_vs_folded']:.2f} | "
+              f"{r['forces_ratio_vs_k_calls']:.2f} |")
+
+
+def measure(n_st, dev):
+    frames = []
+    mols = ("ethanol", "benzene", "aspirin", "naphthalene")
+    for k in range(n_st):
+        frames.append(gd.load(f"xtb-md/{mols[k % 4]}", "test")[k // 4])
+    b = gd.to_pyg(frames, dtype=torch.float32)
+    z, pos, batch = b.z.to(dev), b.pos.to(dev), b.batch.to(dev)
+    rows = []
+    sch = schnet().to(dev)
 
     def schnet_energy(z, pos, batch):
         with geolie_radius_graph():
             return sch(z, pos, batch).reshape(-1)
 
-    for name, bb in (("point-mlp", PointMLP()), ("schnet", schnet_energy)):
+    for name, bb in (("point-mlp", PointMLP().to(dev)), ("schnet", schnet_energy)):
         t_bare = timeit(lambda: bb(z, pos, batch), min_time=0.5)["median_s"]
         for group in ("E3", "SE3"):
             fa = FrameAveraging(bb, group=group, gap_threshold=0.0)
             K = fa.n_frames
             zf = z.repeat(K)
             pf = pos.repeat(K, 1)
-            bf = (batch[None] + 32 * torch.arange(K)[:, None]).reshape(-1)
+            bf = (batch[None] + n_st * torch.arange(K, device=dev)[:, None]).reshape(-1)
             t_fold = timeit(lambda: bb(zf, pf, bf), min_time=0.5)["median_s"]
             t_fa = timeit(lambda: fa(z, pos, batch), min_time=0.5)["median_s"]
 
@@ -78,19 +101,13 @@ def main():
 
             t_ef = timeit(ef, min_time=0.5)["median_s"]
             t_ef_bare = timeit(ef_bare, min_time=0.5)["median_s"]
-            row = {"backbone": name, "group": group, "frames": K, "structures": 32, "atoms": int(pos.shape[0]),
+            row = {"backbone": name, "group": group, "frames": K, "structures": n_st, "atoms": int(pos.shape[0]),
                    "bare_ms": 1e3 * t_bare, "folded_ms": 1e3 * t_fold, "fa_ms": 1e3 * t_fa,
                    "ratio_vs_k_calls": t_fa / (K * t_bare), "ratio_vs_folded": t_fa / t_fold,
                    "forces_ratio_vs_k_calls": t_ef / (K * t_ef_bare)}
             rows.append(row)
             print(row, file=sys.stderr)
-    write_json(os.path.join(os.path.dirname(__file__), "results", "frame_averaging.json"),
-               {"benchmark": "frame_averaging", "env": device_info("cpu"), "rows": rows})
-    print("| backbone | group | frames | bare (ms) | FA (ms) | FA / (K x bare) | FA / folded batch | "
-          "E+F: FA / (K x bare) |\n|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['backbone']} | {r['group']} | {r['frames']} | {r['bare_ms']:.2f} | {r['fa_ms']:.2f} | "
-              f"{r['ratio_vs_k_calls']:.2f} | {r['ratio_vs_folded']:.2f} | {r['forces_ratio_vs_k_calls']:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

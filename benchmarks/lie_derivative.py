@@ -1,7 +1,7 @@
 """Cost of the full SE(3) Lie derivative of energy and forces, relative to one energy+forces evaluation.
 
 For each model (a distance-MLP pair potential, an e3nn message-passing potential, PyG's SchNet at its default
-size) and molecule-like clouds of 10-100 atoms, in float32 on the CPU:
+size) and molecule-like clouds of 10-100 atoms, in float32 on the CPU (``--device cuda``: on a GPU):
 
 * ``ef``: one energy + forces evaluation (forward, then ``torch.autograd.grad``): the unit of cost;
 * ``hvp``: geolie's default for ``conservative`` energies: E and F once with their graph, then one backward per
@@ -26,7 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import device_info, timeit, write_json  # noqa: E402
+from _common import device_info, result_path, timeit, write_json  # noqa: E402
 
 import geolie  # noqa: E402
 from geolie.models import E3nnPotential, PairMLPPotential  # noqa: E402
@@ -62,20 +62,21 @@ class FixedEdges(torch.nn.Module):
 
 
 def build(name, z, pos, dtype):
-    """Return ``energy(pos)`` for the named model with edges fixed at ``pos``."""
+    """Return ``energy(pos)`` for the named model with edges fixed at ``pos`` (on ``pos``'s device)."""
     ei = radius_graph(pos, CUTOFF)
+    dev = pos.device
     if name == "distance-mlp":
-        m = PairMLPPotential(cutoff=CUTOFF).to(dtype)
+        m = PairMLPPotential(cutoff=CUTOFF).to(dev, dtype)
         return lambda p: m(z, p).sum()
     if name == "e3nn":
-        m = E3nnPotential(cutoff=CUTOFF).to(dtype)
+        m = E3nnPotential(cutoff=CUTOFF).to(dev, dtype)
         return lambda p: m(z, p, ei).sum()
     if name == "schnet":
         from torch_geometric.nn.models import SchNet
 
         torch.manual_seed(0)
         m = SchNet(hidden_channels=128, num_filters=128, num_interactions=6, num_gaussians=50,
-                   cutoff=CUTOFF).to(dtype)
+                   cutoff=CUTOFF).to(dev, dtype)
         m.interaction_graph = FixedEdges(ei)
         return lambda p: m(z, p).sum()
     raise ValueError(name)
@@ -93,12 +94,13 @@ def autograd_ef(energy):
     return ef
 
 
-def run(models, sizes, dtype, min_time):
+def run(models, sizes, dtype, min_time, device="cpu"):
     rows = []
     out_rep = ("scalar", "vector")
     for name in models:
         for n in sizes:
             z, pos = molecule_like(n, seed=n, dtype=dtype)
+            z, pos = z.to(device), pos.to(device)
             energy = build(name, z, pos, dtype)
             ef_model = autograd_ef(energy)
             ef_cons = geolie.conservative(energy)
@@ -125,7 +127,7 @@ def run(models, sizes, dtype, min_time):
             row["lie_rel_forces"] = float(L[1].norm() / (math.sqrt(6) * f0.norm()))
             budget = row.get("hvp_ms", row["ef_ms"] * 4) / 1e3
             n_fit = max(1, int(budget / t_ef))
-            R, t = geolie.SE3.random(n_fit, torch.Generator().manual_seed(0), box=2.0, dtype=dtype)
+            R, t = geolie.SE3.random(n_fit, torch.Generator().manual_seed(0), box=2.0, dtype=dtype, device=device)
             errs = []
             for k in range(n_fit):
                 f1 = ef_cons(pos @ R[k].T + t[k])[1].detach()
@@ -158,12 +160,14 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", type=int, default=[10, 30, 100])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--min-time", type=float, default=0.5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lie_derivative.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (results: lie_derivative_cuda.json)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
-    rows = run(args.models, args.sizes, dtype, args.min_time)
-    write_json(args.out, {"benchmark": "lie_derivative", "env": device_info("cpu"), "rows": rows})
+    rows = run(args.models, args.sizes, dtype, args.min_time, args.device)
+    write_json(args.out or result_path("lie_derivative", args.device),
+               {"benchmark": "lie_derivative", "env": device_info(args.device), "rows": rows})
     print(table(rows))
 
 

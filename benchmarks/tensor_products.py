@@ -4,7 +4,9 @@ All four compute the same map (checked here at float64 to 1e-10 before timing): 
 2e, ..., L)``, the channel-wise product with every even path. e3nn gets the Gaunt path constants as weights
 (``uuu``, internal weights). Batch 10⁴ (``--batch``), 1 and 32 channels, forward and forward+backward, float32,
 on the CPU (and CUDA with ``--device cuda``; the results name the device). Warm-up, then medians; ratios are
-against measurements of the same run. Configurations whose single call exceeds ``--max-seconds`` are skipped
+against measurements of the same run. ``--compiled grid dense`` adds the same products under ``torch.compile``
+(on CUDA with CUDA graphs, which removes the per-kernel launch latency that dominates at one channel). A
+configuration that runs out of memory is recorded as such; the JSON is rewritten after every configuration. Configurations whose single call exceeds ``--max-seconds`` are skipped
 for larger L (recorded as such). Fitted log-log slopes of time against L (L >= 3). Writes
 ``benchmarks/results/tensor_products_<device>.json`` and a plot ``tensor_products_<device>.png``.
 """
@@ -56,7 +58,8 @@ def e3nn_tp(C, L):
 def build(method, C, L):
     if method == "e3nn":
         return e3nn_tp(C, L)
-    return GauntTensorProduct(natural(C, L), natural(C, L), natural(C, L), method=method, weights=False)
+    return GauntTensorProduct(natural(C, L), natural(C, L), natural(C, L), method=method.split("+")[0],
+                              weights=False)
 
 
 def main(argv=None):
@@ -65,6 +68,10 @@ def main(argv=None):
     ap.add_argument("--channels", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--methods", nargs="+", default=["e3nn", "dense", "grid", "fourier"])
+    ap.add_argument("--compiled", nargs="*", default=[],
+                    help="also time these methods under torch.compile (CUDA: mode reduce-overhead, CUDA graphs), "
+                         "as '<method>+compile' rows, at the degrees --compile-L")
+    ap.add_argument("--compile-L", nargs="+", type=int, default=[6, 7])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-seconds", type=float, default=3.0)
     ap.add_argument("--out", default=None)
@@ -75,6 +82,7 @@ def main(argv=None):
     out_json = args.out or os.path.join(os.path.dirname(__file__), "results", f"tensor_products_{tag}.json")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
+    methods = args.methods + [f"{m}+compile" for m in args.compiled]
     for C in args.channels:
         skip = set()
         for L in args.L:
@@ -84,10 +92,13 @@ def main(argv=None):
             dim = sum(C * (2 * l + 1) for l in range(L + 1))
             x64 = torch.randn(8, dim, generator=g, dtype=torch.float64)
             y64 = torch.randn(8, dim, generator=g, dtype=torch.float64)
-            for method in args.methods:
+            for method in methods:
+                compiled = method.endswith("+compile")
+                if compiled and L not in args.compile_L:
+                    continue
                 row = {"method": method, "L": L, "channels": C, "batch": args.batch}
                 if method in skip:
-                    row["skipped"] = f"a smaller L took more than {args.max_seconds} s per call"
+                    row["skipped"] = f"a smaller L took more than {args.max_seconds} s per call or ran out of memory"
                     rows.append(row)
                     continue
                 t0 = time.perf_counter()
@@ -105,6 +116,8 @@ def main(argv=None):
                     ref = z
                 row["max_rel_diff_f64"] = float((z - ref).norm() / ref.norm())
                 tp = tp.float().to(dev)
+                if compiled:
+                    tp = torch.compile(tp, mode="reduce-overhead" if dev.type == "cuda" else None)
                 x = torch.randn(args.batch, dim, generator=g).to(dev)
                 y = torch.randn(args.batch, dim, generator=g).to(dev)
 
@@ -119,21 +132,42 @@ def main(argv=None):
                     tp(xr, yr).sum().backward()
                     sync()
 
-                t1 = time.perf_counter()
-                fwd()
-                first = time.perf_counter() - t1
-                if first > args.max_seconds:
+                try:
+                    t1 = time.perf_counter()
+                    fwd()
+                    first = time.perf_counter() - t1
+                    if compiled:  # compilation happened in the first call: time a second one
+                        row["compile_s"] = first
+                        t1 = time.perf_counter()
+                        fwd()
+                        first = time.perf_counter() - t1
+                    if first > args.max_seconds:
+                        skip.add(method)
+                    reps = 3 if first > 0.5 else 7
+                    row["forward_ms"] = 1e3 * timeit(fwd, warmup=1, repeat=reps)["median_s"]
+                    row["forward_backward_ms"] = 1e3 * timeit(fwd_bwd, warmup=2 if compiled else 1,
+                                                              repeat=reps)["median_s"]
+                except torch.OutOfMemoryError as e:
+                    row["error"] = "out of memory: " + str(e).split(".")[0][:120]
                     skip.add(method)
-                reps = 3 if first > 0.5 else 7
-                row["forward_ms"] = 1e3 * timeit(fwd, warmup=1, repeat=reps)["median_s"]
-                row["forward_backward_ms"] = 1e3 * timeit(fwd_bwd, warmup=1, repeat=reps)["median_s"]
+                except Exception as e:  # noqa: BLE001 - a compile failure is a result too
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                finally:
+                    del tp, x, y, xr, yr
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append(row)
-                print(f"C={C:<3} L={L:<3} {method:>8}: fwd {row['forward_ms']:9.2f} ms  fwd+bwd "
-                      f"{row['forward_backward_ms']:9.2f} ms  diff {row['max_rel_diff_f64']:.1e}", file=sys.stderr)
+                write_json(out_json, {"benchmark": "tensor_products", "env": device_info(args.device), "rows": rows,
+                                      "partial": True})
+                if "forward_ms" in row:
+                    print(f"C={C:<3} L={L:<3} {method:>8}: fwd {row['forward_ms']:9.2f} ms  fwd+bwd "
+                          f"{row['forward_backward_ms']:9.2f} ms  diff {row['max_rel_diff_f64']:.1e}", file=sys.stderr)
+                else:
+                    print(f"C={C:<3} L={L:<3} {method:>8}: {row.get('error')}", file=sys.stderr)
     # slopes and ratios
     slopes = {}
     for C in args.channels:
-        for method in args.methods:
+        for method in methods:
             pts = [(r["L"], r["forward_ms"]) for r in rows if r["channels"] == C and r["method"] == method
                    and "forward_ms" in r and r["L"] >= 3]
             if len(pts) >= 3:
@@ -143,7 +177,7 @@ def main(argv=None):
         base = {m: q.get("forward_ms") for q in rows if q["L"] == r["L"] and q["channels"] == r["channels"]
                 for m in [q["method"]]}
         if "forward_ms" in r:
-            for other in ("e3nn", "dense"):
+            for other in ("e3nn", "dense", "dense+compile"):
                 if base.get(other):
                     r[f"speedup_vs_{other}"] = base[other] / r["forward_ms"]
     write_json(out_json, {"benchmark": "tensor_products", "env": device_info(args.device), "rows": rows,
@@ -182,6 +216,14 @@ def main(argv=None):
             g = get.get("grid", {})
             lines.append(f"| {C} | {L} | {ms('e3nn')} | {ms('dense')} | {ms('grid')} | {ms('fourier')} | "
                          f"{g.get('speedup_vs_dense', float('nan')):.1f}x | {g.get('speedup_vs_e3nn', float('nan')):.1f}x |")
+    comp = [r for r in rows if r["method"].endswith("+compile") and "forward_ms" in r]
+    if comp:
+        lines += ["", "| C | L | compiled | forward (ms) | forward+backward (ms) | vs dense | vs dense+compile |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in comp:
+            lines.append(f"| {r['channels']} | {r['L']} | {r['method']} | {r['forward_ms']:.3f} | "
+                         f"{r['forward_backward_ms']:.3f} | {r.get('speedup_vs_dense', float('nan')):.1f}x | "
+                         f"{r.get('speedup_vs_dense+compile', float('nan')):.1f}x |")
     print("\n".join(lines))
     print("slopes:", {k: round(v, 2) for k, v in slopes.items()})
 
