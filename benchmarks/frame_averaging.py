@@ -67,10 +67,8 @@ def main(argv=None):
 
 
 def measure(n_st, dev):
-    frames = []
-    mols = ("ethanol", "benzene", "aspirin", "naphthalene")
-    for k in range(n_st):
-        frames.append(gd.load(f"xtb-md/{mols[k % 4]}", "test")[k // 4])
+    mols = {m: gd.load(f"xtb-md/{m}", "test") for m in ("ethanol", "benzene", "aspirin", "naphthalene")}
+    frames = [mols[m][k // 4] for k, m in zip(range(n_st), list(mols) * n_st)]
     b = gd.to_pyg(frames, dtype=torch.float32)
     z, pos, batch = b.z.to(dev), b.pos.to(dev), b.batch.to(dev)
     rows = []

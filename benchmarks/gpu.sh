@@ -14,8 +14,8 @@ python3 -c "import torch, e3nn, torch_geometric as g; print('torch', torch.__ver
 [ $# -eq 0 ] && set -- tests tensor_products lie_derivative frame_averaging audit
 for name in "$@"; do
     case $name in
-        tests) cmd=(python3 -m pytest -q tests/test_cuda.py tests/test_nn_gaunt.py) ;;
-        tensor_products) cmd=(python3 benchmarks/tensor_products.py --device cuda) ;;
+        tests) cmd=(python3 -m pytest -q tests/test_cuda.py) ;;
+        tensor_products) cmd=(python3 benchmarks/tensor_products.py --device cuda --compiled grid dense --compile-L 7) ;;
         lie_derivative) cmd=(python3 benchmarks/lie_derivative.py --device cuda --sizes 10 30 100 300 1000) ;;
         frame_averaging) cmd=(python3 benchmarks/frame_averaging.py --device cuda --structures 32 256) ;;
         audit) cmd=(python3 benchmarks/audit.py --device cuda --models schnet e3nn) ;;

@@ -159,7 +159,7 @@ def main(argv=None):
                 rows.append(row)
                 write_json(out_json, {"benchmark": "tensor_products", "env": device_info(args.device), "rows": rows,
                                       "partial": True})
-                if "forward_ms" in row:
+                if "forward_backward_ms" in row:
                     print(f"C={C:<3} L={L:<3} {method:>8}: fwd {row['forward_ms']:9.2f} ms  fwd+bwd "
                           f"{row['forward_backward_ms']:9.2f} ms  diff {row['max_rel_diff_f64']:.1e}", file=sys.stderr)
                 else:

@@ -156,8 +156,8 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
                                 "status": "receives broken input", "kind": kind}
                 continue
         if isinstance(m_in, ScalarRep):
-            L = torch.zeros((K,) + tuple(out.shape), dtype=out.dtype) - m_out.infinitesimal(
-                out.detach(), omega.to(out.dtype), trans.to(out.dtype))
+            L = torch.zeros((K,) + tuple(out.shape), dtype=out.dtype, device=out.device) - m_out.infinitesimal(
+                out.detach(), omega.to(out), trans.to(out))
         else:
             args = c["inputs"]
             idx = args.index(u) if any(a is u for a in args) else 0

@@ -139,7 +139,7 @@ def _sample_slices(t: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int
     if batch is not None and t.dim() >= 1 and t.shape[0] == batch.shape[0] and batch.shape[0] != n_graphs:
         return [batch == b for b in range(n_graphs)], True
     if batch is not None and t.dim() >= 1 and t.shape[0] == n_graphs:
-        return [torch.arange(n_graphs) == b for b in range(n_graphs)], False
+        return [torch.arange(n_graphs, device=t.device) == b for b in range(n_graphs)], False
     return None, t.dim() >= 2  # one sample; [N, 3]-like tensors are per-atom
 
 

@@ -55,27 +55,33 @@ def _signs(proper: bool) -> torch.Tensor:
 
 
 def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, center: bool, proper: bool):
-    """Per structure: centroid ``[B, 3]``, frames ``[B, K, 3, 3]`` (float64), eigenvalues ``[B, 3]``, relative gap."""
+    """Per structure: centroid ``[B, 3]`` and frames ``[B, K, 3, 3]`` (float64, on ``pos``'s device), eigenvalues
+    ``[B, 3]`` and relative gap ``[B]`` (float64, on the CPU).
+
+    Centroids and covariances are sums over atoms on ``pos``'s device; the ``B`` 3x3 eigenproblems are solved on
+    the CPU (one transfer each way, differentiable): on a GPU a batched ``eigh`` of 3x3 matrices costs a solver
+    launch and a synchronization for little work, and the degeneracy check needs the gaps on the host anyway."""
     p = pos.to(torch.float64)
     b = torch.zeros(p.shape[0], dtype=torch.long, device=p.device) if batch is None else batch
     cnt = torch.zeros(n_graphs, dtype=torch.float64, device=p.device).index_add_(0, b, torch.ones_like(p[:, 0]))
-    if bool((cnt == 0).any()):
-        raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(cnt == 0).flatten().tolist()} have no atoms")
-    c = torch.zeros(n_graphs, 3, dtype=torch.float64, device=p.device).index_add(0, b, p) / cnt[:, None]
+    c = torch.zeros(n_graphs, 3, dtype=torch.float64, device=p.device).index_add(0, b, p) / cnt[:, None].clamp_min(1)
     if not center:
         c = torch.zeros_like(c)
     xc = p - c[b]
     cov = torch.zeros(n_graphs, 3, 3, dtype=torch.float64, device=p.device).index_add(
         0, b, xc[:, :, None] * xc[:, None, :])
-    lam, V = torch.linalg.eigh(cov)
+    host = torch.cat([cnt[:, None], cov.reshape(n_graphs, 9)], 1).cpu()  # the one device -> host transfer
+    if bool((host[:, 0] == 0).any()):
+        raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(host[:, 0] == 0).flatten().tolist()} have "
+                         "no atoms")
+    lam, V = torch.linalg.eigh(host[:, 1:].reshape(n_graphs, 3, 3))
     gap = torch.minimum(lam[:, 1] - lam[:, 0], lam[:, 2] - lam[:, 1]) / lam[:, 2].abs().clamp_min(1e-300)
-    s = _signs(proper).to(p.device)  # [K, 3]
+    s = _signs(proper)  # [K, 3]
     F = V[:, None, :, :] * s[None, :, None, :]  # column j times s_j
     if proper:  # eigh may return det(V) = -1: then the 'proper' sign vectors give det = -1; fix by flipping one
         d = torch.linalg.det(V)
-        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype,
-                                                                        device=F.device), F)
-    return c, F, lam, gap
+        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype), F)
+    return c, F.to(p.device), lam.detach(), gap.detach()
 
 
 class FrameAveraging(nn.Module):
@@ -110,7 +116,7 @@ class FrameAveraging(nn.Module):
         self.out_rep = out_rep
         self.gap_threshold, self.n_remedy, self.dense = gap_threshold, n_remedy, dense
         self.generator = generator
-        self.last_gap: Optional[torch.Tensor] = None
+        self.last_gap: Optional[torch.Tensor] = None  # relative eigengap per structure of the last call (CPU)
 
     @property
     def n_frames(self) -> int:

@@ -94,12 +94,22 @@ class _Layout:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected a last dimension of {self.dim} ({self.irreps}), got {x.shape[-1]}")
         if not self.identity:
-            x = x[..., self.perm.to(x.device)]
+            x = x[..., self._on(self.perm, x.device)]
         return x.reshape(*x.shape[:-1], self.mul, self.d)
 
     def from_channels(self, xc: torch.Tensor) -> torch.Tensor:
         x = xc.reshape(*xc.shape[:-2], -1)
-        return x if self.identity else x[..., self.inv_perm.to(x.device)]
+        return x if self.identity else x[..., self._on(self.inv_perm, x.device)]
+
+    def _on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``t`` on ``device``, copied once per device (no host-to-device copy per call on a GPU)."""
+        if t.device == device:
+            return t
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (id(t), device)
+        if key not in cache:
+            cache[key] = t.to(device)
+        return cache[key]
 
     def sh_rows(self, pval: int) -> List[int]:
         """Components belonging to the signal of value parity ``pval``."""
@@ -224,9 +234,11 @@ class _Float64Buffers(nn.Module):
         return self
 
     def _b(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self._buffers[name]
+        if torch.compiler.is_compiling():  # traced: the cast is part of the graph (no Python-side cache)
+            return t if t.dtype == dtype else t.to(dtype)
         cache = self.__dict__.setdefault("_cast_cache", {})
         key = (name, dtype)
-        t = self._buffers[name]
         if key not in cache or cache[key].device != t.device:
             cache[key] = t if t.dtype == dtype else t.to(dtype)
         return cache[key]
