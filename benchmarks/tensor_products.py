@@ -216,7 +216,7 @@ def main(argv=None):
             g = get.get("grid", {})
             lines.append(f"| {C} | {L} | {ms('e3nn')} | {ms('dense')} | {ms('grid')} | {ms('fourier')} | "
                          f"{g.get('speedup_vs_dense', float('nan')):.1f}x | {g.get('speedup_vs_e3nn', float('nan')):.1f}x |")
-    comp = [r for r in rows if r["method"].endswith("+compile") and "forward_ms" in r]
+    comp = [r for r in rows if r["method"].endswith("+compile") and "forward_backward_ms" in r]
     if comp:
         lines += ["", "| C | L | compiled | forward (ms) | forward+backward (ms) | vs dense | vs dense+compile |",
                   "|---|---|---|---|---|---|---|"]

@@ -54,13 +54,17 @@ def _signs(proper: bool) -> torch.Tensor:
     return s[s.prod(-1) > 0] if proper else s
 
 
-def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, center: bool, proper: bool):
+def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, center: bool, proper: bool,
+               solve_on: str = "host"):
     """Per structure: centroid ``[B, 3]`` and frames ``[B, K, 3, 3]`` (float64, on ``pos``'s device), eigenvalues
     ``[B, 3]`` and relative gap ``[B]`` (float64, on the CPU).
 
-    Centroids and covariances are sums over atoms on ``pos``'s device; the ``B`` 3x3 eigenproblems are solved on
-    the CPU (one transfer each way, differentiable): on a GPU a batched ``eigh`` of 3x3 matrices costs a solver
-    launch and a synchronization for little work, and the degeneracy check needs the gaps on the host anyway."""
+    Centroids and covariances are sums over atoms on ``pos``'s device; with ``solve_on="host"`` (default) the ``B``
+    3x3 eigenproblems are solved on the CPU (one transfer each way, differentiable): on a GPU a batched ``eigh`` of
+    3x3 matrices is a solver launch with a synchronization for little work, and the degeneracy check needs the gaps
+    on the host anyway; ``"device"`` solves them where ``pos`` lives (benchmarks/frame_averaging.py times both)."""
+    if solve_on not in ("host", "device"):
+        raise ValueError(f"solve_on must be 'host' or 'device', got {solve_on!r}")
     p = pos.to(torch.float64)
     b = torch.zeros(p.shape[0], dtype=torch.long, device=p.device) if batch is None else batch
     cnt = torch.zeros(n_graphs, dtype=torch.float64, device=p.device).index_add_(0, b, torch.ones_like(p[:, 0]))
@@ -70,18 +74,20 @@ def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, 
     xc = p - c[b]
     cov = torch.zeros(n_graphs, 3, 3, dtype=torch.float64, device=p.device).index_add(
         0, b, xc[:, :, None] * xc[:, None, :])
-    host = torch.cat([cnt[:, None], cov.reshape(n_graphs, 9)], 1).cpu()  # the one device -> host transfer
-    if bool((host[:, 0] == 0).any()):
-        raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(host[:, 0] == 0).flatten().tolist()} have "
-                         "no atoms")
-    lam, V = torch.linalg.eigh(host[:, 1:].reshape(n_graphs, 3, 3))
+    if solve_on == "host":
+        host = torch.cat([cnt[:, None], cov.reshape(n_graphs, 9)], 1).cpu()  # the one device -> host transfer
+        cnt, cov = host[:, 0], host[:, 1:].reshape(n_graphs, 3, 3)
+    if bool((cnt == 0).any()):
+        raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(cnt == 0).flatten().tolist()} have no atoms")
+    lam, V = torch.linalg.eigh(cov)
     gap = torch.minimum(lam[:, 1] - lam[:, 0], lam[:, 2] - lam[:, 1]) / lam[:, 2].abs().clamp_min(1e-300)
-    s = _signs(proper)  # [K, 3]
+    s = _signs(proper).to(V.device)  # [K, 3]
     F = V[:, None, :, :] * s[None, :, None, :]  # column j times s_j
     if proper:  # eigh may return det(V) = -1: then the 'proper' sign vectors give det = -1; fix by flipping one
         d = torch.linalg.det(V)
-        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype), F)
-    return c, F.to(p.device), lam.detach(), gap.detach()
+        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype,
+                                                                        device=F.device), F)
+    return c, F.to(p.device), lam.detach().cpu(), gap.detach().cpu()
 
 
 class FrameAveraging(nn.Module):

@@ -103,8 +103,8 @@ class _Layout:
 
     def _on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``t`` on ``device``, copied once per device (no host-to-device copy per call on a GPU)."""
-        if t.device == device:
-            return t
+        if t.device == device or torch.compiler.is_compiling():
+            return t.to(device)
         cache = self.__dict__.setdefault("_device_cache", {})
         key = (id(t), device)
         if key not in cache:
