@@ -116,12 +116,16 @@ def main(argv=None):
                     ref = z
                 row["max_rel_diff_f64"] = float((z - ref).norm() / ref.norm())
                 tp = tp.float().to(dev)
+                graphs = compiled and dev.type == "cuda"
                 if compiled:
-                    tp = torch.compile(tp, mode="reduce-overhead" if dev.type == "cuda" else None)
+                    torch._dynamo.reset()  # a fresh compilation per configuration (no recompile-limit fallback)
+                    tp = torch.compile(tp, mode="reduce-overhead" if graphs else None)
+                mark = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
                 x = torch.randn(args.batch, dim, generator=g).to(dev)
                 y = torch.randn(args.batch, dim, generator=g).to(dev)
 
                 def fwd():
+                    mark()  # CUDA graphs: a new iteration (earlier outputs may be overwritten)
                     with torch.no_grad():
                         tp(x, y)
                     sync()
@@ -129,6 +133,7 @@ def main(argv=None):
                 xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
 
                 def fwd_bwd():
+                    mark()
                     tp(xr, yr).sum().backward()
                     sync()
 
