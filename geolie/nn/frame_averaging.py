@@ -211,32 +211,46 @@ class FrameAveraging(nn.Module):
         out = self.backbone(*args)
         return self._map_back(out, self.out_rep, F.to(dtype), c.to(dtype), b, n_graphs, K, pos.shape[0])
 
-    def _map_back(self, out, spec, F, c, b, n_graphs, K, n_nodes):
+    @staticmethod
+    def _map_outputs(out, spec, leaf):
+        """Walk the backbone's outputs (tensor, tuple/list or dict) alongside ``out_rep``, checking that they
+        match, and map every tensor with ``leaf(tensor, rep)``."""
         if isinstance(out, dict):
             if not isinstance(spec, dict):
                 raise ValueError("FrameAveraging: the backbone returns a dict; out_rep must be a dict too")
             missing = [k for k in out if k not in spec]
             if missing:
                 raise ValueError(f"FrameAveraging: undeclared output(s) {missing} in out_rep")
-            return {k: self._map_back(v, spec[k], F, c, b, n_graphs, K, n_nodes) for k, v in out.items()}
+            return {k: FrameAveraging._map_outputs(v, spec[k], leaf) for k, v in out.items()}
         if isinstance(out, (tuple, list)):
             if not _is_seq(spec) or len(spec) != len(out):
                 raise ValueError(f"FrameAveraging: the backbone returns {len(out)} outputs; out_rep must match")
-            return type(out)(self._map_back(o, s, F, c, b, n_graphs, K, n_nodes) for o, s in zip(out, spec))
-        rep = as_rep(spec, "FrameAveraging out_rep")
-        y = out.reshape(K, -1, *out.shape[1:]) if out.dim() >= 1 else out.reshape(K, 1)
-        rows = y.shape[1]
-        if rows == n_nodes:
-            idx = b
-        elif rows == n_graphs:
-            idx = torch.arange(n_graphs, device=out.device)
-        else:
-            raise ValueError(f"FrameAveraging: output of shape {list(out.shape)} is neither per atom ({n_nodes} "
-                             f"rows per frame) nor per structure ({n_graphs})")
-        Rr = F[idx].transpose(0, 1).reshape(-1, 3, 3)  # [K*rows, 3, 3]: frame -> lab rotation is F
-        tr = c[idx][None].expand(K, -1, -1).reshape(-1, 3)
-        mapped = rep.act_rows(y.reshape(K * rows, *y.shape[2:]), Rr, tr if not rep.translation_invariant else None)
+            return type(out)(FrameAveraging._map_outputs(o, s, leaf) for o, s in zip(out, spec))
+        return leaf(out, as_rep(spec, "FrameAveraging out_rep"))
+
+    @staticmethod
+    def _average_rows(y, rep, Fr, cr):
+        """``y [K, rows, ...]`` computed in frame coordinates, each row with its frames ``Fr [rows, K, 3, 3]`` and
+        centre ``cr [rows, 3]``: map every frame's output back to the lab (``ρ(F, c)``) and average over frames."""
+        K, rows = y.shape[:2]
+        Rr = Fr.transpose(0, 1).reshape(-1, 3, 3)  # [K*rows, 3, 3]: frame -> lab rotation is F
+        tr = None if rep.translation_invariant else cr[None].expand(K, -1, -1).reshape(-1, 3)
+        mapped = rep.act_rows(y.reshape(K * rows, *y.shape[2:]), Rr, tr)
         return mapped.reshape(K, rows, *y.shape[2:]).mean(0)
+
+    def _map_back(self, out, spec, F, c, b, n_graphs, K, n_nodes):
+        def leaf(t, rep):
+            y = t.reshape(K, -1, *t.shape[1:]) if t.dim() >= 1 else t.reshape(K, 1)
+            if y.shape[1] == n_nodes:
+                idx = b
+            elif y.shape[1] == n_graphs:
+                idx = torch.arange(n_graphs, device=t.device)
+            else:
+                raise ValueError(f"FrameAveraging: output of shape {list(t.shape)} is neither per atom ({n_nodes} "
+                                 f"rows per frame) nor per structure ({n_graphs})")
+            return self._average_rows(y, rep, F[idx], c[idx])
+
+        return self._map_outputs(out, spec, leaf)
 
     def _merge(self, base, rem, bad, batch, n_graphs):
         """Replace the outputs of the degenerate structures by the remedy's."""
@@ -269,14 +283,5 @@ class FrameAveraging(nn.Module):
         return self._map_back_dense(out, self.out_rep, F.to(pos.dtype), c.to(pos.dtype), B, K)
 
     def _map_back_dense(self, out, spec, F, c, B, K):
-        if isinstance(out, dict):
-            return {k: self._map_back_dense(v, spec[k], F, c, B, K) for k, v in out.items()}
-        if isinstance(out, (tuple, list)):
-            return type(out)(self._map_back_dense(o, s, F, c, B, K) for o, s in zip(out, spec))
-        rep = as_rep(spec, "FrameAveraging out_rep")
-        y = out.reshape(K, B, *out.shape[1:])
-        flat = y.reshape(K * B, *out.shape[1:])
-        Rr = F.transpose(0, 1).reshape(-1, 3, 3)
-        tr = c[None].expand(K, -1, -1).reshape(-1, 3)
-        mapped = rep.act_rows(flat, Rr, None if rep.translation_invariant else tr)
-        return mapped.reshape(K, B, *out.shape[1:]).mean(0)
+        return self._map_outputs(out, spec, lambda t, rep: self._average_rows(t.reshape(K, B, *t.shape[1:]), rep,
+                                                                              F, c))
