@@ -1,4 +1,5 @@
 """Frame averaging: exact invariance/equivariance for every output type, per structure; degeneracy handling."""
+import math
 import warnings
 
 import pytest
@@ -199,3 +200,39 @@ def test_bad_arguments():
         fa(Z, cloud(9), BATCH)
     with pytest.raises(ValueError, match=r"shape \[N, 3\]"):
         fa(Z, torch.zeros(4, 2), None)
+
+
+@pytest.mark.parametrize("group", ["E3", "SE3"])
+def test_frames_in_groups_give_the_same_average(group, dtype):
+    """``frames_per_call`` splits the frames over several backbone calls: the same outputs (every kind, graph and
+    dense inputs, the degenerate remedy) as one folded call."""
+    x = cloud(9, dtype=dtype)
+    one = FrameAveraging(MultiHead().to(dtype), group=group, out_rep=OUT)(Z, x, BATCH)
+    tol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    for G in (1, 3):
+        calls = []
+        bb = MultiHead().to(dtype)
+        bb.register_forward_hook(lambda m, a, o: calls.append(a[1].shape[0]))
+        out = FrameAveraging(bb, group=group, out_rep=OUT, frames_per_call=G)(Z, x, BATCH)
+        K = 8 if group == "E3" else 4
+        assert calls == [9 * min(G, K - k) for k in range(0, K, G)]  # ceil(K / G) calls of up to G frames
+        for k in OUT:
+            assert torch.allclose(out[k], one[k], rtol=tol, atol=tol), (G, k)
+    # dense clouds
+    dense = lambda pos, mask: {"e": (torch.tanh(pos[..., 0]) * mask).sum(1), "v": torch.tanh(pos)}  # noqa: E731
+    pos = cloud(12, dtype=dtype).reshape(2, 6, 3)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    spec = {"e": None, "v": "vector"}
+    a = FrameAveraging(dense, group=group, out_rep=spec, dense=True)(pos, mask)
+    b = FrameAveraging(dense, group=group, out_rep=spec, dense=True, frames_per_call=3)(pos, mask)
+    assert all(torch.allclose(a[k], b[k], rtol=tol, atol=tol) for k in spec)
+    # the in-plane remedy (K * n_remedy frames) in groups
+    ang = torch.arange(3, dtype=torch.float64) * 2 * math.pi / 3
+    top = torch.cat([torch.stack([ang.cos(), ang.sin(), torch.zeros(3, dtype=torch.float64)], 1),
+                     torch.tensor([[0.0, 0.0, 0.8]], dtype=torch.float64)]).to(dtype)
+    zz = torch.tensor([6, 6, 6, 8])
+    mk = lambda G: FrameAveraging(CartesianMLPPotential(anisotropy=1.0).to(dtype), group=group,  # noqa: E731
+                                  degenerate="average", frames_per_call=G)
+    assert torch.allclose(mk(None)(zz, top), mk(5)(zz, top), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="frames_per_call"):
+        FrameAveraging(bb, frames_per_call=0)

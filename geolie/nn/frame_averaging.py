@@ -49,9 +49,12 @@ class GeolieDegenerateFrameWarning(UserWarning):
 _GROUPS = {"SO3": (False, True), "O3": (False, False), "SE3": (True, True), "E3": (True, False)}
 
 
-def _signs(proper: bool) -> torch.Tensor:
-    s = torch.tensor(list(itertools.product([1.0, -1.0], repeat=3)), dtype=torch.float64)
-    return s[s.prod(-1) > 0] if proper else s
+_ALL_SIGNS = torch.tensor(list(itertools.product([1.0, -1.0], repeat=3)), dtype=torch.float64)
+_SIGNS = {False: _ALL_SIGNS, True: _ALL_SIGNS[_ALL_SIGNS.prod(-1) > 0]}  # 8 sign vectors; the 4 with product +1
+
+
+def _signs(proper: bool, device) -> torch.Tensor:
+    return _SIGNS[proper].to(device)
 
 
 def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, center: bool, proper: bool,
@@ -82,12 +85,11 @@ def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, 
         raise ValueError(f"FrameAveraging: structure(s) {torch.nonzero(cnt == 0).flatten().tolist()} have no atoms")
     lam, V = torch.linalg.eigh(cov)
     gap = torch.minimum(lam[:, 1] - lam[:, 0], lam[:, 2] - lam[:, 1]) / lam[:, 2].abs().clamp_min(1e-300)
-    s = _signs(proper).to(V.device)  # [K, 3]
+    if proper:  # eigh may return det(V) = -1: flip the last column then, so that the 'proper' signs give det +1
+        d = (V[:, :, 0] * torch.linalg.cross(V[:, :, 1], V[:, :, 2])).sum(-1)  # det of orthonormal columns (±1)
+        V = torch.cat([V[:, :, :2], V[:, :, 2:] * torch.where(d < 0, -1.0, 1.0).to(V)[:, None, None]], -1)
+    s = _signs(proper, V.device)  # [K, 3]
     F = V[:, None, :, :] * s[None, :, None, :]  # column j times s_j
-    if proper:  # eigh may return det(V) = -1: then the 'proper' sign vectors give det = -1; fix by flipping one
-        d = torch.linalg.det(V)
-        F = torch.where((d < 0)[:, None, None, None], F * torch.tensor([1.0, 1.0, -1.0], dtype=F.dtype,
-                                                                        device=F.device), F)
     return c, F.to(p.device), lam.detach().cpu(), gap.detach().cpu()
 
 
@@ -105,12 +107,18 @@ class FrameAveraging(nn.Module):
     degenerate: ``"warn"``, ``"raise"`` or ``"average"`` for structures whose relative eigengap is below
         ``gap_threshold`` (see the module docstring); ``n_remedy`` in-plane frames for ``"average"``.
     dense: the backbone takes dense clouds ``backbone(pos [B, N, 3], mask [B, N])`` and ``forward(pos, mask)``.
+    frames_per_call: ``None`` (default): all frames folded into one backbone call; an integer ``G``: the frames go
+        through the backbone in groups of ``G`` (``ceil(K / G)`` calls, the same result). On a CPU the K-times
+        folded batch can cost more than K calls (caches; benchmarks/frame_averaging.py measures both); on a GPU one
+        call is faster.
     """
 
     def __init__(self, backbone, group: str = "SE3", mode: str = "all", out_rep: Any = "scalar",
                  degenerate: str = "warn", gap_threshold: float = 1e-3, n_remedy: int = 16, dense: bool = False,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, frames_per_call: Optional[int] = None):
         super().__init__()
+        if frames_per_call is not None and (not isinstance(frames_per_call, int) or frames_per_call < 1):
+            raise ValueError(f"frames_per_call must be None or a positive integer, got {frames_per_call!r}")
         if group not in _GROUPS:
             raise ValueError(f"group must be one of {list(_GROUPS)}, got {group!r}")
         if mode not in ("all", "stochastic"):
@@ -123,6 +131,7 @@ class FrameAveraging(nn.Module):
         self.out_rep = out_rep
         self.gap_threshold, self.n_remedy, self.dense = gap_threshold, n_remedy, dense
         self.generator = generator
+        self.frames_per_call = frames_per_call
         self.last_gap: Optional[torch.Tensor] = None  # relative eigengap per structure of the last call (CPU)
 
     @property
@@ -192,12 +201,24 @@ class FrameAveraging(nn.Module):
             return self._merge(out, rem, bad, batch, n_graphs)
         return out
 
+    def _groups(self, F, one_group):
+        """The frame average as the weighted sum of the averages over groups of ``frames_per_call`` frames."""
+        K = F.shape[1]
+        G = self.frames_per_call or K
+        if G >= K:
+            return one_group(F)
+        parts = [(one_group(F[:, k:k + G]), min(G, K - k) / K) for k in range(0, K, G)]
+        return _weighted_sum([p for p, _ in parts], [w for _, w in parts])
+
     def _average(self, z, pos, batch, cell, c, F, n_graphs):
+        return self._groups(F, lambda Fg: self._average_group(z, pos, batch, cell, c, Fg, n_graphs))
+
+    def _average_group(self, z, pos, batch, cell, c, F, n_graphs):
         K = F.shape[1]
         dtype = pos.dtype
         b = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device) if batch is None else batch
-        Fn = F.to(dtype)[b]  # [N, K, 3, 3]
-        xf = torch.einsum("nj,nkji->kni", pos - c.to(dtype)[b], Fn)  # (x - c) F for every frame: [K, N, 3]
+        F, c = F.to(dtype), c.to(dtype)
+        xf = torch.einsum("nj,nkji->kni", pos - c[b], F[b])  # (x - c) F for every frame: [K, N, 3]
         pos_all = xf.reshape(-1, 3)
         z_all = z.repeat(K) if z is not None else None
         b_all = (b[None, :] + n_graphs * torch.arange(K, device=pos.device)[:, None]).reshape(-1)
@@ -206,10 +227,10 @@ class FrameAveraging(nn.Module):
             cell_b = cell.reshape(-1, 3, 3).to(dtype)
             if cell_b.shape[0] != n_graphs:
                 raise ValueError(f"FrameAveraging: {cell_b.shape[0]} cells for {n_graphs} structures")
-            cf = torch.einsum("bij,bkjl->kbil", cell_b, F.to(dtype)).reshape(-1, 3, 3)
+            cf = torch.einsum("bij,bkjl->kbil", cell_b, F).reshape(-1, 3, 3)
             args = args + (cf,)
         out = self.backbone(*args)
-        return self._map_back(out, self.out_rep, F.to(dtype), c.to(dtype), b, n_graphs, K, pos.shape[0])
+        return self._map_back(out, self.out_rep, F, c, b, n_graphs, K, pos.shape[0])
 
     @staticmethod
     def _map_outputs(out, spec, leaf):
@@ -275,13 +296,26 @@ class FrameAveraging(nn.Module):
         flat = pos[mask]
         b = torch.arange(B, device=pos.device)[:, None].expand(B, N)[mask]
         c, F, lam, gap, bad = self._frames(flat, b, B)
-        F = self._select(F, B, pos.device)
-        K = F.shape[1]
-        xf = torch.einsum("bnj,bkji->kbni", pos - c.to(pos.dtype)[:, None, :], F.to(pos.dtype))
-        xf = xf * mask[None, :, :, None]
-        out = self.backbone(xf.reshape(K * B, N, 3), mask.repeat(K, 1))
-        return self._map_back_dense(out, self.out_rep, F.to(pos.dtype), c.to(pos.dtype), B, K)
+        F, c = self._select(F, B, pos.device).to(pos.dtype), c.to(pos.dtype)
+
+        def one_group(Fg):
+            K = Fg.shape[1]
+            xf = torch.einsum("bnj,bkji->kbni", pos - c[:, None, :], Fg) * mask[None, :, :, None]
+            out = self.backbone(xf.reshape(K * B, N, 3), mask.repeat(K, 1))
+            return self._map_back_dense(out, self.out_rep, Fg, c, B, K)
+
+        return self._groups(F, one_group)
 
     def _map_back_dense(self, out, spec, F, c, B, K):
         return self._map_outputs(out, spec, lambda t, rep: self._average_rows(t.reshape(K, B, *t.shape[1:]), rep,
                                                                               F, c))
+
+
+def _weighted_sum(outs, weights):
+    """``sum_i w_i outs[i]`` over outputs of the same structure (tensors, tuples/lists, dicts)."""
+    first = outs[0]
+    if isinstance(first, dict):
+        return {k: _weighted_sum([o[k] for o in outs], weights) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_weighted_sum([o[i] for o in outs], weights) for i in range(len(first)))
+    return sum(w * o for w, o in zip(weights, outs))
