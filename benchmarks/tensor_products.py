@@ -5,9 +5,10 @@ All four compute the same map (checked here at float64 to 1e-10 before timing): 
 (``uuu``, internal weights). Batch 10⁴ (``--batch``), 1 and 32 channels, forward and forward+backward, float32,
 on the CPU (and CUDA with ``--device cuda``; the results name the device). Warm-up, then medians; ratios are
 against measurements of the same run. ``--compiled grid dense`` adds the same products under ``torch.compile``
-(on CUDA with CUDA graphs, which removes the per-kernel launch latency that dominates at one channel). A
-configuration that runs out of memory is recorded as such; the JSON is rewritten after every configuration. Configurations whose single call exceeds ``--max-seconds`` are skipped
-for larger L (recorded as such). Fitted log-log slopes of time against L (L >= 3). Writes
+(on CUDA with CUDA graphs, meant to remove the kernel-launch latency that dominates at one channel; on an H100 with
+torch 2.11 their forward+backward failed, recorded as errors). A configuration that fails or runs out of memory is
+recorded as such (and left out of ratios and slopes); the JSON is rewritten after every configuration.
+Configurations whose single call exceeds ``--max-seconds`` are skipped for larger L (recorded as such). Fitted log-log slopes of time against L (L >= 3). Writes
 ``benchmarks/results/tensor_products_<device>.json`` and a plot ``tensor_products_<device>.png``.
 """
 from __future__ import annotations
@@ -158,7 +159,7 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001 - a compile failure is a result too
                     row["error"] = f"{type(e).__name__}: {e}"[:200]
                 finally:
-                    del tp, x, y, xr, yr
+                    tp = x = y = xr = yr = None  # free the device memory before the next configuration
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
@@ -174,14 +175,14 @@ def main(argv=None):
     for C in args.channels:
         for method in methods:
             pts = [(r["L"], r["forward_ms"]) for r in rows if r["channels"] == C and r["method"] == method
-                   and "forward_ms" in r and r["L"] >= 3]
+                   and "forward_ms" in r and "error" not in r and r["L"] >= 3]
             if len(pts) >= 3:
                 Ls, ts = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
                 slopes[f"{method}_C{C}"] = float(np.polyfit(Ls, ts, 1)[0])
     for r in rows:
-        base = {m: q.get("forward_ms") for q in rows if q["L"] == r["L"] and q["channels"] == r["channels"]
-                for m in [q["method"]]}
-        if "forward_ms" in r:
+        base = {q["method"]: q.get("forward_ms") for q in rows
+                if q["L"] == r["L"] and q["channels"] == r["channels"] and "error" not in q}
+        if "forward_ms" in r and "error" not in r:
             for other in ("e3nn", "dense", "dense+compile"):
                 if base.get(other):
                     r[f"speedup_vs_{other}"] = base[other] / r["forward_ms"]
@@ -219,8 +220,11 @@ def main(argv=None):
                 return f"{get[m]['forward_ms']:.2f}" if m in get and "forward_ms" in get[m] else "skipped"
 
             g = get.get("grid", {})
+            def ratio(key):
+                return f"{g[key]:.1f}x" if key in g else "–"
+
             lines.append(f"| {C} | {L} | {ms('e3nn')} | {ms('dense')} | {ms('grid')} | {ms('fourier')} | "
-                         f"{g.get('speedup_vs_dense', float('nan')):.1f}x | {g.get('speedup_vs_e3nn', float('nan')):.1f}x |")
+                         f"{ratio('speedup_vs_dense')} | {ratio('speedup_vs_e3nn')} |")
     comp = [r for r in rows if r["method"].endswith("+compile") and "forward_backward_ms" in r]
     if comp:
         lines += ["", "| C | L | compiled | forward (ms) | forward+backward (ms) | vs dense | vs dense+compile |",
