@@ -56,6 +56,10 @@ def e3nn_tp(C, L):
     return tp
 
 
+def ratio_of(row, key):
+    return f"{row[key]:.1f}x" if key in row else "–"
+
+
 def build(method, C, L):
     if method == "e3nn":
         return e3nn_tp(C, L)
@@ -221,7 +225,7 @@ def main(argv=None):
 
             g = get.get("grid", {})
             def ratio(key):
-                return f"{g[key]:.1f}x" if key in g else "–"
+                return ratio_of(g, key)
 
             lines.append(f"| {C} | {L} | {ms('e3nn')} | {ms('dense')} | {ms('grid')} | {ms('fourier')} | "
                          f"{ratio('speedup_vs_dense')} | {ratio('speedup_vs_e3nn')} |")
@@ -231,8 +235,8 @@ def main(argv=None):
                   "|---|---|---|---|---|---|---|"]
         for r in comp:
             lines.append(f"| {r['channels']} | {r['L']} | {r['method']} | {r['forward_ms']:.3f} | "
-                         f"{r['forward_backward_ms']:.3f} | {r.get('speedup_vs_dense', float('nan')):.1f}x | "
-                         f"{r.get('speedup_vs_dense+compile', float('nan')):.1f}x |")
+                         f"{r['forward_backward_ms']:.3f} | {ratio_of(r, 'speedup_vs_dense')} | "
+                         f"{ratio_of(r, 'speedup_vs_dense+compile')} |")
     print("\n".join(lines))
     print("slopes:", {k: round(v, 2) for k, v in slopes.items()})
 
