@@ -224,11 +224,8 @@ def main(argv=None):
                 return f"{get[m]['forward_ms']:.2f}" if m in get and "forward_ms" in get[m] else "skipped"
 
             g = get.get("grid", {})
-            def ratio(key):
-                return ratio_of(g, key)
-
             lines.append(f"| {C} | {L} | {ms('e3nn')} | {ms('dense')} | {ms('grid')} | {ms('fourier')} | "
-                         f"{ratio('speedup_vs_dense')} | {ratio('speedup_vs_e3nn')} |")
+                         f"{ratio_of(g, 'speedup_vs_dense')} | {ratio_of(g, 'speedup_vs_e3nn')} |")
     comp = [r for r in rows if r["method"].endswith("+compile") and "forward_backward_ms" in r]
     if comp:
         lines += ["", "| C | L | compiled | forward (ms) | forward+backward (ms) | vs dense | vs dense+compile |",
