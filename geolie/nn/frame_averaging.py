@@ -36,8 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._reps import as_rep
-from .._structure import _is_seq
+from .._structure import flatten_outputs, pair_outputs
 
 __all__ = ["FrameAveraging", "pca_frames", "GeolieDegenerateFrameWarning"]
 
@@ -208,7 +207,8 @@ class FrameAveraging(nn.Module):
         if G >= K:
             return one_group(F)
         parts = [(one_group(F[:, k:k + G]), min(G, K - k) / K) for k in range(0, K, G)]
-        return _weighted_sum([p for p, _ in parts], [w for _, w in parts])
+        return self._zip_outputs([p for p, _ in parts],
+                                 lambda rep, *ts: sum(w * t for (_, w), t in zip(parts, ts)))
 
     def _average(self, z, pos, batch, cell, c, F, n_graphs):
         return self._groups(F, lambda Fg: self._average_group(z, pos, batch, cell, c, Fg, n_graphs))
@@ -230,24 +230,14 @@ class FrameAveraging(nn.Module):
             cf = torch.einsum("bij,bkjl->kbil", cell_b, F).reshape(-1, 3, 3)
             args = args + (cf,)
         out = self.backbone(*args)
-        return self._map_back(out, self.out_rep, F, c, b, n_graphs, K, pos.shape[0])
+        return self._map_back(out, F, c, b, n_graphs, K, pos.shape[0])
 
-    @staticmethod
-    def _map_outputs(out, spec, leaf):
-        """Walk the backbone's outputs (tensor, tuple/list or dict) alongside ``out_rep``, checking that they
-        match, and map every tensor with ``leaf(tensor, rep)``."""
-        if isinstance(out, dict):
-            if not isinstance(spec, dict):
-                raise ValueError("FrameAveraging: the backbone returns a dict; out_rep must be a dict too")
-            missing = [k for k in out if k not in spec]
-            if missing:
-                raise ValueError(f"FrameAveraging: undeclared output(s) {missing} in out_rep")
-            return {k: FrameAveraging._map_outputs(v, spec[k], leaf) for k, v in out.items()}
-        if isinstance(out, (tuple, list)):
-            if not _is_seq(spec) or len(spec) != len(out):
-                raise ValueError(f"FrameAveraging: the backbone returns {len(out)} outputs; out_rep must match")
-            return type(out)(FrameAveraging._map_outputs(o, s, leaf) for o, s in zip(out, spec))
-        return leaf(out, as_rep(spec, "FrameAveraging out_rep"))
+    def _zip_outputs(self, outs, fn):
+        """Outputs of the backbone's structure (checked against ``out_rep`` by :func:`pair_outputs`) whose every
+        tensor is ``fn(rep, t_1, ..., t_n)`` of the matching tensors of ``outs``."""
+        leaves, rebuild = pair_outputs(outs[0], self.out_rep, "FrameAveraging backbone output")
+        flat = [flatten_outputs(o) for o in outs]
+        return rebuild([fn(leaf.rep, *ts) for leaf, *ts in zip(leaves, *flat)])
 
     @staticmethod
     def _average_rows(y, rep, Fr, cr):
@@ -259,8 +249,8 @@ class FrameAveraging(nn.Module):
         mapped = rep.act_rows(y.reshape(K * rows, *y.shape[2:]), Rr, tr)
         return mapped.reshape(K, rows, *y.shape[2:]).mean(0)
 
-    def _map_back(self, out, spec, F, c, b, n_graphs, K, n_nodes):
-        def leaf(t, rep):
+    def _map_back(self, out, F, c, b, n_graphs, K, n_nodes):
+        def leaf(rep, t):
             y = t.reshape(K, -1, *t.shape[1:]) if t.dim() >= 1 else t.reshape(K, 1)
             if y.shape[1] == n_nodes:
                 idx = b
@@ -271,22 +261,18 @@ class FrameAveraging(nn.Module):
                                  f"rows per frame) nor per structure ({n_graphs})")
             return self._average_rows(y, rep, F[idx], c[idx])
 
-        return self._map_outputs(out, spec, leaf)
+        return self._zip_outputs([out], leaf)
 
     def _merge(self, base, rem, bad, batch, n_graphs):
         """Replace the outputs of the degenerate structures by the remedy's."""
-        if isinstance(base, dict):
-            return {k: self._merge(base[k], rem[k], bad, batch, n_graphs) for k in base}
-        if isinstance(base, (tuple, list)):
-            return type(base)(self._merge(a, r, bad, batch, n_graphs) for a, r in zip(base, rem))
-        b = torch.zeros(base.shape[0], dtype=torch.long, device=base.device) if batch is None else batch
-        badt = torch.tensor(bad, device=base.device)
-        if base.shape[0] == n_graphs:
-            mask = torch.isin(torch.arange(n_graphs, device=base.device), badt)
-        else:
-            mask = torch.isin(b, badt)
-        mask = mask.reshape((-1,) + (1,) * (base.dim() - 1))
-        return torch.where(mask, rem, base)
+        def pick(rep, a, r):
+            b = torch.zeros(a.shape[0], dtype=torch.long, device=a.device) if batch is None else batch
+            badt = torch.tensor(bad, device=a.device)
+            rows = torch.arange(n_graphs, device=a.device) if a.shape[0] == n_graphs else b
+            mask = torch.isin(rows, badt).reshape((-1,) + (1,) * (a.dim() - 1))
+            return torch.where(mask, r, a)
+
+        return self._zip_outputs([base, rem], pick)
 
     def _forward_dense(self, pos: torch.Tensor, mask: Optional[torch.Tensor] = None):
         if pos.dim() != 3 or pos.shape[-1] != 3:
@@ -302,20 +288,9 @@ class FrameAveraging(nn.Module):
             K = Fg.shape[1]
             xf = torch.einsum("bnj,bkji->kbni", pos - c[:, None, :], Fg) * mask[None, :, :, None]
             out = self.backbone(xf.reshape(K * B, N, 3), mask.repeat(K, 1))
-            return self._map_back_dense(out, self.out_rep, Fg, c, B, K)
+            return self._map_back_dense(out, Fg, c, B, K)
 
         return self._groups(F, one_group)
 
-    def _map_back_dense(self, out, spec, F, c, B, K):
-        return self._map_outputs(out, spec, lambda t, rep: self._average_rows(t.reshape(K, B, *t.shape[1:]), rep,
-                                                                              F, c))
-
-
-def _weighted_sum(outs, weights):
-    """``sum_i w_i outs[i]`` over outputs of the same structure (tensors, tuples/lists, dicts)."""
-    first = outs[0]
-    if isinstance(first, dict):
-        return {k: _weighted_sum([o[k] for o in outs], weights) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_weighted_sum([o[i] for o in outs], weights) for i in range(len(first)))
-    return sum(w * o for w, o in zip(weights, outs))
+    def _map_back_dense(self, out, F, c, B, K):
+        return self._zip_outputs([out], lambda rep, t: self._average_rows(t.reshape(K, B, *t.shape[1:]), rep, F, c))
