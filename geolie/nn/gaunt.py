@@ -90,26 +90,18 @@ class _Layout:
         self.inv_perm = torch.argsort(self.perm)
         self.identity = bool(torch.equal(self.perm, torch.arange(len(perm))))
 
-    def to_channels(self, x: torch.Tensor) -> torch.Tensor:
+    def to_channels(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """``[..., C * dim]`` -> ``[..., C, d]``; ``perm``: this layout's ``perm`` on ``x``'s device (the owning
+        module keeps it as a buffer, see ``_Float64Buffers._register_layout``)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected a last dimension of {self.dim} ({self.irreps}), got {x.shape[-1]}")
         if not self.identity:
-            x = x[..., self._on(self.perm, x.device)]
+            x = x[..., perm]
         return x.reshape(*x.shape[:-1], self.mul, self.d)
 
-    def from_channels(self, xc: torch.Tensor) -> torch.Tensor:
+    def from_channels(self, xc: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
         x = xc.reshape(*xc.shape[:-2], -1)
-        return x if self.identity else x[..., self._on(self.inv_perm, x.device)]
-
-    def _on(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``t`` on ``device``, copied once per device (no host-to-device copy per call on a GPU)."""
-        if t.device == device or torch.compiler.is_compiling():
-            return t.to(device)
-        cache = self.__dict__.setdefault("_device_cache", {})
-        key = (id(t), device)
-        if key not in cache:
-            cache[key] = t.to(device)
-        return cache[key]
+        return x if self.identity else x[..., inv_perm]
 
     def sh_rows(self, pval: int) -> List[int]:
         """Components belonging to the signal of value parity ``pval``."""
@@ -233,6 +225,12 @@ class _Float64Buffers(nn.Module):
         self._cast_cache = {}
         return self
 
+    def _register_layout(self, key: str, lay: _Layout) -> None:
+        """``lay``'s index permutations as buffers ``<key>_perm`` / ``<key>_iperm``: they follow the module's
+        device like every other constant (not saved in the state dict)."""
+        self.register_buffer(f"{key}_perm", lay.perm, persistent=False)
+        self.register_buffer(f"{key}_iperm", lay.inv_perm, persistent=False)
+
     def _b(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         t = self._buffers[name]
         if torch.compiler.is_compiling():  # traced: the cast is part of the graph (no Python-side cache)
@@ -262,6 +260,8 @@ class GauntTensorProduct(_Float64Buffers):
         self.l1, self.l2, self.l3 = _Layout(irreps_in1, "irreps_in1"), _Layout(irreps_in2, "irreps_in2"), \
             _Layout(irreps_out, "irreps_out")
         self.irreps_in1, self.irreps_in2, self.irreps_out = self.l1.irreps, self.l2.irreps, self.l3.irreps
+        for key in ("l1", "l2", "l3"):
+            self._register_layout(key, getattr(self, key))
         C = self.l1.mul
         if self.l3.mul != C or self.l2.mul not in (1, C):
             raise ValueError(f"multiplicities must match (in1 {C}, in2 {self.l2.mul} or 1, out {self.l3.mul})")
@@ -351,8 +351,8 @@ class GauntTensorProduct(_Float64Buffers):
             self.register_buffer(name, m, persistent=False)
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _weighted(self, x, lay, w, e):
-        xc = lay.to_channels(x)
+    def _weighted(self, x, lay, perm, w, e):
+        xc = lay.to_channels(x, perm)
         return xc if w is None else xc * w.to(xc.dtype)[:, e]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -378,8 +378,8 @@ class GauntTensorProduct(_Float64Buffers):
         return rows if n > rows else None
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xc = self._weighted(x, self.l1, self.w1, self.e1)  # [..., C, d1]
-        yc = self._weighted(y, self.l2, self.w2, self.e2)  # [..., C or 1, d2]
+        xc = self._weighted(x, self.l1, self.l1_perm, self.w1, self.e1)  # [..., C, d1]
+        yc = self._weighted(y, self.l2, self.l2_perm, self.w2, self.e2)  # [..., C or 1, d2]
         if self.method == "dense":
             z = torch.einsum("...ci,...cj,ijk->...ck", xc, yc, self._b('T', xc.dtype))
         elif self.method == "grid":
@@ -388,7 +388,7 @@ class GauntTensorProduct(_Float64Buffers):
             z = self._fourier(xc, yc)
         if self.w3 is not None:
             z = z * self.w3.to(z.dtype)[:, self.e3]
-        return self.l3.from_channels(z)
+        return self.l3.from_channels(z, self.l3_iperm)
 
     def _grid(self, xc, yc):
         G = self.n_grid

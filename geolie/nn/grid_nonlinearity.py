@@ -37,6 +37,7 @@ class SphericalGridNonlinearity(_Float64Buffers):
                  mlp_hidden: Optional[int] = None):
         super().__init__()
         self.lay = _Layout(irreps, "irreps")
+        self._register_layout("lay", self.lay)
         if any(pv != 1 for pv in self.lay.pvals):
             raise ValueError(f"SphericalGridNonlinearity needs natural parity (0e, 1o, 2e, ...), got {self.lay.irreps}:"
                              " a pointwise nonlinearity of a pseudo-signal is not parity equivariant")
@@ -52,13 +53,13 @@ class SphericalGridNonlinearity(_Float64Buffers):
         self.mlp = nn.Sequential(nn.Linear(C, mlp_hidden), nn.SiLU(), nn.Linear(mlp_hidden, C)) if mlp_hidden else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = self.lay.to_channels(x)  # [..., C, d]
+        xc = self.lay.to_channels(x, self.lay_perm)  # [..., C, d]
         f = xc @ self._b('B', xc.dtype)  # [..., C, G]
         if self.mlp is not None:
             f = self.mlp(f.transpose(-1, -2)).transpose(-1, -2)
         else:
             f = self.act(f)
-        return self.lay.from_channels(f @ self._b('P', f.dtype))
+        return self.lay.from_channels(f @ self._b('P', f.dtype), self.lay_iperm)
 
     def extra_repr(self) -> str:
         return f"{self.irreps}, resolution={self.resolution}, {'mlp' if self.mlp is not None else 'pointwise'}"
