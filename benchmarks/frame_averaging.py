@@ -105,8 +105,7 @@ def measure(n_st, dev):
 
             t_ef = timeit(ef, min_time=0.5)["median_s"]
             t_ef_bare = timeit(ef_bare, min_time=0.5)["median_s"]
-            n_g = int(batch.max()) + 1
-            t_frames = {where: timeit(lambda: pca_frames(pos, batch, n_g, fa.center, fa.proper, solve_on=where),
+            t_frames = {where: timeit(lambda: pca_frames(pos, batch, n_st, fa.center, fa.proper, solve_on=where),
                                       min_time=0.2)["median_s"] for where in ("host", "device")}
             row = {"backbone": name, "group": group, "frames": K, "structures": n_st, "atoms": int(pos.shape[0]),
                    "bare_ms": 1e3 * t_bare, "folded_ms": 1e3 * t_fold, "fa_ms": 1e3 * t_fa,
