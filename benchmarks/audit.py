@@ -67,8 +67,8 @@ def main(argv=None):
                 t = time.perf_counter()
                 errs = []
                 for at in mols:
-                    fn, x, in_rep, out_rep = pot.function(geolie.adapters._base.Structure.from_atoms(at), dtype)
-                    fin = geolie.finite_equivariance_error(fn, x, in_rep=in_rep, out_rep=out_rep, n=8)
+                    ev = pot.evaluation(geolie.adapters.Structure.from_atoms(at), dtype)
+                    fin = geolie.finite_equivariance_error(ev, n=8)
                     errs.append(fin.errors["forces"]["rotation"]["max_rel"])
                 row["finite_structures_per_s"] = len(mols) / (time.perf_counter() - t)
                 row["finite_median_rel_forces"] = float(np.median(errs))

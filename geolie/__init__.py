@@ -1,8 +1,8 @@
 """geolie: how equivariant is your model? Lie derivatives under SO(3)/SE(3) for point clouds and molecules.
 
 The public API is flat (small private modules re-exported here): groups (``SO3``, ``SE3``), representations
-(``as_rep``, ``register_rep``), the engine (``lie_derivative``, ``conservative``, ``measure``,
-``finite_equivariance_error``), the audit (``audit``, ``testing.assert_equivariant``) and data (``geolie.data``).
+(``as_rep``, ``register_rep``), the adapter-to-engine hand-off (``Evaluation``), the engine (``lie_derivative``,
+``conservative``, ``conservativeness``, ``measure``, ``finite_equivariance_error``), the audit (``audit``, ``testing.assert_equivariant``) and data (``geolie.data``).
 Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
 
 See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
@@ -12,8 +12,9 @@ from ._groups import LieGroup, SE3, SO3, as_group, hat, so3_exp, so3_log, vee
 from ._reps import (
     IrrepsRep, PointRep, PseudovectorRep, Rep, ScalarRep, Tensor2Rep, VectorRep, as_rep, known_reps, register_rep,
 )
-from ._lie import GeolieFallbackWarning, lie_derivative
-from ._conservative import conservative, lie_energy_from_forces
+from ._evaluation import Evaluation
+from ._lie import GeolieADCheckWarning, GeolieFallbackWarning, lie_derivative
+from ._conservative import conservative, conservativeness, lie_energy_from_forces
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import AuditReport, audit
@@ -25,7 +26,8 @@ __all__ = [
     "LieGroup", "SO3", "SE3", "as_group", "hat", "vee", "so3_exp", "so3_log",
     "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep", "as_rep", "known_reps",
     "register_rep",
-    "lie_derivative", "GeolieFallbackWarning", "conservative", "lie_energy_from_forces",
+    "lie_derivative", "GeolieFallbackWarning", "GeolieADCheckWarning", "conservative", "conservativeness",
+    "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
     "audit", "AuditReport", "data", "testing",
 ]

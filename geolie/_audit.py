@@ -14,14 +14,17 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ._conservative import conservativeness
 from ._finite import finite_equivariance_error
 from ._groups import SE3, as_group
+from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import aggregate, measure
 
 __all__ = ["audit", "AuditReport"]
@@ -72,7 +75,27 @@ class AuditReport:
                 for fam, v in r.get("finite", {}).get(name, {}).items():
                     fin.setdefault(fam, []).append(v)
             out[name]["finite_max_rel"] = {fam: float(np.max(v)) for fam, v in fin.items()}
+            out[name]["source"] = next((r["outputs"][name].get("source", "") for r in self.rows
+                                        if name in r.get("outputs", {})), "")
+            checks = [r["outputs"][name].get("ad_check") for r in self.rows if name in r.get("outputs", {})]
+            checks = [c for c in checks if c is not None]
+            out[name]["ad_check_max"] = float(max(checks)) if checks else None
         return out
+
+    def conservative_aggregates(self) -> Dict[str, Dict[str, float]]:
+        """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces)."""
+        keys = ("force_gap_rel", "jacobian_asym_rel")
+        vals = {k: [r["conservative"][k] for r in self.rows if r.get("conservative")] for k in keys}
+        return {k: aggregate(v) for k, v in vals.items() if v}
+
+    def notes(self) -> List[str]:
+        """Distinct notes of all rows (precision limits, AD methods that failed their check, fallbacks)."""
+        seen: List[str] = []
+        for r in self.rows:
+            for n in r.get("notes", []):
+                if n not in seen:
+                    seen.append(n)
+        return seen
 
     def metric(self, output: Optional[str] = None, kind: str = "rel") -> float:
         """Max over structures and generators (and outputs, when ``output`` is None) of ``kind``."""
@@ -83,7 +106,8 @@ class AuditReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
-                "n_structures": len(self.rows), "aggregates": self.aggregates(), "meta": self.meta,
+                "n_structures": len(self.rows), "aggregates": self.aggregates(),
+                "conservative": self.conservative_aggregates(), "notes": self.notes(), "meta": self.meta,
                 "structures": self.rows}
 
     def table(self) -> str:
@@ -98,6 +122,18 @@ class AuditReport:
                 lines.append(f"{name[:9]:<10}{stat:<8}" + "".join(f"{a[g][stat]:>10.1e}" for g in gens)
                              + f"{a['iso_rotation'][stat]:>10.1e}" + (f"{fl:>10.1e}" if stat == "median" and
                                                                       fl is not None else f"{'':>10}"))
+        lines.append("")
+        lines.append("where each output comes from; adjoint test of its AD derivative (max relative disagreement):")
+        for name, a in agg.items():
+            chk = "n/a (finite differences)" if a["ad_check_max"] is None else f"{a['ad_check_max']:.1e}"
+            lines.append(f"  {name:<10}{a['source'] or '?':<30}adjoint {chk}")
+        cons = self.conservative_aggregates()
+        if cons:
+            lines.append("")
+            lines.append("conservativeness of the returned forces (0 for F = -dE/dx):  median      max")
+            for k, label in (("force_gap_rel", "|F + dE/dx| / |F|"), ("jacobian_asym_rel", "|antisym dF/dx| / |dF/dx|")):
+                if k in cons:
+                    lines.append(f"  {label:<58}{cons[k]['median']:>8.1e} {cons[k]['max']:>8.1e}")
         fams = sorted({f for a in agg.values() for f in a["finite_max_rel"]})
         if fams:
             lines.append("")
@@ -105,6 +141,11 @@ class AuditReport:
             for name, a in agg.items():
                 lines.append(f"{name[:17]:<18}" + "".join(
                     f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams))
+        notes = self.notes()
+        if notes:
+            lines.append("")
+            lines.append("notes:")
+            lines += [f"  - {n}" for n in notes]
         lw = self.layerwise_summary()
         if lw:
             lines.append("")
@@ -168,7 +209,7 @@ class AuditReport:
 
 
 def _as_structures(structures) -> List:
-    from .adapters._base import Structure
+    from .adapters import Structure
 
     if isinstance(structures, str):
         from .data import load
@@ -194,50 +235,63 @@ def _as_structures(structures) -> List:
 
 def _sample(m, b: int) -> Dict[str, Any]:
     """One sample's figures of an :class:`OutputMetrics`, as stored in a row."""
-    return {"rep": m.rep, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(), "floor": m.floor[b].tolist(),
-            "floor_rel": m.floor_rel[b].tolist(), "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(),
-            "at_floor": m.at_floor[b].tolist(), "floor_source": m.floor_source, "norm": float(m.ynorm[b])}
+    return {"rep": m.rep, "source": m.source, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(),
+            "floor": m.floor[b].tolist(), "floor_rel": m.floor_rel[b].tolist(),
+            "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(), "at_floor": m.at_floor[b].tolist(),
+            "floor_source": m.floor_source, "ad_check": m.ad_check, "norm": float(m.ynorm[b])}
+
+
+def _measure(pot, ev, ev_ref, group, where):
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeolieADCheckWarning)
+            warnings.simplefilter("always", GeolieFallbackWarning)
+            rep = measure(ev, group=group, f_ref=ev_ref, floor=ev_ref is not None or ev.method != "fd")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for w in caught:  # said once more, naming the structure; the notes keep them in the report
+        if issubclass(w.category, (GeolieADCheckWarning, GeolieFallbackWarning)):
+            warnings.warn(f"{where}: {w.message}", w.category, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rep
+
+
+def _conservative_figures(ev, n_structures: int) -> Optional[Dict[str, List[float]]]:
+    """Force gap and Jacobian asymmetry (:func:`geolie.conservativeness`) for models that return forces themselves."""
+    if not ev.has_model_forces or ev.method == "fd":
+        return None
+    c = conservativeness(ev.fn, ev.inputs, batch=ev.batch)
+    return {k: [float(v) for v in c[k][:n_structures]] for k in c}
 
 
 def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     where = f"structure {index} ({st.name})"
     pot.check(st, where)
-    if len(st.numbers) == 0:
-        raise ValueError(f"{where}: empty structure")
-    fn, x, in_rep, out_rep = pot.function(st, dtype)
+    ev = pot.evaluation(st, dtype)
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    f_ref = pot.function(st, other)[0] if other in pot.dtypes else None
-    try:
-        rep = measure(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, method=pot.method, f_ref=f_ref,
-                      floor=f_ref is not None)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    ev_ref = pot.evaluation(st, other) if other in pot.dtypes else None
+    rep = _measure(pot, ev, ev_ref, group, where)
     row: Dict[str, Any] = {"index": index, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-                           "outputs": {name: _sample(m, 0) for name, m in rep.outputs.items()}}
-    per_atom = {"forces": True, "output": bool(getattr(pot, "per_point", False))}
-    perm = {"inputs": (True, True) + (False,) * (len(in_rep) - 2),  # positions and atomic numbers move together
-            "outputs": per_atom}
+                           "outputs": {name: _sample(m, 0) for name, m in rep.outputs.items()}, "notes": rep.notes}
+    cons = _conservative_figures(ev, 1)
+    if cons is not None:
+        row["conservative"] = {k: v[0] for k, v in cons.items()}
     row["finite"] = {}
     if n_finite > 0:
-        fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
-                                        permutation=perm, generator=torch.Generator().manual_seed(seed + index))
+        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation={},
+                                        generator=torch.Generator().manual_seed(seed + index))
         row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     if layerwise:
-        mod = pot.module()
-        if mod is None:
+        target = pot.layerwise_target(st, dtype)
+        if target is None:
             row["layerwise"] = None
         else:
             from ._layerwise import layerwise_attribution
 
-            m = pot.copy_for(dtype)
-            z = x[1]
-            from .adapters import PointCloudModel
-
-            if isinstance(pot, PointCloudModel):  # the model's own output, exact or by Hutchinson probes
-                row["layerwise"] = layerwise_attribution(m, lambda p: m(p), x[0], group=group, out_rep=pot.out_rep)
-            else:
-                energy = pot.energy_fn(st, dtype, module=m)
-                row["layerwise"] = layerwise_attribution(m, lambda p: energy(p, z), x[0], group=group)
+            module, f, out_rep = target
+            kw = {} if out_rep is None else {"out_rep": out_rep}
+            row["layerwise"] = layerwise_attribution(module, f, ev.inputs[0], group=group, **kw)
     return row
 
 
@@ -248,25 +302,24 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
     sts = [st for _, st in chunk]
     for i, st in chunk:
         pot.check(st, f"structure {i} ({st.name})")
-    fn, x, batch, in_rep, out_rep = pot.batch_function(sts, dtype)
+    ev = pot.batch_evaluation(sts, dtype)
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    f_ref = pot.batch_function(sts, other)[0] if other in pot.dtypes else None
-    where = f"structures {idx[0]}-{idx[-1]}"
-    try:
-        rep = measure(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, method=pot.method, f_ref=f_ref,
-                      floor=f_ref is not None, batch=batch)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    ev_ref = pot.batch_evaluation(sts, other) if other in pot.dtypes else None
+    rep = _measure(pot, ev, ev_ref, group, f"structures {idx[0]}-{idx[-1]}")
+    cons = _conservative_figures(ev, len(chunk))
     finite = {}
     if n_finite > 0:
-        fin = finite_equivariance_error(fn, x, group=group, in_rep=in_rep, out_rep=out_rep, n=n_finite, parity=True,
+        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True,
                                         generator=torch.Generator().manual_seed(seed + idx[0]))
         finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     rows = []
     for b, (i, st) in enumerate(chunk):
-        rows.append({"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-                     "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "finite": finite,
-                     "batched": len(chunk)})
+        row = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
+               "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": rep.notes,
+               "finite": finite, "batched": len(chunk)}
+        if cons is not None:
+            row["conservative"] = {k: v[b] for k, v in cons.items()}
+        rows.append(row)
     return rows
 
 
@@ -288,15 +341,10 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     from .adapters import load_model
 
     group = as_group(group)
-    pot = load_model(model)
-    if device is not None:
-        from .adapters import CalculatorPotential
-
-        if not isinstance(pot, CalculatorPotential):
-            pot.device = torch.device(device)
-            pot._copies = {}
+    pot = load_model(model, device=device)
     if dtype not in pot.dtypes:
-        raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}")
+        raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
+                         + (f" ({pot.dtype_note})" if pot.dtype_note else ""))
     sts = _as_structures(structures)
     if limit is not None:
         sts = sts[:limit]
@@ -345,7 +393,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     bar.close()
     rows = [rows[i] for i in sorted(rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
-                       {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size})
+                       {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size,
+                        "dtype_note": pot.dtype_note})
 
 
 def _append_csv(path, row, gens):
@@ -353,12 +402,17 @@ def _append_csv(path, row, gens):
     with open(path, "a", newline="") as fh:
         w = csv.writer(fh)
         if new:
-            w.writerow(["index", "name", "atoms", "output", "method"] + [f"rel_{g}" for g in gens]
-                       + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens] + ["iso_rotation_rel"])
+            w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
+                       + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
+                       + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel"])
+        cons = row.get("conservative") or {}
+        fallback = " | ".join(n for n in row.get("notes", []) if "adjoint test" in n or "finite differences used" in n)
         for name, o in row["outputs"].items():
             iso = math.sqrt(sum(v * v for v in o["rel"][:3]) / 3)
-            w.writerow([row["index"], row["name"], row["atoms"], name, row["method"]] + o["rel"] + o["abs"]
-                       + o["floor"] + [iso])
+            w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
+                       + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
+                       + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
+                          else ["", ""]))
 
 
 def write_report(report: AuditReport, out_dir: str) -> List[str]:

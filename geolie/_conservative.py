@@ -22,7 +22,7 @@ import torch
 from ._groups import SE3, as_group, hat
 from ._structure import centroids
 
-__all__ = ["conservative", "lie_energy_from_forces"]
+__all__ = ["conservative", "lie_energy_from_forces", "conservativeness"]
 
 
 def conservative(energy_fn: Callable[..., torch.Tensor], as_dict: bool = False) -> Callable:
@@ -99,3 +99,59 @@ def lie_energy_from_forces(pos: torch.Tensor, forces: torch.Tensor, *, group=SE3
     batch = torch.as_tensor(batch, device=pos.device).long()
     n = int(batch.max()) + 1
     return torch.zeros(group.dim, n, dtype=pos.dtype, device=pos.device).index_add_(1, batch, per_atom)
+
+
+def _per_structure_sq(t: torch.Tensor, batch: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Squared norms of ``t [N, ...]`` summed per structure: ``[n]``."""
+    sq = t.detach().double().reshape(t.shape[0], -1).pow(2).sum(-1)
+    if batch is None:
+        return sq.sum().reshape(1)
+    return torch.zeros(n, dtype=torch.float64, device=t.device).index_add_(0, batch.to(t.device).long(), sq)
+
+
+def conservativeness(fn: Callable, inputs, *, batch: Optional[torch.Tensor] = None, n_probes: int = 3,
+                     seed: int = 0, energy: str = "energy", forces: str = "forces"):
+    r"""How far a model's forces are from a conservative field, per structure.
+
+    ``fn(*inputs)`` returns a dict with an energy (one per structure) and forces ``[N, 3]``; ``inputs[0]`` are the
+    positions. Returns ``{"force_gap_rel": [B], "jacobian_asym_rel": [B]}`` (numpy arrays) with
+
+    * ``force_gap_rel = ‖F + ∇E‖ / ‖F‖``: the distance of the returned forces from ``-∇E`` (one reverse pass);
+    * ``jacobian_asym_rel = ‖A‖_F / ‖J‖_F`` for the force Jacobian ``J = ∂F/∂x`` and its antisymmetric part
+      ``A = (J − Jᵀ)/2``: zero for a conservative field (``J = −H`` is symmetric), at most 1. Estimated with
+      ``n_probes`` Gaussian probes ``v`` (Hutchinson: ``E‖Mv‖² = ‖M‖_F²``) as
+      ``sqrt(Σ‖A v‖² / Σ‖J v‖²)``; ``Jᵀv`` by one reverse pass, ``J v`` by double backward (two).
+
+    With ``batch`` the structures must be independent (a block-diagonal Jacobian) and figures are per structure.
+    """
+    pos = inputs[0].detach().clone().requires_grad_(True)
+    n = 1 if batch is None else int(batch.max()) + 1
+    with torch.enable_grad():
+        out = fn(pos, *inputs[1:])
+        if energy not in out or forces not in out:
+            raise ValueError(f"conservativeness: the function returned {sorted(out)}; it needs {energy!r} and "
+                             f"{forces!r}")
+        E, F = out[energy], out[forces]
+        if F.shape != pos.shape:
+            raise ValueError(f"conservativeness: forces have shape {list(F.shape)}, positions {list(pos.shape)}")
+        gE = torch.autograd.grad(E.sum(), pos, retain_graph=True, allow_unused=True)[0]
+        gE = torch.zeros_like(pos) if gE is None else gE
+        fnorm = _per_structure_sq(F, batch, n).sqrt()
+        gap = _per_structure_sq(F.detach() + gE, batch, n).sqrt()
+        gen = torch.Generator().manual_seed(seed)
+        num = torch.zeros(n, dtype=torch.float64, device=pos.device)
+        den = torch.zeros_like(num)
+        for _ in range(n_probes):
+            v = torch.randn(tuple(pos.shape), generator=gen, dtype=torch.float64).to(pos)
+            u = torch.zeros_like(F, requires_grad=True)
+            JTu = torch.autograd.grad((F * u).sum(), pos, create_graph=True, allow_unused=True)[0]
+            if JTu is None or not JTu.requires_grad:  # forces do not depend on positions: J = 0
+                continue
+            Jv = torch.autograd.grad((JTu * v).sum(), u, retain_graph=True, allow_unused=True)[0]
+            JTv = torch.autograd.grad((F * v).sum(), pos, retain_graph=True, allow_unused=True)[0]
+            Jv = torch.zeros_like(pos) if Jv is None else Jv
+            JTv = torch.zeros_like(pos) if JTv is None else JTv
+            num += _per_structure_sq(0.5 * (Jv - JTv), batch, n)
+            den += _per_structure_sq(Jv, batch, n)
+    rel = lambda a, b: torch.where(b > 0, a / b, torch.zeros_like(a)).cpu().numpy()  # noqa: E731
+    return {"force_gap_rel": rel(gap, fnorm), "jacobian_asym_rel": rel(num.sqrt(), den.sqrt())}

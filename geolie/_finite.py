@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ._groups import SE3, as_group
+from ._reps import PointRep
 from ._structure import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
@@ -64,8 +65,8 @@ def _flags(spec, n, what):
 
 
 def finite_equivariance_error(
-    f: Callable,
-    x: Any,
+    f: Any,
+    x: Any = None,
     *,
     group=SE3,
     in_rep: Any = "point",
@@ -77,18 +78,37 @@ def finite_equivariance_error(
     batch: Optional[torch.Tensor] = None,
     box: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    wrap: Optional[bool] = None,
 ) -> FiniteReport:
     """Errors of ``f`` under finite group elements (see the module docstring for the families and definitions).
 
     ``permutation``: ``None`` (skip) or ``{"inputs": flags, "outputs": flags}`` where ``flags`` say which
     inputs/output leaves are per-atom (permuted along their first dimension); unmarked outputs must be invariant.
+    ``f`` may be a :class:`geolie.Evaluation`: its inputs, representations, batch and per-atom flags are used.
+    ``wrap``: translate periodic structures' atoms back into the cell after a finite translation (atoms that cross a
+    cell face are replaced by their periodic image, ``x - floor(x C⁻¹) C``): a periodic model must not see the
+    difference. On by default when an input has the ``"cell"`` representation.
     Returns a :class:`FiniteReport`.
     """
+    from ._evaluation import Evaluation
+
+    if isinstance(f, Evaluation):
+        ev = f
+        f, x, in_rep, out_rep, batch = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch
+        if permutation is not None and permutation.get("inputs") is None:
+            permutation = {"inputs": ev.per_atom_inputs, "outputs": ev.per_atom}
     group = as_group(group)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     inputs = prepare_inputs(x, in_rep)
     centers = Centers(inputs, about, batch)
+    specs = tuple(in_rep) if isinstance(in_rep, (tuple, list)) else (in_rep,)
+    cell_i = [i for i, sp in enumerate(specs) if isinstance(sp, str) and sp == "cell"]
+    point_i = [i for i in inputs.moving if isinstance(inputs.reps[i], PointRep)]
+    if wrap is None:
+        wrap = bool(cell_i) and bool(point_i)
+    if wrap and not (len(cell_i) == 1 and point_i and inputs.values[cell_i[0]].shape == (3, 3)):
+        raise ValueError("wrap=True needs one [3, 3] input declared 'cell' and a 'point' input")
 
     def call(vals):
         # grad stays enabled: models that compute forces with torch.autograd.grad need it
@@ -118,6 +138,11 @@ def finite_equivariance_error(
             v = vals[i]
             c = centers.for_tensor(v, inputs.reps[i], f"input x[{i}]")
             vals[i] = inputs.reps[i].act(v, R.to(v), None if t is None else t.to(v), c)
+        if wrap and t is not None:  # atoms that left the cell come back as their periodic images
+            cell = vals[cell_i[0]]
+            for i in point_i:
+                frac = vals[i] @ torch.linalg.inv(cell)
+                vals[i] = vals[i] - torch.floor(frac) @ cell
         exp = [lf.rep.act(y, R.to(y), None if t is None else t.to(y), centers.for_tensor(y, lf.rep, lf.path))
                for y, lf in zip(y0, leaves)]
         return call(vals), exp

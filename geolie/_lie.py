@@ -33,12 +33,30 @@ Methods
   ``10 u max|φ| / (h/4)``. Works for functions that return numpy arrays or are not differentiable.
 * ``"auto"``: ``hvp`` where it applies, then ``jvp`` (loop, then vmap), then double-backward, then ``fd`` with a
   warning saying why.
+
+Self-check (dot-product or adjoint test)
+---------------------------------------
+Every AD result is verified before it is returned. For each output leaf ``y_j`` a random cotangent ``u_j`` is pulled
+back by one reverse pass through the base evaluation, ``g_j = J_jᵀ u_j``; then for every tangent ``v`` pushed forward
+(the generators' ``dρ_in(X_k) x`` and one extra probe ``w``) the two sides of
+
+.. math::   \langle u_j, J_j v\rangle = \langle J_j^T u_j, v\rangle
+
+must agree: ``|a − b| / (‖u_j‖‖J_j v‖ + ‖g_j‖‖v‖) <= tol`` (``tol`` = 1e-3 in float32 and float64, 3e-2 in
+lower precisions; a wrong forward-mode formula or a lost tangent gives O(0.1..1)). In float64 a disagreement above
+1e-9 that passes ``tol`` says that the model computes below float64 precision somewhere (float32 arithmetic inside
+a model that returns float64): the result is used and a note says so. The probe ``w`` is a random
+direction plus the normalised pull-backs ``g_j``: for an equivariant model the generators' sides are both ~0 and
+could not reveal a tangent that was dropped, ``⟨g_j, w⟩`` is not. A method that fails the check is not used: geolie
+warns (:class:`GeolieADCheckWarning`, naming the output and the disagreement), tries double backward, then finite
+differences, and records the failure (:attr:`LieResult.notes`); the check's value for each output of the accepted
+method is :attr:`LieResult.ad_check`. The check costs one reverse pass per output leaf and one tangent more.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -58,6 +76,18 @@ class GeolieFallbackWarning(UserWarning):
     """Emitted when ``method="auto"`` cannot use automatic differentiation and falls back to finite differences."""
 
 
+class GeolieADCheckWarning(UserWarning):
+    """Emitted when an AD method fails its dot-product (adjoint) test and geolie switches to another method."""
+
+
+def ad_check_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative disagreement of the adjoint test accepted for an AD result in ``dtype``."""
+    return {torch.float64: 1e-3, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+PRECISION_TOLERANCE = {torch.float64: 1e-9}  # above it (and below ad_check_tolerance): a note on the precision
+
+
 @dataclass
 class _Problem:
     f: Callable
@@ -70,6 +100,10 @@ class _Problem:
     y: List[torch.Tensor] = field(default_factory=list)
     not_differentiable: List[str] = field(default_factory=list)
     hvp_state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    # the base evaluation with its autograd graph: moving inputs that require grad and the raw output leaves
+    base_inputs: List[torch.Tensor] = field(default_factory=list)
+    base_raw: List[Any] = field(default_factory=list)
+    probes: Optional[Tuple[List[torch.Tensor], List[List[torch.Tensor]], List[torch.Tensor]]] = None
 
     def call(self, moving_values: Optional[List[torch.Tensor]] = None, inputs=None):
         vals = list((inputs or self.inputs).values)
@@ -95,6 +129,7 @@ def _hvp_base(prob: _Problem, batch) -> Optional[Any]:
     n_graphs = None if batch is None else int(torch.as_tensor(batch).max()) + 1
     if e.numel() == 1 or (n_graphs is not None and e.shape == (n_graphs,)):
         prob.hvp_state = (p, e, g)
+    prob.base_inputs = [p]
     if getattr(prob.f, "_geolie_as_dict", False):
         return {"energy": e, "forces": -g}
     return e, -g
@@ -112,9 +147,11 @@ def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> _Proble
     if out is None:
         # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
         # them, cannot be differentiated by AD (a silent zero would look equivariant)
-        out = prob.call([inputs.values[i].clone().requires_grad_(True) for i in inputs.moving])
+        prob.base_inputs = [inputs.values[i].clone().requires_grad_(True) for i in inputs.moving]
+        out = prob.call(prob.base_inputs)
     prob.leaves, prob.rebuild = pair_outputs(out, out_rep)
     raw = flatten_outputs(out)
+    prob.base_raw = raw
     prob.not_differentiable = [leaf.path for o, leaf in zip(raw, prob.leaves)
                                if not isinstance(o, torch.Tensor) or not o.requires_grad]
     prob.y = [t.detach() for t in check_outputs(raw, prob.leaves)]
@@ -217,7 +254,48 @@ def _jvp_hvp(prob: _Problem, tangents):
     return [torch.stack(dE), torch.stack(dF)]
 
 
-def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor], str]:
+def _adjoint_probes(prob: _Problem, primals):
+    """Cotangents ``u_j``, their pull-backs ``g_j = J_jᵀ u_j`` (one reverse pass per output leaf, through the base
+    evaluation's graph) and the extra probe tangent ``w`` (per moving input). Seeded: the same every call."""
+    gen = torch.Generator().manual_seed(20231)
+    us, gs = [], []
+    for o in prob.base_raw:
+        u = torch.randn(tuple(o.shape), generator=gen, dtype=torch.float64).to(o)
+        with torch.enable_grad():
+            g = torch.autograd.grad((o * u).sum(), prob.base_inputs, retain_graph=True, allow_unused=True)
+        us.append(u)
+        gs.append([torch.zeros_like(x) if gi is None else gi.detach() for gi, x in zip(g, primals)])
+    rnd = [torch.randn(tuple(p.shape), generator=gen, dtype=torch.float64).to(p) for p in primals]
+    w = [r / _norm(rnd) for r in rnd]
+    for g in gs:
+        n = _norm(g)
+        if n > 0 and torch.isfinite(torch.tensor(n)):
+            w = [wi + gi / n for wi, gi in zip(w, g)]
+    return us, gs, w
+
+
+def _norm(ts) -> float:
+    return float(sum(t.detach().double().pow(2).sum() for t in ts)) ** 0.5
+
+
+def _adjoint_errors(prob: _Problem, jv: List[torch.Tensor], tangents: List[torch.Tensor]) -> List[float]:
+    """Per output leaf: the largest relative disagreement of ``<u, J v>`` and ``<Jᵀu, v>`` over the tangents."""
+    us, gs, _ = prob.probes
+    K = tangents[0].shape[0]
+    t_norm = [_norm([t[k] for t in tangents]) for k in range(K)]
+    errs = []
+    for j, (u, g) in enumerate(zip(us, gs)):
+        J = jv[j].detach().double()
+        a = (u.double()[None] * J).reshape(K, -1).sum(1)
+        b = sum((gi.double()[None] * t.double()).reshape(K, -1).sum(1) for gi, t in zip(g, tangents))
+        scale = float(u.double().norm()) * J.reshape(K, -1).norm(dim=1) + _norm(g) * torch.tensor(t_norm).to(a)
+        d = torch.where(scale > 0, (a - b).abs() / scale, (a - b).abs())
+        errs.append(float(d.max()) if bool(torch.isfinite(d).all()) else float("nan"))
+    return errs
+
+
+def _ad(prob: _Problem, method: str, chunk_size=None):
+    """AD Lie derivatives that pass the adjoint test: ``(values, method name, {leaf path: check}, notes)``."""
     if prob.not_differentiable:
         raise _ADFailed(
             f"output(s) {prob.not_differentiable} are not connected to the inputs' autograd graph (numpy arrays, "
@@ -225,33 +303,95 @@ def _ad(prob: _Problem, method: str, chunk_size=None) -> Tuple[List[torch.Tensor
         )
     primals = [prob.inputs.values[i] for i in prob.inputs.moving]
     tangents = _in_tangents(prob)
-    errors = []
-    strategies = []
+    K = tangents[0].shape[0]
+    try:
+        prob.probes = _adjoint_probes(prob, primals)
+    except Exception as e:  # noqa: BLE001 - no reverse pass: AD cannot be verified, so it is not trusted
+        raise _ADFailed(f"no reverse pass through the outputs to verify AD ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    ext = [torch.cat([t, w[None]]) for t, w in zip(tangents, prob.probes[2])]
+    errors, notes = [], []
+    strategies = _strategies(prob, method, primals, chunk_size, errors)
+    tried = set()
+    while strategies:
+        name, run = strategies.pop(0)
+        tried.add(name)
+        try:
+            jv = run(ext)
+        except Exception as e:  # noqa: BLE001 - any failure of a strategy means: try the next one
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            continue
+        checks = _adjoint_errors(prob, jv, ext)
+        tol = ad_check_tolerance(jv[0].dtype if jv else torch.float64)
+        bad = [(leaf.path, c) for leaf, c in zip(prob.leaves, checks) if not c <= tol]
+        if bad:
+            what = ", ".join(f"{p}: {c:.1e}" for p, c in bad)
+            msg = (f"{name} failed its adjoint test (<u, J v> vs <J^T u, v>, relative disagreement {what} > "
+                   f"{tol:.0e}); not used")
+            notes.append(msg)
+            warnings.warn(f"lie_derivative: {msg}", GeolieADCheckWarning, stacklevel=4)
+            if "double-backward" not in tried and all(n != "double-backward" for n, _ in strategies):
+                strategies.append(("double-backward", lambda ts: _jvp_double_backward(prob, primals, ts)))
+            continue
+        soft = PRECISION_TOLERANCE.get(jv[0].dtype if jv else torch.float64)
+        if soft is not None and max(checks, default=0.0) > soft:
+            notes.append(f"{name}: its adjoint test agrees only to {max(checks):.1e} in "
+                         f"{str(jv[0].dtype).replace('torch.', '')}: the model computes below that precision somewhere "
+                         "(float32 arithmetic inside?), and its floor is at least of that order")
+        corr = _out_correction(prob, prob.y)
+        vals = [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)]
+        return vals, name, {leaf.path: c for leaf, c in zip(prob.leaves, checks)}, notes
+    raise _ADFailed("; ".join(errors + notes), check_failed=bool(notes), notes=notes)
+
+
+def _strategies(prob, method, primals, chunk_size, errors):
+    out = []
     if method in ("auto", "hvp"):
         if prob.hvp_state is not None:
-            strategies.append(("hvp", lambda: _jvp_hvp(prob, tangents)))
+            out.append(("hvp", lambda ts: _jvp_hvp(prob, ts)))
         elif method == "hvp":
             errors.append("hvp: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
                           "(or one per structure and `batch`)")
     if method in ("jvp", "auto", "jvp-loop"):
-        strategies.append(("jvp-loop", lambda: _jvp_forward_ad(prob, primals, tangents)))
+        out.append(("jvp-loop", lambda ts: _jvp_forward_ad(prob, primals, ts)))
     if method in ("jvp", "auto", "jvp-vmap"):
-        strategies.append(("jvp-vmap", lambda: _jvp_vmap(prob, primals, tangents, chunk_size)))
+        out.append(("jvp-vmap", lambda ts: _jvp_vmap(prob, primals, ts, chunk_size)))
     if method in ("double-backward", "auto"):
-        strategies.append(("double-backward", lambda: _jvp_double_backward(prob, primals, tangents)))
-    for name, run in strategies:
-        try:
-            jv = run()
-        except Exception as e:  # noqa: BLE001 - any failure of a strategy means: try the next one
-            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        out.append(("double-backward", lambda ts: _jvp_double_backward(prob, primals, ts)))
+    return out
+
+
+def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]:
+    """The same Lie derivatives by another AD strategy that passes the adjoint test, or ``None``.
+
+    Their difference from ``res`` is a measured sample of the model's own arithmetic noise (used as a floor where
+    no evaluation in another precision is possible)."""
+    prob = res.problem
+    if prob is None or prob.probes is None or res.fd_error is not None:
+        return None
+    primals = [prob.inputs.values[i] for i in prob.inputs.moving]
+    tangents = _in_tangents(prob)
+    K = tangents[0].shape[0]
+    ext = [torch.cat([t, w[None]]) for t, w in zip(tangents, prob.probes[2])]
+    for name, run in _strategies(prob, "auto", primals, None, []):
+        if name == res.method or (name == "jvp-vmap" and res.method == "jvp-loop"):
             continue
-        corr = _out_correction(prob, prob.y)
-        return [j.detach().to(c.dtype) - c for j, c in zip(jv, corr)], name
-    raise _ADFailed("; ".join(errors))
+        try:
+            jv = run(ext)
+        except Exception:  # noqa: BLE001 - this strategy does not run here: try the next
+            continue
+        tol = ad_check_tolerance(jv[0].dtype if jv else torch.float64)
+        if all(c <= tol for c in _adjoint_errors(prob, jv, ext)):
+            corr = _out_correction(prob, prob.y)
+            return [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)], name
+    return None
 
 
 class _ADFailed(RuntimeError):
-    pass
+    def __init__(self, msg: str, check_failed: bool = False, notes: Optional[List[str]] = None):
+        super().__init__(msg)
+        self.check_failed = check_failed
+        self.notes = notes or []
 
 
 # -- finite differences ----------------------------------------------------------------------------------------
@@ -368,6 +508,8 @@ class LieResult:
     method: str
     fd_error: Optional[List[torch.Tensor]] = None
     problem: Optional[_Problem] = None
+    ad_check: Optional[Dict[str, float]] = None  # per leaf path: the accepted AD method's adjoint-test disagreement
+    notes: List[str] = field(default_factory=list)  # AD methods that failed their check, fallbacks taken
 
     def structured(self):
         return self.rebuild(self.values)
@@ -382,18 +524,20 @@ def _compute(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="auto"
         vals, errs, name = _fd(prob, fd_step)
         return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob)
     try:
-        vals, name = _ad(prob, method, chunk_size)
-        return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, None, prob)
+        vals, name, checks, notes = _ad(prob, method, chunk_size)
+        return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, None, prob, checks, notes)
     except _ADFailed as e:
-        if method != "auto":
+        if method != "auto" and not e.check_failed:
             raise RuntimeError(f"lie_derivative(method={method!r}) failed: {e}") from None
+        notes = e.notes
         warnings.warn(
             f"lie_derivative: automatic differentiation failed ({e}); falling back to finite differences",
             GeolieFallbackWarning,
             stacklevel=3,
         )
     vals, errs, name = _fd(prob, fd_step)
-    return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob)
+    return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob, None,
+                     notes + [f"finite differences used ({name}): no AD method passed"] if notes else [])
 
 
 def lie_derivative(

@@ -18,7 +18,10 @@ Noise floor: every figure comes with the same norm applied to an elementwise err
   float64 one (never below the rounding estimate below, with ``1 u`` instead of ``16 u`` for float32);
 * otherwise a rounding estimate ``δ = 16 u (|J dρ_in x| + |dρ_out f| + |f| / s)`` (``u`` the unit round-off,
   ``s`` = 1 radian or the RMS radius of the points for translations): the two terms whose cancellation gives zero
-  for an equivariant model, plus the output itself (an invariant output cancels inside ``J dρ_in x``).
+  for an equivariant model, plus the output itself (an invariant output cancels inside ``J dρ_in x``); and, since
+  a model that runs in one precision only can have more noise than that, never below twice the measured
+  difference between the accepted AD method and a second one that also passes the adjoint test
+  (``floor_source`` names both).
 
 Each sample's floor is the largest over the rotation generators (and, separately, over the translations): the noise
 level does not depend on the axis, and one sample of it can be small by chance. A figure is *at the floor* when
@@ -36,7 +39,8 @@ import numpy as np
 import torch
 
 from ._groups import SE3, as_group
-from ._lie import LieResult, _compute, _out_correction
+from ._evaluation import Evaluation
+from ._lie import LieResult, _compute, _out_correction, second_opinion
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate"]
 
@@ -66,6 +70,8 @@ class OutputMetrics:
     ynorm: np.ndarray
     per_atom: Optional[np.ndarray] = None
     floor_source: str = ""
+    ad_check: Optional[float] = None  # the adjoint test's relative disagreement (None: not AD)
+    source: str = ""  # where the output came from (see geolie.Evaluation)
 
     @property
     def floor_rel(self) -> np.ndarray:
@@ -90,6 +96,7 @@ class OutputMetrics:
     def to_dict(self) -> Dict[str, Any]:
         d = {
             "rep": self.rep, "generators": self.generator_names, "floor_source": self.floor_source,
+            "ad_check": self.ad_check, "source": self.source,
             "abs": self.abs.tolist(), "rel": self.rel.tolist(), "floor": self.floor.tolist(),
             "iso_rotation": self.iso_rotation.tolist(),
             "aggregates": {
@@ -112,9 +119,10 @@ class Report:
     dtype: str
     n_samples: int
     lie: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+    notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.method, "dtype": self.dtype, "n_samples": self.n_samples,
+        return {"method": self.method, "dtype": self.dtype, "n_samples": self.n_samples, "notes": self.notes,
                 "outputs": {k: v.to_dict() for k, v in self.outputs.items()}}
 
     def table(self, metric: str = "rel") -> str:
@@ -213,8 +221,8 @@ def _rounding_floor(res: LieResult, kappa: float = 16.0) -> List[torch.Tensor]:
 
 
 def measure(
-    f: Callable,
-    x: Any,
+    f: Any,
+    x: Any = None,
     *,
     group=SE3,
     in_rep: Any = "point",
@@ -231,7 +239,19 @@ def measure(
     precision, used for the noise floor; by default an ``nn.Module`` is copied and cast, and a plain function
     is tried with cast inputs) and ``floor`` (``False`` skips the reference evaluation).
     ``batch`` also defines the samples: per-atom outputs are split by it, per-graph outputs by row.
+    ``f`` may be a :class:`geolie.Evaluation` (then ``x``, ``in_rep``, ``out_rep``, ``batch`` and ``method`` come
+    from it, and ``f_ref`` may be one too).
     """
+    sources: Dict[str, str] = {}
+    notes: List[str] = []
+    guess_reference = True
+    if isinstance(f, Evaluation):  # its adapter knows the model's precisions: no reference unless f_ref is given
+        guess_reference = f_ref is not None
+        ev = f
+        f, x, in_rep, out_rep, batch, method = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch, ev.method
+        sources, notes = ev.sources, list(ev.notes)
+        if isinstance(f_ref, Evaluation):
+            f_ref = f_ref.fn
     group = as_group(group)
     kw = dict(group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch)
     res = _compute(f, x, **kw)
@@ -239,7 +259,7 @@ def measure(
     if res.fd_error is not None:
         floors, src = res.fd_error, "finite-difference error estimate"
     elif floor:
-        ref = _reference(res, f_ref, kw)
+        ref = _reference(res, f_ref, kw) if guess_reference else None
         if ref is not None and ref.fd_error is None:
             scale = 1.0
             if dtype == torch.float64:
@@ -252,7 +272,7 @@ def measure(
             floors = [torch.maximum(fl, r) for fl, r in zip(floors, _rounding_floor(res, kappa=kappa))]
             src = "float32 vs float64" + (" (scaled by u64/u32)" if dtype == torch.float64 else "")
         else:
-            floors, src = _rounding_floor(res), "rounding estimate"
+            floors, src = _measured_floor(res)
     else:
         floors, src = _rounding_floor(res), "rounding estimate"
     b = None if batch is None else torch.as_tensor(batch).long().cpu()
@@ -261,7 +281,26 @@ def measure(
     n_samples = 1
     for L, y, fl, leaf in zip(res.values, res.outputs, floors, res.leaves):
         a, rel, flo, pa, yn = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs)
-        name = leaf.path.replace("output", "", 1).strip("[]'\"") or "output"
-        outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src)
+        name = leaf_name(leaf.path)
+        chk = None if res.ad_check is None else res.ad_check.get(leaf.path)
+        outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src, chk,
+                                   sources.get(name, ""))
         n_samples = max(n_samples, a.shape[0])
-    return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values)
+    return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values, notes + res.notes)
+
+
+def leaf_name(path: str) -> str:
+    """``output['forces']`` -> ``forces``; a bare tensor output is ``output``."""
+    return path.replace("output", "", 1).strip("[]'\"") or "output"
+
+
+def _measured_floor(res: LieResult):
+    """No other precision to compare with: the rounding estimate, never below twice the difference between this AD
+    result and a second AD method that passes the adjoint test (a measured sample of the arithmetic's noise)."""
+    floors = _rounding_floor(res)
+    alt = second_opinion(res)
+    if alt is None:
+        return floors, "rounding estimate"
+    vals, name = alt
+    floors = [torch.maximum(fl, 2 * (a - b.to(a)).abs()) for fl, a, b in zip(floors, res.values, vals)]
+    return floors, f"rounding estimate and {res.method} vs {name} difference"

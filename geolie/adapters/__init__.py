@@ -1,13 +1,18 @@
 """Adapters at the edge: turn models of other libraries into geolie's uniform *potential* interface.
 
 The engine (``lie_derivative``, ``measure``, ``finite_equivariance_error``) knows nothing of ASE or PyG; the audit
-uses these adapters. A :class:`Potential` maps one structure to its outputs:
+uses these adapters. A :class:`Potential` maps a structure to a :class:`geolie.Evaluation` (the function the engine differentiates, its
+inputs and their representations, the outputs as the model returns them and where each comes from):
+``potential.evaluation(structure, dtype)``, ``potential.batch_evaluation(structures, dtype)``.
 
-``potential.function(structure, dtype) -> (fn, x, in_rep, out_rep)`` where ``fn(*x)`` returns a dict
-``{"energy": [1], "forces": [N, 3], "stress": [3, 3]}`` (the keys the model provides), ``x`` is ``(pos,)`` or
-``(pos, cell)`` for periodic structures, and ``in_rep``/``out_rep`` declare how they transform.
+One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Potential`, :func:`cast_copy`),
+``torch_module`` (torch modules), ``ase_calc`` (ASE calculators), ``pyg`` (PyG models), ``e3nn_models``,
+``pretrained`` (potentials whose weights ship in their wheels); ``_registry`` resolves model specs.
 """
-from ._base import PointCloudModel, Potential, Structure, TorchPotential, load_model
+from ._protocol import Potential, Structure, cast_copy
+from ._registry import SHORT_NAMES, load_model
 from .ase_calc import CalculatorPotential
+from .torch_module import PointCloudModel, TorchPotential
 
-__all__ = ["Potential", "TorchPotential", "PointCloudModel", "CalculatorPotential", "Structure", "load_model"]
+__all__ = ["Potential", "TorchPotential", "PointCloudModel", "CalculatorPotential", "Structure", "load_model",
+           "cast_copy", "SHORT_NAMES"]

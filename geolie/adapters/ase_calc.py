@@ -12,7 +12,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._base import Potential, Structure
+from .. import _evaluation as ev_mod
+from .._evaluation import Evaluation
+from ._protocol import Potential, Structure
 
 
 class CalculatorPotential(Potential):
@@ -20,6 +22,7 @@ class CalculatorPotential(Potential):
 
     method = "fd"
     dtypes = (torch.float64,)
+    dtype_note = "an ASE calculator returns float64 numpy arrays: differentiated by finite differences in float64"
 
     def __init__(self, calc, name: str = "", elements=None, stress: Optional[bool] = None):
         self._calc = calc
@@ -32,7 +35,7 @@ class CalculatorPotential(Potential):
 
         return self._calc if isinstance(self._calc, BaseCalculator) else self._calc()
 
-    def function(self, st: Structure, dtype):
+    def evaluation(self, st: Structure, dtype) -> Evaluation:
         periodic = st.cell is not None
         want_stress = periodic if self.stress is None else self.stress
         calc = self._new_calc()
@@ -58,7 +61,8 @@ class CalculatorPotential(Potential):
             in_rep.append("cell")
         if want_stress:
             out_rep["stress"] = "stress"
-        return fn, tuple(x), tuple(in_rep), out_rep
+        return Evaluation(fn, tuple(x), tuple(in_rep), out_rep, sources={k: ev_mod.CALCULATOR for k in out_rep},
+                          method=self.method, notes=[self.dtype_note])
 
 
 EMT_ELEMENTS = (1, 6, 7, 8, 13, 28, 29, 46, 47, 78, 79)

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 
 from ..neighbors import radius_graph
-from ._base import PointCloudModel
+from .torch_module import PointCloudModel
 
 
 @contextlib.contextmanager

@@ -20,7 +20,10 @@ import torch
 
 import numpy as np
 
-from ._base import Potential, TorchPotential
+from .. import _evaluation as ev_mod
+from .._evaluation import Evaluation
+from ._protocol import Potential
+from .torch_module import TorchPotential
 
 HARTREE_EV = 27.211386245988
 
@@ -96,16 +99,13 @@ class SevenNetPotential(TorchPotential):
         calc = SevenNetCalculator(checkpoint, device="cpu")
         super().__init__(calc.model, name=name, cutoff=float(calc.cutoff), kind="sevenn")
         self.method = "jvp"
-        # float32 only: e3nn's generated code inside the checkpoint holds float32 constants, and a float64 copy
-        # fails ("both inputs should have same dtype"); floors then come from the float32 rounding estimate
         self.dtypes = (torch.float32,)
+        self.dtype_note = ("float32 only: e3nn's generated code inside the SevenNet-0 checkpoint holds float32 "
+                           "constants and a float64 copy fails ('both inputs should have same dtype'); the floor is "
+                           "measured in float32 (rounding estimate and the difference of two AD methods)")
 
-    def copy_for(self, dtype):
-        if dtype not in self._copies:
-            import copy
-
-            self._copies[dtype] = copy.deepcopy(self._module).to(device=self.device, dtype=dtype).train()
-        return self._copies[dtype]
+    def _prepare(self, m):
+        return m.train()  # create_graph=True in its force computation: its forces can be differentiated
 
     def _graph(self, numbers, positions, dtype):
         from ase import Atoms
@@ -130,18 +130,7 @@ class SevenNetPotential(TorchPotential):
         data["edge_vec"] = pos[dst] - pos[src]
         return data
 
-    def energy_fn(self, st, dtype, module=None):
-        m = module if module is not None else self.copy_for(dtype)
-        base = self._graph(st.numbers, st.positions, dtype)
-        z0, p0 = torch.as_tensor(st.numbers), torch.as_tensor(st.positions)
-
-        def energy(pos, z):
-            data = base if _near_base(pos, z, p0, z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
-            return m(self._with_pos(data, pos))["inferred_total_energy"].reshape(-1).sum()
-
-        return energy
-
-    def function(self, st, dtype):
+    def _fn(self, st, dtype):
         m = self.copy_for(dtype)
         base = self._graph(st.numbers, st.positions, dtype)
         z0, p0 = torch.as_tensor(st.numbers), torch.as_tensor(st.positions)
@@ -153,7 +142,18 @@ class SevenNetPotential(TorchPotential):
             out = m(self._with_pos(data, pos))
             return {"energy": out["inferred_total_energy"].reshape(1), "forces": out["inferred_force"]}
 
-        return fn, self.inputs(st, dtype), ("point", None), {"energy": "scalar", "forces": "vector"}
+        return fn
+
+    def evaluation(self, st, dtype):
+        notes = self._cache.get(self.device, dtype)[1] + [self.dtype_note]
+        return Evaluation(self._fn(st, dtype), self.inputs(st, dtype), ("point", None),
+                          {"energy": "scalar", "forces": "vector"},
+                          sources={"energy": ev_mod.MODEL, "forces": ev_mod.MODEL_AUTOGRAD_FORCES},
+                          method=self.method, notes=notes)
+
+    def layerwise_target(self, st, dtype):
+        fn, pos = self._fn(st, dtype), self.inputs(st, dtype)
+        return self.copy_for(dtype), (lambda p: fn(p, pos[1])["energy"].sum()), None
 
 
 def sevenn0() -> SevenNetPotential:
@@ -175,6 +175,8 @@ class CHGNetPotential(Potential):
     name = "chgnet"
     method = "jvp"
     dtypes = (torch.float32,)
+    dtype_note = ("float32 only: CHGNet's graph code hard-codes float32; the floor is measured in float32 (rounding "
+                  "estimate and the difference of two AD methods)")
     BOX = 40.0
 
     def __init__(self):
@@ -184,9 +186,6 @@ class CHGNetPotential(Potential):
         self._model = CHGNet.load(verbose=False)
         self._model.eval()
 
-    def module(self):
-        return None  # layer-wise attribution needs leaf-module representations CHGNet does not declare
-
     def _graph(self, numbers, positions, cell):
         from pymatgen.core import Lattice
         from pymatgen.core import Structure as PmgStructure
@@ -195,7 +194,7 @@ class CHGNetPotential(Potential):
                          np.asarray(positions, dtype=np.float64), coords_are_cartesian=True)
         return self._model.graph_converter(s)
 
-    def function(self, st, dtype):
+    def evaluation(self, st, dtype):
         import copy
 
         periodic = st.cell is not None
@@ -230,7 +229,11 @@ class CHGNetPotential(Potential):
             x.append(torch.as_tensor(st.cell, dtype=dtype))
             in_rep.append("cell")
             out_rep["stress"] = "stress"
-        return fn, tuple(x), tuple(in_rep), out_rep
+        sources = {k: ev_mod.MODEL_AUTOGRAD_FORCES if k == "forces" else ev_mod.MODEL for k in out_rep}
+        if periodic:
+            sources["stress"] = "strain derivative (model autograd)"
+        return Evaluation(fn, tuple(x), tuple(in_rep), out_rep, sources=sources, method=self.method,
+                          notes=[self.dtype_note])
 
 
 def chgnet() -> CHGNetPotential:

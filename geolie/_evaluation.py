@@ -1,0 +1,71 @@
+r"""The hand-off from adapters to the engine: one named :class:`Evaluation` instead of unnamed tuples.
+
+An adapter (``geolie.adapters``) turns a model and a structure into an ``Evaluation``: the function the engine
+differentiates, its inputs with their representations, the outputs' representations, which inputs and outputs are
+per atom (permuted together in the finite checks), where each output comes from (the model's own head, or geolie's
+``-∇E`` / strain derivative), and what limits its precision. The engine (:func:`geolie.measure`,
+:func:`geolie.finite_equivariance_error`, :func:`geolie.conservativeness`) reads these fields and nothing else; it
+knows nothing of ASE or PyG.
+
+Where an output comes from (``sources``):
+
+* ``"model"``: returned by the model's ``forward`` as is (a force head, a stress head, a dipole, ...);
+* ``"-dE/dx (geolie)"``: forces that geolie computed as the negative gradient of the model's energy;
+* ``"strain derivative (geolie)"``: stress ``σ = (1/V) ∂E/∂ε`` computed by geolie (ASE's sign convention);
+* ``"-dE/dx (model autograd)"``: forces the model computes itself from its energy's gradient (SevenNet, CHGNet);
+* ``"calculator"``: an ASE calculator's result (differentiated by finite differences).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["Evaluation"]
+
+GEOLIE_FORCES = "-dE/dx (geolie)"
+GEOLIE_STRESS = "strain derivative (geolie)"
+MODEL = "model"
+MODEL_AUTOGRAD_FORCES = "-dE/dx (model autograd)"
+CALCULATOR = "calculator"
+
+
+@dataclass
+class Evaluation:
+    """One model on one structure (or one batch of structures), ready for the engine.
+
+    ``fn(*inputs)`` returns a dict of output tensors whose keys are those of ``out_rep``. ``inputs[0]`` are the
+    positions ``[N, 3]``; ``in_rep`` declares each input (``None`` for invariant ones such as atomic numbers).
+    ``batch`` (``[N]`` structure index) is set when several structures are evaluated at once.
+    """
+
+    fn: Callable[..., Dict[str, torch.Tensor]]
+    inputs: Tuple[Any, ...]
+    in_rep: Tuple[Any, ...]
+    out_rep: Dict[str, Any]
+    batch: Optional[torch.Tensor] = None
+    per_atom_inputs: Tuple[bool, ...] = ()
+    per_atom: Dict[str, bool] = field(default_factory=dict)
+    sources: Dict[str, str] = field(default_factory=dict)
+    method: str = "auto"
+    notes: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.inputs) != len(self.in_rep):
+            raise ValueError(f"Evaluation: {len(self.inputs)} inputs but {len(self.in_rep)} input representations")
+        if not self.per_atom_inputs:
+            # positions and atomic numbers move together under a permutation; a cell does not
+            self.per_atom_inputs = tuple(i < 2 for i in range(len(self.inputs)))
+        for name in self.out_rep:
+            self.per_atom.setdefault(name, name == "forces")
+            self.sources.setdefault(name, MODEL)
+
+    @property
+    def n_structures(self) -> int:
+        return 1 if self.batch is None else int(self.batch.max()) + 1
+
+    @property
+    def has_model_forces(self) -> bool:
+        """Energy and forces both returned, the forces not computed by geolie: conservativeness is a question."""
+        return "energy" in self.out_rep and "forces" in self.out_rep and self.sources.get("forces") != GEOLIE_FORCES

@@ -1,0 +1,125 @@
+"""The adapter protocol: :class:`Structure`, :class:`Potential`, and the one helper that copies a model to a dtype."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .._evaluation import Evaluation
+
+
+@dataclass
+class Structure:
+    """One structure: atomic numbers, positions (Å), optional cell (rows) for periodic systems, a name."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: Optional[np.ndarray] = None
+    name: str = ""
+    labels: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_atoms(cls, atoms, name: str = "") -> "Structure":
+        cell = np.asarray(atoms.cell, dtype=np.float64) if atoms.pbc.any() else None
+        return cls(np.asarray(atoms.numbers), np.asarray(atoms.positions, dtype=np.float64), cell,
+                   name or atoms.get_chemical_formula())
+
+    def to_atoms(self):
+        from ase import Atoms
+
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell,
+                     pbc=self.cell is not None)
+
+
+def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> Tuple[torch.nn.Module, List[str]]:
+    """A deep copy of ``module`` on ``device`` in ``dtype``, and notes on floating-point tensors the cast missed.
+
+    ``Module.to`` casts parameters and buffers only; constants held as plain tensor attributes (e3nn's generated
+    code, hand-written caches) keep their dtype. Such leftovers limit the copy's precision: a float64 copy with
+    float32 constants computes with float32-rounded coefficients, and its Lie derivatives show it. The notes name them.
+    """
+    m = copy.deepcopy(module).to(device=device, dtype=dtype)
+    left: List[str] = []
+    for mod_name, mod in m.named_modules():
+        for attr, v in vars(mod).items():
+            if attr in ("_parameters", "_buffers") or not isinstance(v, torch.Tensor):
+                continue
+            if v.is_floating_point() and v.dtype != dtype:
+                left.append(f"{mod_name + '.' if mod_name else ''}{attr} ({str(v.dtype).replace('torch.', '')})")
+    notes = []
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        notes.append(f"the {str(dtype).replace('torch.', '')} copy keeps {len(left)} constant tensor(s) of another "
+                     f"dtype that .to() does not cast: {shown}; the floor is that of those constants")
+    return m, notes
+
+
+class Potential:
+    """What the audit needs of a model (the adapter protocol).
+
+    * ``name``, ``dtypes`` (the precisions it runs in), ``elements`` (supported atomic numbers or ``None``),
+      ``device`` (set with :meth:`to`), ``method`` (the engine's differentiation method);
+    * :meth:`evaluation` one structure, :meth:`batch_evaluation` several at once (not every model can);
+    * :meth:`layerwise_target` the module and the function of positions for layer-wise attribution (or ``None``);
+    * ``dtype_note``: why the model runs only in ``dtypes`` (said in reports), empty otherwise.
+    """
+
+    name = "potential"
+    method = "auto"
+    device = torch.device("cpu")
+    dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    elements: Optional[Sequence[int]] = None
+    dtype_note = ""
+
+    def to(self, device) -> "Potential":
+        """Run on ``device`` from now on."""
+        self.device = torch.device(device)
+        return self
+
+    def check(self, st: Structure, where: str) -> None:
+        if len(st.numbers) == 0:
+            raise ValueError(f"{where}: empty structure")
+        if self.elements is not None:
+            bad = sorted(set(int(z) for z in st.numbers) - set(self.elements))
+            if bad:
+                from ase.data import chemical_symbols
+
+                raise ValueError(f"{where}: model {self.name!r} cannot handle element(s) "
+                                 f"{[chemical_symbols[z] for z in bad]} (supported: "
+                                 f"{[chemical_symbols[z] for z in self.elements]})")
+
+    def evaluation(self, st: Structure, dtype: torch.dtype) -> Evaluation:
+        raise NotImplementedError
+
+    def batch_evaluation(self, sts: Sequence[Structure], dtype: torch.dtype) -> Evaluation:
+        raise ValueError(f"{self.name}: this model cannot evaluate several structures per call; use batch_size=1")
+
+    def layerwise_target(self, st: Structure, dtype: torch.dtype):
+        """``(module, f(pos) -> output, out_rep)`` for layer-wise attribution, or ``None`` when not supported."""
+        return None
+
+    def inputs(self, st: Structure, dtype: torch.dtype):
+        """``(pos, z)`` on this potential's device."""
+        return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
+                torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
+
+
+class CopyCache:
+    """Per-dtype copies of a module (see :func:`cast_copy`), with the notes each cast produced."""
+
+    def __init__(self, module: torch.nn.Module, prepare: Optional[Callable[[torch.nn.Module], Any]] = None):
+        self.module = module
+        self.prepare = prepare
+        self.copies: Dict[Tuple[str, torch.dtype], Tuple[torch.nn.Module, List[str]]] = {}
+
+    def get(self, device, dtype) -> Tuple[torch.nn.Module, List[str]]:
+        key = (str(device), dtype)
+        if key not in self.copies:
+            m, notes = cast_copy(self.module, device, dtype)
+            if self.prepare is not None:
+                m = self.prepare(m) or m
+            self.copies[key] = (m, notes)
+        return self.copies[key]

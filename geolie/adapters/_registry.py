@@ -1,0 +1,81 @@
+"""The model registry: short names and ``package.module:factory`` specs, resolved to adapters by :func:`load_model`."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Optional
+
+import torch
+
+from ._protocol import Potential
+from .ase_calc import CalculatorPotential
+from .torch_module import PointCloudModel, TorchPotential, signature_kind
+
+SHORT_NAMES: Dict[str, str] = {
+    "pair-mlp": "geolie.models:PairMLPPotential",
+    "e3nn": "geolie.models:E3nnPotential",
+    "cartesian-mlp": "geolie.models:CartesianMLPPotential",
+    "gaunt": "geolie.models:GauntPotential",
+    "schnet": "geolie.adapters.pyg:schnet",
+    "emt": "geolie.adapters.ase_calc:emt",
+    "ani1x": "geolie.adapters.pretrained:ani1x",
+    "sevenn-0": "geolie.adapters.pretrained:sevenn0",
+    "gate-points": "geolie.adapters.e3nn_models:gate_points",
+    "chgnet": "geolie.adapters.pretrained:chgnet",
+}
+
+
+def load_model(spec: Any, *, device: Optional[str] = None, out_rep: Any = None, per_point: Optional[bool] = None
+               ) -> Potential:
+    """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
+    ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a ``package.module:factory`` string (the factory returns an
+    ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
+    only is a :class:`PointCloudModel` with an invariant output unless ``out_rep`` declares another (``per_point``:
+    its first dimension follows the points). For other torch modules ``out_rep`` declares the outputs beyond energy,
+    forces and stress (a dict). ``device``: where torch models run (calculators stay on the CPU).
+    """
+    pot = _resolve(spec)
+    if isinstance(pot, PointCloudModel):
+        if out_rep is not None:
+            pot.out_rep = out_rep
+        if per_point is not None:
+            pot.per_point = per_point
+    elif isinstance(pot, TorchPotential) and isinstance(out_rep, dict):
+        pot.extra_rep.update(out_rep)
+    if device is not None and not isinstance(pot, CalculatorPotential):
+        pot.to(device)
+    return pot
+
+
+def _resolve(spec: Any) -> Potential:
+    if isinstance(spec, Potential):
+        return spec
+    name = None
+    if isinstance(spec, str):
+        name = spec
+        target = SHORT_NAMES.get(spec, spec)
+        if ":" not in target:
+            raise ValueError(f"unknown model {spec!r}: use a short name {sorted(SHORT_NAMES)} or "
+                             "'package.module:factory'")
+        mod_name, attr = target.split(":", 1)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"model {spec!r}: cannot import {mod_name!r} ({e})") from None
+        if not hasattr(mod, attr):
+            raise ValueError(f"model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        factory = getattr(mod, attr)
+        obj = factory() if callable(factory) else factory
+    else:
+        obj = spec
+    if isinstance(obj, Potential):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        if signature_kind(obj) == "pos":  # a model on one point cloud: invariant output unless declared
+            return PointCloudModel(obj, name=name or type(obj).__name__)
+        return TorchPotential(obj, name=name or type(obj).__name__)
+    from ase.calculators.calculator import BaseCalculator
+
+    if isinstance(obj, BaseCalculator):
+        return CalculatorPotential(obj, name=name or type(obj).__name__)
+    raise TypeError(f"model {spec!r}: the factory returned a {type(obj).__name__}; expected a torch.nn.Module, an "
+                    "ASE Calculator or a geolie.adapters.Potential")
