@@ -239,3 +239,29 @@ def test_pretrained_chgnet_molecules_and_crystals():
     fin = rep.rows[0]["finite"]
     assert fin["forces"]["rotation"] < 1e-3 and fin["forces"]["permutation"] < 1e-3
     assert fin["stress"]["inversion"] > 1.0
+
+
+def test_chgnet_energy_derivative_is_verified_and_matches_the_force_identity():
+    """CHGNet's forward-mode energy tangent along a rotation or translation is exactly 0.0 in float32, and rightly:
+    the generators are signed permutations, so the tangent of every interatomic vector is X r_ij bit for bit and
+    r·(X r) = −r_x r_y + r_y r_x cancels exactly. The adjoint test's extra random probe shows the tangent is not lost;
+    the identity L_X E = −Σ F·(X x) from the model's own forces agrees to float32 rounding; the floor is measured."""
+    pytest.importorskip("chgnet")
+    from geolie.adapters import Structure, load_model
+
+    pot = load_model("chgnet")
+    st = Structure.from_atoms(geolie.data.load("xtb-md/ethanol", "test")[0])
+    ev = pot.evaluation(st, torch.float32)
+    rep = geolie.measure(ev)
+    e = rep.outputs["energy"]
+    assert e.ad_check is not None and e.ad_check <= 1e-3 and rep.outputs["forces"].ad_check <= 1e-3
+    assert "difference" in e.floor_source and (e.floor > 0).all()
+    out = ev.fn(*ev.inputs)
+    ident = geolie.lie_energy_from_forces(ev.inputs[0], out["forces"].detach()).double()
+    assert float(ident.abs().max()) > 0  # float32 rounding, not an exact zero
+    assert ((rep.lie[0].reshape(-1).double() - ident).abs().numpy() <= 2 * e.floor[0]).all()
+    a = geolie.audit(pot, [st.to_atoms()], dtype=torch.float32, n_finite=0, progress=False)
+    row = a.rows[0]
+    assert row["outputs"]["forces"]["source"] == "-dE/dx (model autograd)"
+    assert row["conservative"]["force_gap_rel"] < 1e-5  # its forces are its energy's gradient
+    assert any("float32 only" in n for n in a.notes())
