@@ -278,3 +278,35 @@ def test_float32_constants_in_a_float64_copy_are_named():
 
     rep = geolie.audit(Consts(), [MOL], n_finite=0, progress=False)
     assert any("table (float32)" in n and "does not cast" in n for n in rep.notes())
+
+
+class PeriodicPairData(torch.nn.Module):
+    """:class:`PeriodicPair` called PyG style, ``forward(data)`` with ``data.cell [1, 3, 3]``; records the largest
+    fractional coordinate it was given (finite translations must hand it wrapped atoms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = PeriodicPair()
+        self.max_frac = 0.0
+
+    def forward(self, data):
+        cell = data.cell[0]
+        frac = data.pos.detach() @ torch.linalg.inv(cell.detach())
+        self.max_frac = max(self.max_frac, float(frac.max()))
+        return self.inner(data.z, data.pos, data.batch, cell)
+
+
+def test_pyg_data_input_with_cell_and_wrapped_translations():
+    model = PeriodicPairData()
+    rep = geolie.audit(model, [CRYSTAL], n_finite=3, progress=False)
+    row = rep.rows[0]
+    assert set(row["outputs"]) == {"energy", "forces", "stress"}
+    assert all(all(o["at_floor"]) for o in row["outputs"].values())
+    assert row["finite"]["energy"]["translation"] < 1e-10
+    ev = TorchPotential(model).evaluation(Structure.from_atoms(CRYSTAL), torch.float64)
+    model.max_frac = 0.0
+    far = geolie.finite_equivariance_error(ev, n=2, box=50.0, generator=torch.Generator().manual_seed(1))
+    assert model.max_frac < 1.0 + 1e-9  # translated atoms came back into the cell
+    assert far.errors["stress"]["translation"]["max_rel"] < 1e-10
+    with pytest.raises(ValueError, match="wrap=True needs"):
+        geolie.finite_equivariance_error(lambda p: p.sum(), torch.ones(3, 3), wrap=True)

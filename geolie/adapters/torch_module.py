@@ -87,6 +87,7 @@ class TorchPotential(Potential):
         self.kind = kind or signature_kind(module)
         self.extra_rep = dict(out_rep or {})
         self.per_atom_names = set(per_atom)
+        self._energy_only: Optional[bool] = None  # learnt from the first call: a model's output keys do not change
 
     def _prepare(self, m):
         return m
@@ -146,8 +147,12 @@ class TorchPotential(Potential):
         periodic = cell is not None
         n_struct = 1 if batch is None else int(batch.max()) + 1
         call = self._caller(m, pos.shape[0], batch, pos, periodic)
-        with torch.enable_grad():
-            out0 = as_output_dict(call(pos, z, cell))
+        if self._energy_only:
+            out0 = {"energy": None}
+        else:
+            with torch.enable_grad():
+                out0 = as_output_dict(call(pos, z, cell))
+            self._energy_only = set(out0) == {"energy"}
         if "energy" not in out0 and ("forces" in out0 or "stress" in out0):
             raise ValueError(f"{where}: model {self.name!r} returns {sorted(out0)} without an 'energy'")
         keys = list(out0)
