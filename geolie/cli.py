@@ -63,12 +63,10 @@ def _run_audit(args, parser) -> int:
 
     from ._audit import audit, write_report
 
-    from .adapters import PointCloudModel, load_model
+    from .adapters import load_model
 
     try:
-        model = load_model(args.model)
-        if isinstance(model, PointCloudModel):
-            model.out_rep, model.per_point = args.out_rep, args.per_point
+        model = load_model(args.model, out_rep=args.out_rep, per_point=args.per_point)
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size)
