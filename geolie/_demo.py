@@ -19,7 +19,8 @@ MODELS = ("pair-mlp", "e3nn", "gaunt", "schnet", "cartesian-mlp")
 
 
 def run_demo(n_frames: int = 3, out_dir: Optional[str] = None, stream=None):
-    from ._audit import audit, write_report
+    from ._audit import audit
+    from ._report import write_report
     from .data import load
 
     stream = stream or sys.stdout

@@ -18,7 +18,7 @@ discontinuous breaks (frame sign flips, neighbour lists changing near the cutoff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 

@@ -42,7 +42,7 @@ from ._groups import SE3, as_group
 from ._evaluation import Evaluation
 from ._lie import LieResult, _compute, _out_correction, second_opinion
 
-__all__ = ["measure", "Report", "OutputMetrics", "aggregate"]
+__all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
 
 FLOOR_FACTOR = 2.0
 
@@ -55,6 +55,13 @@ def aggregate(values) -> Dict[str, float]:
         return {"mean": math.nan, "median": math.nan, "p99": math.nan, "max": math.nan}
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99)),
             "max": float(a.max())}
+
+
+def iso_rotation(values) -> np.ndarray:
+    """The isotropic rotation norm: RMS over the three rotation generators (the first three columns) of per-generator
+    norms ``[..., generators]`` (``sqrt(mean_k v_k²)``, the RMS Lie derivative about a uniformly random axis)."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.sqrt(np.mean(v[..., :3] ** 2, axis=-1))
 
 
 @dataclass
@@ -82,11 +89,11 @@ class OutputMetrics:
     @property
     def iso_rotation(self) -> np.ndarray:
         """``[samples]``: RMS over the three rotation generators of ``abs``."""
-        return np.sqrt(np.mean(self.abs[:, :3] ** 2, axis=1))
+        return iso_rotation(self.abs)
 
     @property
     def iso_rotation_rel(self) -> np.ndarray:
-        return np.sqrt(np.mean(self.rel[:, :3] ** 2, axis=1))
+        return iso_rotation(self.rel)
 
     @property
     def at_floor(self) -> np.ndarray:

@@ -61,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run_audit(args, parser) -> int:
     import torch
 
-    from ._audit import audit, write_report
+    from ._audit import audit
+    from ._report import write_report
 
     from .adapters import load_model
 

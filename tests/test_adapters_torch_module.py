@@ -2,7 +2,6 @@
 declared extra outputs, and the adjoint test catching a wrong forward-mode formula. Closed forms throughout."""
 import csv
 import itertools
-import warnings
 
 import numpy as np
 import pytest
