@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._torch_utils import segment_sum
+
 from ._groups import SE3, as_group, hat
 from ._structure import centroids
 
@@ -98,7 +100,7 @@ def lie_energy_from_forces(pos: torch.Tensor, forces: torch.Tensor, *, group=SE3
         return per_atom.sum(-1)
     batch = torch.as_tensor(batch, device=pos.device).long()
     n = int(batch.max()) + 1
-    return torch.zeros(group.dim, n, dtype=pos.dtype, device=pos.device).index_add_(1, batch, per_atom)
+    return segment_sum(per_atom.T, batch, n).T
 
 
 def _per_structure_sq(t: torch.Tensor, batch: Optional[torch.Tensor], n: int) -> torch.Tensor:
@@ -106,7 +108,7 @@ def _per_structure_sq(t: torch.Tensor, batch: Optional[torch.Tensor], n: int) ->
     sq = t.detach().double().reshape(t.shape[0], -1).pow(2).sum(-1)
     if batch is None:
         return sq.sum().reshape(1)
-    return torch.zeros(n, dtype=torch.float64, device=t.device).index_add_(0, batch.to(t.device).long(), sq)
+    return segment_sum(sq, batch, n)
 
 
 def conservativeness(fn: Callable, inputs, *, batch: Optional[torch.Tensor] = None, n_probes: int = 3,

@@ -63,6 +63,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ._groups import LieGroup, SE3, as_group
 from ._reps import PointRep
+from ._torch_utils import segment_sum
 from ._structure import (
     Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
 )
@@ -250,7 +251,7 @@ def _jvp_hvp(prob: _Problem, tangents):
             dE.append(s.detach().reshape(e.shape))
         else:
             b = torch.as_tensor(prob.batch, device=p.device).long()
-            dE.append(torch.zeros_like(e).index_add(0, b, gv.detach().sum(-1)))
+            dE.append(segment_sum(gv.detach().sum(-1), b, e.shape[0]))
     return [torch.stack(dE), torch.stack(dF)]
 
 

@@ -29,6 +29,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ._torch_utils import default_dtype
+
 from ._groups import hat
 
 __all__ = [
@@ -258,13 +260,9 @@ class IrrepsRep(Rep):
             from e3nn import o3
 
             blocks = []
-            old = torch.get_default_dtype()
-            torch.set_default_dtype(torch.float64)  # e3nn builds the generators in the default dtype
-            try:
+            with default_dtype(torch.float64):  # e3nn builds the generators in the default dtype
                 for mul, ir in self.irreps:
                     blocks.extend([o3.so3_generators(ir.l).to(torch.float64)] * mul)
-            finally:
-                torch.set_default_dtype(old)
             dim = self.irreps.dim
             G = torch.zeros(3, dim, dim, dtype=torch.float64)
             i = 0

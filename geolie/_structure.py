@@ -7,6 +7,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._torch_utils import segment_sum
+
 from ._reps import PointRep, Rep, ScalarRep, as_rep
 
 
@@ -196,8 +198,8 @@ def centroids(pos: torch.Tensor, batch: Optional[torch.Tensor]) -> torch.Tensor:
         return pos.mean(0, keepdim=True)
     batch = torch.as_tensor(batch, device=pos.device).long()
     n = int(batch.max()) + 1 if batch.numel() else 0
-    s = torch.zeros(n, 3, dtype=pos.dtype, device=pos.device).index_add_(0, batch, pos)
-    c = torch.zeros(n, dtype=pos.dtype, device=pos.device).index_add_(0, batch, torch.ones_like(pos[:, 0]))
+    s = segment_sum(pos, batch, n)
+    c = segment_sum(torch.ones_like(pos[:, 0]), batch, n)
     return s / c.clamp_min(1)[:, None]
 
 

@@ -13,6 +13,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .._torch_utils import default_dtype
+
 from ..neighbors import radius_graph
 from .torch_module import PointCloudModel
 
@@ -58,15 +60,11 @@ def gate_points(seed: int = 0) -> PointCloudModel:
     from e3nn import o3
     from e3nn.nn.models.gate_points_2101 import Network
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn's CG buffers in float64
-    try:
+    with default_dtype(torch.float64):  # e3nn's CG buffers in float64
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = Network(irreps_in=None, irreps_hidden="8x0e+8x0o+4x1e+4x1o", irreps_out="1x0e+1x1o",
                           irreps_node_attr=None, irreps_edge_attr=o3.Irreps.spherical_harmonics(2), layers=2,
                           max_radius=0.6, number_of_basis=8, radial_layers=1, radial_neurons=16, num_neighbors=10.0,
                           num_nodes=500.0, reduce_output=True)
-    finally:
-        torch.set_default_dtype(old)
     return e3nn_network(net, name="gate-points")  # kept in float64: a float32 round trip would spoil constants

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .._torch_utils import segment_sum
+
 
 def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
     """Smooth cutoff ``0.5 (cos(π r / r_c) + 1)`` for ``r < r_c``, else 0 (C¹ at ``r_c``)."""
@@ -32,7 +34,7 @@ def sum_per_graph(x: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: Opti
     if batch is None:
         return x.sum(0, keepdim=True)
     n = int(batch.max()) + 1 if n_graphs is None else n_graphs
-    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, batch, x)
+    return segment_sum(x, batch, n)
 
 
 def edge_geometry(pos: torch.Tensor, edge_index: Optional[torch.Tensor], cutoff: float,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .._torch_utils import default_dtype, segment_sum
 from e3nn import nn as enn
 from e3nn import o3
 from torch import nn
@@ -28,11 +30,9 @@ class E3nnPotential(nn.Module):
                  seed: int = 2):
         super().__init__()
         self.cutoff, self.n_rbf = cutoff, n_rbf
-        old = torch.get_default_dtype()
         # e3nn computes its Clebsch-Gordan buffers in the default dtype: build them in float64 so that a
         # float64 copy of the model is equivariant to float64 precision.
-        torch.set_default_dtype(torch.float64)
-        with torch.random.fork_rng(devices=[]):
+        with default_dtype(torch.float64) as old, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
             self.embed = nn.Embedding(n_elements, mul)
@@ -47,7 +47,6 @@ class E3nnPotential(nn.Module):
             self.radial1 = nn.Sequential(nn.Linear(n_rbf, 32), nn.SiLU(), nn.Linear(32, self.tp1.weight_numel))
             self.radial2 = nn.Sequential(nn.Linear(n_rbf, 32), nn.SiLU(), nn.Linear(32, self.tp2.weight_numel))
             self.readout = nn.Sequential(nn.Linear(mul, mul), nn.SiLU(), nn.Linear(mul, 1))
-        torch.set_default_dtype(old)
         self.to(old)
 
     def forward(self, z: torch.Tensor, pos: torch.Tensor, edge_index: Optional[torch.Tensor] = None,
@@ -58,8 +57,8 @@ class E3nnPotential(nn.Module):
         h = self.embed(z).to(pos.dtype)
         n = pos.shape[0]
         m = self.tp1(h[src], sh, self.radial1(rbf))
-        h1 = torch.zeros(n, m.shape[-1], dtype=m.dtype, device=m.device).index_add(0, dst, m)
+        h1 = segment_sum(m, dst, n)
         h1 = self.gate(h1)
         m = self.tp2(h1[src], sh, self.radial2(rbf))
-        h2 = h + torch.zeros(n, m.shape[-1], dtype=m.dtype, device=m.device).index_add(0, dst, m)
+        h2 = h + segment_sum(m, dst, n)
         return sum_per_graph(self.readout(h2)[:, 0], batch)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .._torch_utils import default_dtype, segment_sum
 from e3nn import o3
 from torch import nn
 
@@ -35,9 +37,7 @@ class GauntPotential(nn.Module):
         if tp not in ("cg", "gaunt-grid", "gaunt-fourier"):
             raise ValueError(f"tp must be 'cg', 'gaunt-grid' or 'gaunt-fourier', got {tp!r}")
         self.cutoff, self.n_rbf, self.C, self.tp_kind = cutoff, n_rbf, channels, tp
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)  # e3nn's CG buffers in float64
-        try:
+        with default_dtype(torch.float64) as old:  # e3nn's CG buffers in float64
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.irreps = _natural(channels, lmax)
@@ -57,8 +57,6 @@ class GauntPotential(nn.Module):
                     self.lins.append(o3.Linear(self.irreps, self.irreps))
                     self.gates.append(nn.Linear(channels, channels * lmax))
                 self.readout = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
-        finally:
-            torch.set_default_dtype(old)
         self.lmax = lmax
         self.to(old)
 
@@ -90,6 +88,6 @@ class GauntPotential(nn.Module):
                 parts.append(blk.reshape(-1, mul * ir.dim))
                 i += mul * ir.dim
             m = torch.cat(parts, -1)
-            agg = torch.zeros(n, m.shape[-1], dtype=m.dtype, device=m.device).index_add(0, dst, m)
+            agg = segment_sum(m, dst, n)
             h = h + self._gate(lin(agg), gate)
         return sum_per_graph(self.readout(h[:, :C])[:, 0], batch)

@@ -23,6 +23,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from .._torch_utils import default_dtype
+
 E3NN_LMAX = 12
 
 
@@ -30,12 +32,8 @@ E3NN_LMAX = 12
 def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
     from e3nn import o3
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         return o3.wigner_3j(l1, l2, l3).to(torch.float64)
-    finally:
-        torch.set_default_dtype(old)
 
 
 def spherical_harmonics(lmax: int, xyz: torch.Tensor, recursion_from: int = E3NN_LMAX) -> torch.Tensor:

@@ -34,6 +34,8 @@ import warnings
 from typing import Any, Optional
 
 import torch
+
+from .._torch_utils import segment_sum
 from torch import nn
 
 from .._structure import flatten_outputs, pair_outputs
@@ -70,13 +72,12 @@ def pca_frames(pos: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int, 
         raise ValueError(f"solve_on must be 'host' or 'device', got {solve_on!r}")
     p = pos.to(torch.float64)
     b = torch.zeros(p.shape[0], dtype=torch.long, device=p.device) if batch is None else batch
-    cnt = torch.zeros(n_graphs, dtype=torch.float64, device=p.device).index_add_(0, b, torch.ones_like(p[:, 0]))
-    c = torch.zeros(n_graphs, 3, dtype=torch.float64, device=p.device).index_add(0, b, p) / cnt[:, None].clamp_min(1)
+    cnt = segment_sum(torch.ones_like(p[:, 0]), b, n_graphs)
+    c = segment_sum(p, b, n_graphs) / cnt[:, None].clamp_min(1)
     if not center:
         c = torch.zeros_like(c)
     xc = p - c[b]
-    cov = torch.zeros(n_graphs, 3, 3, dtype=torch.float64, device=p.device).index_add(
-        0, b, xc[:, :, None] * xc[:, None, :])
+    cov = segment_sum(xc[:, :, None] * xc[:, None, :], b, n_graphs)
     if solve_on == "host":
         host = torch.cat([cnt[:, None], cov.reshape(n_graphs, 9)], 1).cpu()  # the one device -> host transfer
         cnt, cov = host[:, 0], host[:, 1:].reshape(n_graphs, 3, 3)
