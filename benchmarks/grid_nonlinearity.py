@@ -18,7 +18,7 @@ from _common import device_info, write_json  # noqa: E402
 
 import geolie  # noqa: E402
 from geolie.nn import SphericalGridNonlinearity  # noqa: E402
-from geolie.nn._sh import minimal_grid  # noqa: E402
+from geolie.nn.spherical_harmonics import minimal_grid  # noqa: E402
 
 
 def main():

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import device_info, timeit, write_json  # noqa: E402
 
 from geolie.nn import GauntTensorProduct, gaunt_coefficients  # noqa: E402
-from geolie.nn._sh import _w3j  # noqa: E402
+from geolie.nn.spherical_harmonics import wigner_3j_float64  # noqa: E402
 
 
 def natural(C, L):
@@ -41,7 +41,7 @@ def e3nn_tp(C, L):
         for i2, (_, b) in enumerate(ir):
             for i3, (_, c) in enumerate(ir):
                 if (a.l + b.l + c.l) % 2 == 0 and abs(a.l - b.l) <= c.l <= a.l + b.l:
-                    G, Cg = gaunt_coefficients(a.l, b.l, c.l), _w3j(a.l, b.l, c.l)
+                    G, Cg = gaunt_coefficients(a.l, b.l, c.l), wigner_3j_float64(a.l, b.l, c.l)
                     instr.append((i1, i2, i3, "uuu", True, 1.0))
                     weights.append(float((G * Cg).sum()))
     old = torch.get_default_dtype()

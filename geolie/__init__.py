@@ -2,7 +2,9 @@
 
 The public API is flat (small private modules re-exported here): groups (``SO3``, ``SE3``), representations
 (``as_rep``, ``register_rep``), the adapter-to-engine hand-off (``Evaluation``), the engine (``lie_derivative``,
-``conservative``, ``conservativeness``, ``measure``, ``finite_equivariance_error``), the audit (``audit``, ``testing.assert_equivariant``) and data (``geolie.data``).
+``conservative``, ``conservativeness``, ``measure``, ``finite_equivariance_error``), the audit (``audit``,
+``AuditReport``, ``write_report``, ``layerwise_attribution``,
+``testing.assert_equivariant``) and data (``geolie.data``).
 Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
 
 See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
@@ -13,11 +15,13 @@ from ._reps import (
     IrrepsRep, PointRep, PseudovectorRep, Rep, ScalarRep, Tensor2Rep, VectorRep, as_rep, known_reps, register_rep,
 )
 from ._evaluation import Evaluation
-from ._lie import GeolieADCheckWarning, GeolieFallbackWarning, lie_derivative
+from ._lie import GeolieADCheckWarning, GeolieFallbackWarning, LieResult, lie_derivative, lie_result
 from ._conservative import conservative, conservativeness, lie_energy_from_forces
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
-from ._audit import AuditReport, audit
+from ._audit import audit
+from ._report import AuditReport, write_report
+from ._layerwise import layerwise_attribution
 from . import data, testing
 
 __version__ = "0.1.0"
@@ -26,8 +30,9 @@ __all__ = [
     "LieGroup", "SO3", "SE3", "as_group", "hat", "vee", "so3_exp", "so3_log",
     "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep", "as_rep", "known_reps",
     "register_rep",
-    "lie_derivative", "GeolieFallbackWarning", "GeolieADCheckWarning", "conservative", "conservativeness",
+    "lie_derivative", "lie_result", "LieResult", "GeolieFallbackWarning", "GeolieADCheckWarning", "conservative",
+    "conservativeness",
     "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
-    "audit", "AuditReport", "data", "testing",
+    "audit", "AuditReport", "write_report", "layerwise_attribution", "data", "testing",
 ]

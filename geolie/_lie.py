@@ -68,7 +68,7 @@ from ._structure import (
     Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
 )
 
-__all__ = ["lie_derivative"]
+__all__ = ["lie_derivative", "lie_result", "LieResult"]
 
 METHODS = ("auto", "hvp", "jvp", "jvp-vmap", "jvp-loop", "double-backward", "fd")
 
@@ -170,7 +170,7 @@ def _in_tangents(prob: _Problem) -> List[torch.Tensor]:
     return res
 
 
-def _out_correction(prob: _Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
+def out_correction(prob: _Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
     """``dρ_out(X_k) f(x)`` for every output leaf: each ``[K, *y.shape]``."""
     res = []
     for t, leaf in zip(y, prob.leaves):
@@ -339,7 +339,7 @@ def _ad(prob: _Problem, method: str, chunk_size=None):
             notes.append(f"{name}: its adjoint test agrees only to {max(checks):.1e} in "
                          f"{str(jv[0].dtype).replace('torch.', '')}: the model computes below that precision somewhere "
                          "(float32 arithmetic inside?), and its floor is at least of that order")
-        corr = _out_correction(prob, prob.y)
+        corr = out_correction(prob, prob.y)
         vals = [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)]
         return vals, name, {leaf.path: c for leaf, c in zip(prob.leaves, checks)}, notes
     raise _ADFailed("; ".join(errors + notes), check_failed=bool(notes), notes=notes)
@@ -383,7 +383,7 @@ def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]
             continue
         tol = ad_check_tolerance(jv[0].dtype if jv else torch.float64)
         if all(c <= tol for c in _adjoint_errors(prob, jv, ext)):
-            corr = _out_correction(prob, prob.y)
+            corr = out_correction(prob, prob.y)
             return [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)], name
     return None
 
@@ -396,7 +396,7 @@ class _ADFailed(RuntimeError):
 
 
 # -- finite differences ----------------------------------------------------------------------------------------
-def _length_scale(prob: _Problem) -> float:
+def length_scale(prob: _Problem) -> float:
     scales = []
     for i in prob.inputs.moving:
         v, rep = prob.inputs.values[i], prob.inputs.reps[i]
@@ -446,7 +446,7 @@ def _fd(prob: _Problem, step: Optional[float] = None) -> Tuple[List[torch.Tensor
     dtype = inputs.values[inputs.moving[0]].dtype
     u = torch.finfo(dtype).eps
     h0 = step if step is not None else (0.02 if dtype == torch.float64 else 0.15)
-    ell = _length_scale(prob)
+    ell = length_scale(prob)
     K = prob.group.dim
     vals = [[] for _ in prob.leaves]
     errs = [[] for _ in prob.leaves]
@@ -516,8 +516,11 @@ class LieResult:
         return self.rebuild(self.values)
 
 
-def _compute(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="auto", about="origin", batch=None,
-             chunk_size=None, fd_step=None) -> LieResult:
+def lie_result(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="auto", about="origin", batch=None,
+               chunk_size=None, fd_step=None) -> LieResult:
+    """:func:`lie_derivative` with everything it learnt: a :class:`LieResult` (per output leaf the values
+    ``[group.dim, *shape]``, the outputs, the method used, the finite-difference error estimate when finite
+    differences were used, the adjoint test's value per output and the notes on methods that failed it)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     prob = _setup(f, x, group, in_rep, out_rep, about, batch, method)
@@ -584,5 +587,5 @@ def lie_derivative(
     ValueError: non-finite or empty inputs, shapes that do not fit their representation, unknown
         representation names, undeclared or mismatched outputs.
     """
-    return _compute(f, x, group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch,
+    return lie_result(f, x, group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch,
                     chunk_size=chunk_size, fd_step=fd_step).structured()

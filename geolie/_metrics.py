@@ -40,7 +40,7 @@ import torch
 
 from ._groups import SE3, as_group
 from ._evaluation import Evaluation
-from ._lie import LieResult, _compute, _out_correction, second_opinion
+from ._lie import LieResult, lie_result, out_correction, second_opinion
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
 
@@ -201,7 +201,7 @@ def _reference(res: LieResult, f_ref, kw) -> Optional[LieResult]:
         vals[i] = vals[i].to(other)
     x = tuple(vals) if prob.inputs.is_tuple else vals[0]
     try:
-        ref = _compute(f_ref, x, **kw)
+        ref = lie_result(f_ref, x, **kw)
     except Exception:  # noqa: BLE001 - no reference in the other precision: fall back to the rounding estimate
         return None
     if any(v.dtype != other for v in ref.outputs):
@@ -211,12 +211,12 @@ def _reference(res: LieResult, f_ref, kw) -> Optional[LieResult]:
 
 def _rounding_floor(res: LieResult, kappa: float = 16.0) -> List[torch.Tensor]:
     """``kappa u (|J dρ_in x| + |dρ_out f| + |f| / s_k)`` elementwise, ``s_k`` = 1 rad or the RMS radius."""
-    from ._lie import _length_scale
+    from ._lie import length_scale
 
     prob = res.problem
     u = torch.finfo(res.outputs[0].dtype).eps
-    corr = _out_correction(prob, prob.y)
-    ell = _length_scale(prob)
+    corr = out_correction(prob, prob.y)
+    ell = length_scale(prob)
     K = prob.group.dim
     scale = torch.tensor([1.0 if k < 3 else 1.0 / ell for k in range(K)], dtype=torch.float64)
     res_ = []
@@ -261,7 +261,7 @@ def measure(
             f_ref = f_ref.fn
     group = as_group(group)
     kw = dict(group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch)
-    res = _compute(f, x, **kw)
+    res = lie_result(f, x, **kw)
     dtype = res.outputs[0].dtype if res.outputs else torch.float64
     if res.fd_error is not None:
         floors, src = res.fd_error, "finite-difference error estimate"

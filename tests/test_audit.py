@@ -167,7 +167,7 @@ def test_point_cloud_classifiers_on_shapes(tmp_path):
 def test_hutchinson_attribution_for_vector_outputs():
     """Per-point vector outputs: the norm of each module's pushed-forward local Lie derivative, estimated with
     Rademacher probes, matches the exact value (the planted linear map feeds the output directly)."""
-    from geolie._layerwise import layerwise_attribution
+    from geolie import layerwise_attribution
 
     class VectorField(torch.nn.Module):
         def __init__(self):

@@ -176,7 +176,7 @@ def test_jvp_matches_other_methods(method, dtype):
     for a, b in zip(Lj, Lm):
         assert rel_err(a, b) <= tol
     if method == "fd":  # the reported error estimate is honest: it bounds the actual difference
-        res = geolie._lie._compute(ef, x, method="fd", out_rep=("scalar", "vector"))
+        res = geolie.lie_result(ef, x, method="fd", out_rep=("scalar", "vector"))
         for a, b, err in zip(Lj, res.values, res.fd_error):
             assert float((a - b).double().norm()) <= 2 * float(err.double().norm()) + 1e-12
     assert scale_of(Lj[1][:3]) > 1e-3 * scale_of(ef(x)[1])  # the model really breaks rotations
@@ -343,7 +343,7 @@ def test_hvp_path_matches_forward_mode(batched, dtype):
     batch = torch.tensor([0, 0, 0, 1, 1, 1, 1]) if batched else None
     ef = geolie.conservative(lambda p: m(z, p, batch) if batched else m(z, p)[0])
     x = cloud(dtype=dtype)
-    res = geolie._lie._compute(ef, x, out_rep=("scalar", "vector"), batch=batch)
+    res = geolie.lie_result(ef, x, out_rep=("scalar", "vector"), batch=batch)
     assert res.method == "hvp"
     for method in ("jvp-loop", "jvp-vmap", "double-backward"):
         other = lie_derivative(ef, x, out_rep=("scalar", "vector"), method=method)
@@ -363,7 +363,7 @@ def test_hvp_path_with_dict_outputs():
     ef = geolie.conservative(lambda p, zz: m(zz, p)[0], as_dict=True)
     x = cloud()
     spec = {"energy": None, "forces": "vector"}
-    res = geolie._lie._compute(ef, (x, z), in_rep=("point", None), out_rep=spec)
+    res = geolie.lie_result(ef, (x, z), in_rep=("point", None), out_rep=spec)
     assert res.method == "hvp"
     ref = lie_derivative(ef, (x, z), in_rep=("point", None), out_rep=spec, method="jvp-loop")
     assert rel_err(res.structured()["forces"], ref["forces"]) < 1e-12

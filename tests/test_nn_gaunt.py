@@ -7,7 +7,7 @@ from e3nn import o3
 
 import geolie
 from geolie.nn import GauntTensorProduct, gaunt_coefficients
-from geolie.nn._sh import _w3j, spherical_harmonics
+from geolie.nn.spherical_harmonics import wigner_3j_float64, spherical_harmonics
 from conftest import TOL, rel_err
 
 CONFIGS = [
@@ -42,7 +42,7 @@ def test_three_methods_agree(cfg, dtype):
 def test_gaunt_is_a_path_constant_times_clebsch_gordan(l1, l2, l3):
     """G = c C with |c| = sqrt((2l1+1)(2l2+1)(2l3+1)/4π) |(l1 l2 l3; 0 0 0)| (e3nn's C has unit norm)."""
     G = gaunt_coefficients(l1, l2, l3)
-    C = _w3j(l1, l2, l3)
+    C = wigner_3j_float64(l1, l2, l3)
     c = float((G * C).sum())
     assert float((G - c * C).abs().max()) < 1e-14
     # (l1 l2 l3; 0 0 0)^2 from Racah's closed form
@@ -65,7 +65,7 @@ def test_matches_e3nn_tensor_product_on_even_paths():
         for i2, (_, b) in enumerate(ir2):
             for i3, (_, c) in enumerate(ir3):
                 if (a.l + b.l + c.l) % 2 == 0 and abs(a.l - b.l) <= c.l <= a.l + b.l:
-                    G, C = gaunt_coefficients(a.l, b.l, c.l), _w3j(a.l, b.l, c.l)
+                    G, C = gaunt_coefficients(a.l, b.l, c.l), wigner_3j_float64(a.l, b.l, c.l)
                     instr.append(((i1, i2, i3, "uuu", True, 1.0), float((G * C).sum())))
     torch.set_default_dtype(torch.float64)
     try:  # the path constants go in as weights (e3nn takes the square root of path_weight, losing the sign)
@@ -124,7 +124,7 @@ def test_beyond_e3nn_degree_24():
     assert float(L.norm() / z.norm()) < 1e-12
     assert float(z[:, -49:].norm()) > 1e-3  # degree 24 is really produced
     # the harmonics beyond 12 are orthonormal
-    from geolie.nn._sh import gauss_legendre_grid, minimal_grid
+    from geolie.nn.spherical_harmonics import gauss_legendre_grid, minimal_grid
 
     pts, w = gauss_legendre_grid(*minimal_grid(48))
     Y = spherical_harmonics(24, pts)

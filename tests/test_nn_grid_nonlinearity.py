@@ -4,7 +4,7 @@ from e3nn import o3
 
 import geolie
 from geolie.nn import SphericalGridNonlinearity
-from geolie.nn._sh import minimal_grid
+from geolie.nn.spherical_harmonics import minimal_grid
 
 IR = "4x0e+4x1o+4x2e"
 

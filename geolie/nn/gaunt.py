@@ -34,7 +34,7 @@ Methods (identical results, float64 agreement ~1e-14):
   product as a 2D convolution by ``torch.fft``, and back to SH by exact integrals of ``e^{i(uθ+vφ)} Y sinθ``.
 * ``"dense"``: the explicit Gaunt tensor ``[d1, d2, d3]`` (``O(L⁶)``), the reference.
 
-Degrees are not limited to e3nn's ``l <= 12``: harmonics beyond are built by recursion (``geolie.nn._sh``).
+Degrees are not limited to e3nn's ``l <= 12``: harmonics beyond are built by recursion (``geolie.nn.spherical_harmonics``).
 """
 from __future__ import annotations
 
@@ -45,67 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._sh import gauss_legendre_grid, minimal_grid, spherical_harmonics
+from ._layout import Float64Buffers, IrrepsLayout
+from .spherical_harmonics import gauss_legendre_grid, minimal_grid, spherical_harmonics
 
 __all__ = ["GauntTensorProduct", "gaunt_coefficients"]
-
-
-class _Layout:
-    """An irreps ``C x (l, p)`` laid out as ``[..., C * dim]`` (e3nn) and as ``[..., C, d]`` per channel."""
-
-    def __init__(self, irreps, name: str):
-        from e3nn import o3
-
-        self.irreps = o3.Irreps(irreps)
-        if len(self.irreps) == 0:
-            raise ValueError(f"{name}: empty irreps")
-        muls = {mul for mul, _ in self.irreps}
-        if len(muls) != 1:
-            raise ValueError(f"{name}: a Gaunt product is channel-wise, every irrep needs the same multiplicity; got "
-                             f"{self.irreps}")
-        self.mul = muls.pop()
-        keys = [(ir.l, ir.p) for _, ir in self.irreps]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"{name}: repeated irrep in {self.irreps}; merge them (irreps.simplify())")
-        self.ls = [ir.l for _, ir in self.irreps]
-        self.pvals = [ir.p * (-1) ** ir.l for _, ir in self.irreps]  # the signal's value parity
-        self.d = sum(2 * l + 1 for l in self.ls)
-        self.lmax = max(self.ls)
-        # per-channel component -> (irrep index, m index), and the row in the full SH vector (l², l² + 2l)
-        self.comp_irrep = [i for i, l in enumerate(self.ls) for _ in range(2 * l + 1)]
-        self.comp_sh = [l * l + m for l in self.ls for m in range(2 * l + 1)]
-        self.signals = sorted(set(self.pvals), reverse=True)  # +1 first
-        self.blocks = [(mul, ir.dim) for mul, ir in self.irreps]  # plain ints: torch.compile-friendly
-        self.dim = self.irreps.dim
-        # one gather each way between the e3nn layout [C x (2l+1) blocks] and the channel layout [C, d]
-        perm, start = [], 0
-        offs = []
-        for mul, d in self.blocks:
-            offs.append(start)
-            start += mul * d
-        for c in range(self.mul):
-            for (mul, d), o in zip(self.blocks, offs):
-                perm.extend(range(o + c * d, o + (c + 1) * d))
-        self.perm = torch.tensor(perm)
-        self.inv_perm = torch.argsort(self.perm)
-        self.identity = bool(torch.equal(self.perm, torch.arange(len(perm))))
-
-    def to_channels(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        """``[..., C * dim]`` -> ``[..., C, d]``; ``perm``: this layout's ``perm`` on ``x``'s device (the owning
-        module keeps it as a buffer, see ``_Float64Buffers._register_layout``)."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected a last dimension of {self.dim} ({self.irreps}), got {x.shape[-1]}")
-        if not self.identity:
-            x = x[..., perm]
-        return x.reshape(*x.shape[:-1], self.mul, self.d)
-
-    def from_channels(self, xc: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
-        x = xc.reshape(*xc.shape[:-2], -1)
-        return x if self.identity else x[..., inv_perm]
-
-    def sh_rows(self, pval: int) -> List[int]:
-        """Components belonging to the signal of value parity ``pval``."""
-        return [c for c, i in enumerate(self.comp_irrep) if self.pvals[i] == pval]
 
 
 def gaunt_coefficients(l1: int, l2: int, l3: int) -> torch.Tensor:
@@ -151,7 +94,7 @@ def _sin_integral(n: np.ndarray) -> np.ndarray:
 class _FourierPlan:
     """Precomputed, block-sparse (per azimuthal frequency) changes of basis for one Gaunt product."""
 
-    def __init__(self, lay1: _Layout, lay2: _Layout, lay3: _Layout):
+    def __init__(self, lay1: IrrepsLayout, lay2: IrrepsLayout, lay3: IrrepsLayout):
         self.L1, self.L2, self.L3 = lay1.lmax, lay2.lmax, lay3.lmax
         self.M = 2 * (self.L1 + self.L2) + 1
         self.ins = [self._analysis(lay1), self._analysis(lay2)]
@@ -162,7 +105,7 @@ class _FourierPlan:
         l = int(math.isqrt(row))
         return row - l * l - l
 
-    def _analysis(self, lay: _Layout):
+    def _analysis(self, lay: IrrepsLayout):
         """For each component: the (at most two) azimuthal slots v = ±m and the θ-coefficients there."""
         L = lay.lmax
         c = _torus_coefficients(L)  # [(L+1)², 2L+1 (u), 2L+1 (v)]
@@ -188,7 +131,7 @@ class _FourierPlan:
                 mat[v + L, j] = col
         return idx, mat, L
 
-    def _synthesis(self, lay: _Layout):
+    def _synthesis(self, lay: IrrepsLayout):
         """``out_k = Re Σ_{u,v} c3[u, v] P[u, v, k]``, stored per v as ``[V, U, width]`` with a scatter index."""
         L3, K = lay.lmax, self.L1 + self.L2
         c = _torus_coefficients(L3)  # Y_k = Σ c[k, u', j] e^{i(u'θ + jφ)}
@@ -212,37 +155,7 @@ class _FourierPlan:
         return idx, mat, L3
 
 
-class _Float64Buffers(nn.Module):
-    """Keeps float64 master copies of its floating buffers through ``.to(dtype)`` / ``.float()`` (only the device
-    follows), so that a float32 model can be cast back to float64 without losing precision; ``_b(name, dtype)``
-    returns a cached cast for the forward pass."""
-
-    def _apply(self, fn, recurse=True):
-        saved = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float64}
-        super()._apply(fn, recurse)
-        for n, b in saved.items():
-            self._buffers[n] = b.to(device=fn(b[:0]).device)
-        self._cast_cache = {}
-        return self
-
-    def _register_layout(self, key: str, lay: _Layout) -> None:
-        """``lay``'s index permutations as buffers ``<key>_perm`` / ``<key>_iperm``: they follow the module's
-        device like every other constant (not saved in the state dict)."""
-        self.register_buffer(f"{key}_perm", lay.perm, persistent=False)
-        self.register_buffer(f"{key}_iperm", lay.inv_perm, persistent=False)
-
-    def _b(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        t = self._buffers[name]
-        if torch.compiler.is_compiling():  # traced: the cast is part of the graph (no Python-side cache)
-            return t if t.dtype == dtype else t.to(dtype)
-        cache = self.__dict__.setdefault("_cast_cache", {})
-        key = (name, dtype)
-        if key not in cache or cache[key].device != t.device:
-            cache[key] = t if t.dtype == dtype else t.to(dtype)
-        return cache[key]
-
-
-class GauntTensorProduct(_Float64Buffers):
+class GauntTensorProduct(Float64Buffers):
     """Channel-wise Gaunt product ``z = GauntTP(x, y)`` of ``irreps_in1`` and ``irreps_in2`` onto ``irreps_out``.
 
     Every irreps is ``C x (l, p)`` over a set of degrees, with one multiplicity ``C`` (``irreps_in2`` may also
@@ -257,8 +170,8 @@ class GauntTensorProduct(_Float64Buffers):
         super().__init__()
         if method not in ("grid", "fourier", "dense"):
             raise ValueError(f"method must be 'grid', 'fourier' or 'dense', got {method!r}")
-        self.l1, self.l2, self.l3 = _Layout(irreps_in1, "irreps_in1"), _Layout(irreps_in2, "irreps_in2"), \
-            _Layout(irreps_out, "irreps_out")
+        self.l1, self.l2, self.l3 = IrrepsLayout(irreps_in1, "irreps_in1"), IrrepsLayout(irreps_in2, "irreps_in2"), \
+            IrrepsLayout(irreps_out, "irreps_out")
         self.irreps_in1, self.irreps_in2, self.irreps_out = self.l1.irreps, self.l2.irreps, self.l3.irreps
         for key in ("l1", "l2", "l3"):
             self._register_layout(key, getattr(self, key))
@@ -297,7 +210,7 @@ class GauntTensorProduct(_Float64Buffers):
             self._build_fourier()
 
     # -- construction ------------------------------------------------------------------------------------------
-    def _basis(self, lay: _Layout, Y: torch.Tensor, signals) -> torch.Tensor:
+    def _basis(self, lay: IrrepsLayout, Y: torch.Tensor, signals) -> torch.Tensor:
         """``[d, S * G]``: each component's values on the grid, in the block of its signal."""
         G = Y.shape[0]
         B = torch.zeros(lay.d, len(signals) * G, dtype=torch.float64)

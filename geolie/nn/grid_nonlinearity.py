@@ -19,13 +19,13 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from ._sh import gauss_legendre_grid, minimal_grid, spherical_harmonics
-from .gaunt import _Float64Buffers, _Layout
+from ._layout import Float64Buffers, IrrepsLayout
+from .spherical_harmonics import gauss_legendre_grid, minimal_grid, spherical_harmonics
 
 __all__ = ["SphericalGridNonlinearity"]
 
 
-class SphericalGridNonlinearity(_Float64Buffers):
+class SphericalGridNonlinearity(Float64Buffers):
     """``forward(x [..., irreps.dim]) -> [..., irreps.dim]``; see the module docstring.
 
     ``resolution``: ``(n_beta, n_alpha)``; default: the grid exact for degree ``3 L`` (a common compromise).
@@ -36,7 +36,7 @@ class SphericalGridNonlinearity(_Float64Buffers):
     def __init__(self, irreps, act: Callable = torch.nn.functional.silu, resolution: Optional[Tuple[int, int]] = None,
                  mlp_hidden: Optional[int] = None):
         super().__init__()
-        self.lay = _Layout(irreps, "irreps")
+        self.lay = IrrepsLayout(irreps, "irreps")
         self._register_layout("lay", self.lay)
         if any(pv != 1 for pv in self.lay.pvals):
             raise ValueError(f"SphericalGridNonlinearity needs natural parity (0e, 1o, 2e, ...), got {self.lay.irreps}:"

@@ -1,4 +1,4 @@
-r"""Real spherical harmonics of any degree in e3nn's basis, and exact quadrature grids on the sphere (private).
+r"""Real spherical harmonics of any degree in e3nn's basis, and exact quadrature grids on the sphere.
 
 Normalization: ``"integral"`` (orthonormal, :math:`\int_{S^2} Y_{lm} Y_{l'm'} d\Omega = \delta_{ll'}\delta_{mm'}`), so
 that :math:`G = \int Y_{l_1m_1} Y_{l_2m_2} Y_{l_3m_3} d\Omega` are the real Gaunt coefficients.
@@ -25,11 +25,14 @@ import torch
 
 from .._torch_utils import default_dtype
 
+__all__ = ["spherical_harmonics", "gauss_legendre_grid", "minimal_grid", "wigner_3j_float64"]
+
 E3NN_LMAX = 12
 
 
 @lru_cache(maxsize=None)
-def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
+def wigner_3j_float64(l1: int, l2: int, l3: int) -> torch.Tensor:
+    """e3nn's ``wigner_3j(l1, l2, l3)`` computed in float64 (cached)."""
     from e3nn import o3
 
     with default_dtype(torch.float64):
@@ -50,7 +53,7 @@ def spherical_harmonics(lmax: int, xyz: torch.Tensor, recursion_from: int = E3NN
     ys = [o3.spherical_harmonics(l, x, normalize=False, normalization="integral") for l in range(lo + 1)]
     y1 = ys[1] if lmax >= 1 else None
     for l in range(lo + 1, lmax + 1):
-        t = torch.einsum("ijk,...i,...j->...k", _w3j(1, l - 1, l), y1, ys[l - 1])
+        t = torch.einsum("ijk,...i,...j->...k", wigner_3j_float64(1, l - 1, l), y1, ys[l - 1])
         scale = math.sqrt((2 * l + 1) / (4 * math.pi)) / t.norm(dim=-1).mean()
         ys.append(t * scale)
     return torch.cat(ys, -1)
