@@ -151,7 +151,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
     them. ``batch_size > 1`` evaluates that many molecules per call (torch models with a ``batch`` argument; finite
     checks are then per batch). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
-    ``model``: a :class:`geolie.adapters.Potential`, an ``nn.Module``, an ASE calculator or a model spec string
+    ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
     """

@@ -22,7 +22,7 @@ import torch
 from ._torch_utils import segment_sum
 
 from ._groups import SE3, as_group, hat
-from ._structure import centroids
+from ._io import centroids
 
 __all__ = ["conservative", "lie_energy_from_forces", "conservativeness"]
 

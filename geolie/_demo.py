@@ -18,15 +18,15 @@ import torch
 MODELS = ("pair-mlp", "e3nn", "gaunt", "schnet", "cartesian-mlp")
 
 
-def run_demo(n_frames: int = 3, out_dir: Optional[str] = None, stream=None):
+def run_demo(n_structures: int = 3, out_dir: Optional[str] = None, stream=None):
     from ._audit import audit
     from ._report import write_report
     from .data import load
 
     stream = stream or sys.stdout
     torch.backends.cuda.matmul.allow_tf32 = False
-    mols = load("xtb-md/ethanol", "test")[:n_frames] + load("xtb-md/aspirin", "test")[:n_frames]
-    cells = load("emt-bulk", "test")[:n_frames]
+    mols = load("xtb-md/ethanol", "test")[:n_structures] + load("xtb-md/aspirin", "test")[:n_structures]
+    cells = load("emt-bulk", "test")[:n_structures]
     reports = {}
     for name in MODELS:
         reports[name] = audit(name, mols, dtype=torch.float64, n_finite=2)

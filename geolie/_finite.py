@@ -24,7 +24,7 @@ import torch
 
 from ._groups import SE3, as_group
 from ._reps import PointRep
-from ._structure import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
+from ._io import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
 

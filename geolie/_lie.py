@@ -64,7 +64,7 @@ import torch.autograd.forward_ad as fwAD
 from ._groups import LieGroup, SE3, as_group
 from ._reps import PointRep
 from ._torch_utils import segment_sum
-from ._structure import (
+from ._io import (
     Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
 )
 

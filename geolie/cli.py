@@ -33,7 +33,7 @@ def _audit_parser(sub):
     a.add_argument("--out-rep", default="scalar",
                    help="for point-cloud models (forward(pos)): the output's representation (scalar, vector, point, "
                         "an e3nn irreps string); default scalar (invariant logits)")
-    a.add_argument("--per-point", action="store_true", help="for point-cloud models: the output is per point")
+    a.add_argument("--per-atom", action="store_true", help="for point-cloud models: the output has one row per point (atom)")
     return a
 
 
@@ -44,13 +44,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = sub.add_parser("demo", help="audit bundled equivariant and non-equivariant models on bundled molecules "
                           "(no download)")
     demo.add_argument("--out", default=None, help="also write each audit's report and plots here")
-    demo.add_argument("--structures", type=int, default=3, help="frames per molecule (default 3)")
+    demo.add_argument("--structures", type=int, default=3, help="structures per molecule and per crystal set (default 3)")
     _audit_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
 
-        run_demo(n_frames=args.structures, out_dir=args.out)
+        run_demo(n_structures=args.structures, out_dir=args.out)
         return 0
     if args.command == "audit":
         return _run_audit(args, parser)
@@ -67,7 +67,7 @@ def _run_audit(args, parser) -> int:
     from .adapters import load_model
 
     try:
-        model = load_model(args.model, out_rep=args.out_rep, per_point=args.per_point)
+        model = load_model(args.model, out_rep=args.out_rep, per_atom=args.per_atom)
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size)

@@ -7,15 +7,17 @@ import torch
 
 from ._audit import audit
 from ._groups import SE3
+from ._metrics import FLOOR_FACTOR
 
 __all__ = ["assert_equivariant"]
 
 
 def assert_equivariant(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, rtol: float = 1e-6,
-                       floor_factor: float = 10.0, finite: bool = True, n_finite: int = 2,
+                       floor_factor: float = FLOOR_FACTOR, finite: bool = True, n_finite: int = 2,
                        outputs: Optional[list] = None, limit: Optional[int] = None) -> None:
     """Raise ``AssertionError`` unless every output's relative Lie derivative (each structure, each generator) is
-    below ``rtol`` or within ``floor_factor`` times its noise floor, and (with ``finite``) the finite rotation,
+    below ``rtol`` or within ``floor_factor`` times its noise floor (by default the factor that defines "at floor" in
+    every report, :data:`geolie._metrics.FLOOR_FACTOR`, so that the gate and the report agree), and (with ``finite``) the finite rotation,
     translation and permutation errors are below ``rtol``.
 
     The message names the output, the generator, the structure, the value and how far above the floor it is.

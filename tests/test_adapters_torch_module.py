@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import geolie
-from geolie.adapters import Structure, TorchPotential
+from geolie.adapters import Structure, TorchAdapter
 
 MOL = geolie.data.load("xtb-md/ethanol", "test")[0]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -54,7 +54,7 @@ class Harmonic(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_direct_force_head_is_audited_at_its_closed_form(dtype):
     model = DirectForce()
-    pot = TorchPotential(model)
+    pot = TorchAdapter(model)
     st = Structure.from_atoms(MOL)
     ev = pot.evaluation(st, dtype)
     assert ev.sources == {"energy": "model", "forces": "model"}
@@ -88,7 +88,7 @@ def test_force_head_equal_to_minus_gradient_is_reported_conservative():
 
 def test_non_conservative_head_reports_its_closed_form_mismatch():
     k, curl = 1.3, 0.4
-    pot = TorchPotential(Harmonic(k, curl))
+    pot = TorchAdapter(Harmonic(k, curl))
     st = Structure.from_atoms(MOL)
     ev = pot.evaluation(st, torch.float64)
     r = torch.as_tensor(st.positions) - torch.as_tensor(st.positions).mean(0)
@@ -175,7 +175,7 @@ def test_undeclared_and_declared_extra_outputs():
 
     with pytest.raises(ValueError, match=r"\['dipole'\].*not declared"):
         geolie.audit(WithDipole(), [MOL], n_finite=0, progress=False)
-    rep = geolie.audit(TorchPotential(WithDipole(), out_rep={"dipole": "vector"}), [MOL], n_finite=1, progress=False)
+    rep = geolie.audit(TorchAdapter(WithDipole(), out_rep={"dipole": "vector"}), [MOL], n_finite=1, progress=False)
     o = rep.rows[0]["outputs"]
     assert set(o) == {"energy", "dipole", "forces"} and o["forces"]["source"] == "-dE/dx (geolie)"
     assert all(o["dipole"]["at_floor"][:3])  # Σ q x rotates as a vector
@@ -225,7 +225,7 @@ def test_periodic_exact_model_sits_at_its_floor(dtype):
 
 
 def test_periodic_stress_matches_ase_convention_by_finite_strain():
-    pot = TorchPotential(PeriodicPair())
+    pot = TorchAdapter(PeriodicPair())
     st = Structure.from_atoms(CRYSTAL)
     out = pot.evaluation(st, torch.float64).fn(*pot.evaluation(st, torch.float64).inputs)
     m = PeriodicPair()
@@ -302,7 +302,7 @@ def test_pyg_data_input_with_cell_and_wrapped_translations():
     assert set(row["outputs"]) == {"energy", "forces", "stress"}
     assert all(all(o["at_floor"]) for o in row["outputs"].values())
     assert row["finite"]["energy"]["translation"] < 1e-10
-    ev = TorchPotential(model).evaluation(Structure.from_atoms(CRYSTAL), torch.float64)
+    ev = TorchAdapter(model).evaluation(Structure.from_atoms(CRYSTAL), torch.float64)
     model.max_frac = 0.0
     far = geolie.finite_equivariance_error(ev, n=2, box=50.0, generator=torch.Generator().manual_seed(1))
     assert model.max_frac < 1.0 + 1e-9  # translated atoms came back into the cell

@@ -145,7 +145,7 @@ def test_bad_input(tmp_path, monkeypatch):
     p = tmp_path / "nolabels.xyz"
     p.write_text("2\n\nH 0 0 0\nH 0 0 0.74\n")
     assert len(gd.load(str(p))) == 1
-    with pytest.raises(ValueError, match="frame 0 has no energy, forces label"):
+    with pytest.raises(ValueError, match="structure 0 has no energy, forces label"):
         gd.read(p, require=("energy", "forces"))
     with pytest.raises(FileNotFoundError, match="datasets folder not found"):
         monkeypatch.setenv("GEOLIE_DATASETS", str(tmp_path / "nowhere"))

@@ -1,18 +1,18 @@
 """Adapters at the edge: turn models of other libraries into geolie's uniform *potential* interface.
 
 The engine (``lie_derivative``, ``measure``, ``finite_equivariance_error``) knows nothing of ASE or PyG; the audit
-uses these adapters. A :class:`Potential` maps a structure to a :class:`geolie.Evaluation` (the function the engine differentiates, its
+uses these adapters. A :class:`Adapter` maps a structure to a :class:`geolie.Evaluation` (the function the engine differentiates, its
 inputs and their representations, the outputs as the model returns them and where each comes from):
 ``potential.evaluation(structure, dtype)``, ``potential.batch_evaluation(structures, dtype)``.
 
-One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Potential`, :func:`cast_copy`),
+One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Adapter`, :func:`cast_copy`),
 ``torch_module`` (torch modules), ``ase_calc`` (ASE calculators), ``pyg`` (PyG models), ``e3nn_models``,
 ``pretrained`` (potentials whose weights ship in their wheels); ``_registry`` resolves model specs.
 """
-from ._protocol import Potential, Structure, cast_copy
+from ._protocol import Adapter, Structure, cast_copy
 from ._registry import SHORT_NAMES, load_model
-from .ase_calc import CalculatorPotential
-from .torch_module import PointCloudModel, TorchPotential
+from .ase_calc import CalculatorAdapter
+from .torch_module import PointCloudAdapter, TorchAdapter
 
-__all__ = ["Potential", "TorchPotential", "PointCloudModel", "CalculatorPotential", "Structure", "load_model",
+__all__ = ["Adapter", "TorchAdapter", "PointCloudAdapter", "CalculatorAdapter", "Structure", "load_model",
            "cast_copy", "SHORT_NAMES"]

@@ -1,4 +1,4 @@
-"""The adapter protocol: :class:`Structure`, :class:`Potential`, and the one helper that copies a model to a dtype."""
+"""The adapter protocol: :class:`Structure`, :class:`Adapter`, and the one helper that copies a model to a dtype."""
 from __future__ import annotations
 
 import copy
@@ -57,7 +57,7 @@ def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> Tuple[torc
     return m, notes
 
 
-class Potential:
+class Adapter:
     """What the audit needs of a model (the adapter protocol).
 
     * ``name``, ``dtypes`` (the precisions it runs in), ``elements`` (supported atomic numbers or ``None``),
@@ -67,14 +67,14 @@ class Potential:
     * ``dtype_note``: why the model runs only in ``dtypes`` (said in reports), empty otherwise.
     """
 
-    name = "potential"
+    name = "model"
     method = "auto"
     device = torch.device("cpu")
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
     elements: Optional[Sequence[int]] = None
     dtype_note = ""
 
-    def to(self, device) -> "Potential":
+    def to(self, device) -> "Adapter":
         """Run on ``device`` from now on."""
         self.device = torch.device(device)
         return self
@@ -102,7 +102,7 @@ class Potential:
         return None
 
     def inputs(self, st: Structure, dtype: torch.dtype):
-        """``(pos, z)`` on this potential's device."""
+        """``(pos, z)`` on this adapter's device."""
         return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
                 torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
 

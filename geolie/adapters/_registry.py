@@ -6,9 +6,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ._protocol import Potential
-from .ase_calc import CalculatorPotential
-from .torch_module import PointCloudModel, TorchPotential, signature_kind
+from ._protocol import Adapter
+from .ase_calc import CalculatorAdapter
+from .torch_module import PointCloudAdapter, TorchAdapter, signature_kind
 
 SHORT_NAMES: Dict[str, str] = {
     "pair-mlp": "geolie.models:PairMLPPotential",
@@ -24,30 +24,30 @@ SHORT_NAMES: Dict[str, str] = {
 }
 
 
-def load_model(spec: Any, *, device: Optional[str] = None, out_rep: Any = None, per_point: Optional[bool] = None
-               ) -> Potential:
-    """A :class:`Potential` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
+def load_model(spec: Any, *, device: Optional[str] = None, out_rep: Any = None, per_atom: Optional[bool] = None
+               ) -> Adapter:
+    """A :class:`Adapter` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
     ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
-    only is a :class:`PointCloudModel` with an invariant output unless ``out_rep`` declares another (``per_point``:
+    only is a :class:`PointCloudAdapter` with an invariant output unless ``out_rep`` declares another (``per_atom``:
     its first dimension follows the points). For other torch modules ``out_rep`` declares the outputs beyond energy,
     forces and stress (a dict). ``device``: where torch models run (calculators stay on the CPU).
     """
     pot = _resolve(spec)
-    if isinstance(pot, PointCloudModel):
+    if isinstance(pot, PointCloudAdapter):
         if out_rep is not None:
             pot.out_rep = out_rep
-        if per_point is not None:
-            pot.per_point = per_point
-    elif isinstance(pot, TorchPotential) and isinstance(out_rep, dict):
+        if per_atom is not None:
+            pot.per_atom = per_atom
+    elif isinstance(pot, TorchAdapter) and isinstance(out_rep, dict):
         pot.extra_rep.update(out_rep)
-    if device is not None and not isinstance(pot, CalculatorPotential):
+    if device is not None and not isinstance(pot, CalculatorAdapter):
         pot.to(device)
     return pot
 
 
-def _resolve(spec: Any) -> Potential:
-    if isinstance(spec, Potential):
+def _resolve(spec: Any) -> Adapter:
+    if isinstance(spec, Adapter):
         return spec
     name = None
     if isinstance(spec, str):
@@ -67,15 +67,15 @@ def _resolve(spec: Any) -> Potential:
         obj = factory() if callable(factory) else factory
     else:
         obj = spec
-    if isinstance(obj, Potential):
+    if isinstance(obj, Adapter):
         return obj
     if isinstance(obj, torch.nn.Module):
         if signature_kind(obj) == "pos":  # a model on one point cloud: invariant output unless declared
-            return PointCloudModel(obj, name=name or type(obj).__name__)
-        return TorchPotential(obj, name=name or type(obj).__name__)
+            return PointCloudAdapter(obj, name=name or type(obj).__name__)
+        return TorchAdapter(obj, name=name or type(obj).__name__)
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(obj, BaseCalculator):
-        return CalculatorPotential(obj, name=name or type(obj).__name__)
+        return CalculatorAdapter(obj, name=name or type(obj).__name__)
     raise TypeError(f"model {spec!r}: the factory returned a {type(obj).__name__}; expected a torch.nn.Module, an "
-                    "ASE Calculator or a geolie.adapters.Potential")
+                    "ASE Calculator or a geolie.adapters.Adapter")

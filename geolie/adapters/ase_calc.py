@@ -14,10 +14,10 @@ import torch
 
 from .. import _evaluation as ev_mod
 from .._evaluation import Evaluation
-from ._protocol import Potential, Structure
+from ._protocol import Adapter, Structure
 
 
-class CalculatorPotential(Potential):
+class CalculatorAdapter(Adapter):
     """Wrap an ASE calculator (an instance, or a zero-argument factory for a fresh one per call)."""
 
     method = "fd"
@@ -72,4 +72,4 @@ def emt():
     """ASE's EMT (Al, Ni, Cu, Pd, Ag, Pt, Au; H, C, N, O experimental)."""
     from ase.calculators.emt import EMT
 
-    return CalculatorPotential(EMT, name="emt", elements=EMT_ELEMENTS)
+    return CalculatorAdapter(EMT, name="emt", elements=EMT_ELEMENTS)

@@ -16,7 +16,7 @@ import torch
 from .._torch_utils import default_dtype
 
 from ..neighbors import radius_graph
-from .torch_module import PointCloudModel
+from .torch_module import PointCloudAdapter
 
 
 @contextlib.contextmanager
@@ -46,16 +46,16 @@ class _DictCall(torch.nn.Module):
 
 
 def e3nn_network(net: torch.nn.Module, name: str = "", extra: Optional[Dict[str, torch.Tensor]] = None
-                 ) -> PointCloudModel:
-    """Wrap a dict-input e3nn network (with ``irreps_out`` and ``reduce_output``) as a :class:`PointCloudModel`."""
+                 ) -> PointCloudAdapter:
+    """Wrap a dict-input e3nn network (with ``irreps_out`` and ``reduce_output``) as a :class:`PointCloudAdapter`."""
     if not hasattr(net, "irreps_out"):
         raise TypeError(f"{type(net).__name__} declares no irreps_out")
-    per_point = not getattr(net, "reduce_output", True)
-    return PointCloudModel(_DictCall(net, extra), out_rep=net.irreps_out, name=name or type(net).__name__,
-                           per_point=per_point)
+    per_atom = not getattr(net, "reduce_output", True)
+    return PointCloudAdapter(_DictCall(net, extra), out_rep=net.irreps_out, name=name or type(net).__name__,
+                           per_atom=per_atom)
 
 
-def gate_points(seed: int = 0) -> PointCloudModel:
+def gate_points(seed: int = 0) -> PointCloudAdapter:
     """``e3nn.nn.models.gate_points_2101.Network`` (scalar + vector output per cloud), deterministically initialized."""
     from e3nn import o3
     from e3nn.nn.models.gate_points_2101 import Network

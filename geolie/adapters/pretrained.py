@@ -6,10 +6,10 @@
   self-energies and the eight networks. Elements H, C, N, O; energies converted from Hartree to eV.
 
 * ``sevenn-0``: SevenNet-0 (11Jul2024) from the ``sevenn`` wheel (``pip install "geolie[sevenn]"``), with its own
-  forces (see :class:`SevenNetPotential`).
+  forces (see :class:`SevenNetAdapter`).
 
 * ``chgnet``: CHGNet 0.3.0 from the ``chgnet`` wheel (``pip install "geolie[chgnet]"``), molecules and crystals
-  (see :class:`CHGNetPotential`).
+  (see :class:`CHGNetAdapter`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from .. import _evaluation as ev_mod
 from .._evaluation import Evaluation
-from ._protocol import Potential
-from .torch_module import TorchPotential
+from ._protocol import Adapter
+from .torch_module import TorchAdapter
 
 HARTREE_EV = 27.211386245988
 
@@ -63,7 +63,7 @@ class ANIPotential(torch.nn.Module):
         return (e * HARTREE_EV).to(pos.dtype).reshape(1)
 
 
-def ani1x() -> TorchPotential:
+def ani1x() -> TorchAdapter:
     """The ANI-1x ensemble as a geolie potential (energy in eV, forces by autograd)."""
     _require("setuptools", "pretrained")
     torchani = _require("torchani", "pretrained")
@@ -76,12 +76,12 @@ def ani1x() -> TorchPotential:
         torchani.neurochem.load_model_ensemble(consts.species, os.path.join(d, "train"), 8),
         torchani.neurochem.load_sae(os.path.join(d, "sae_linfit.dat")),
     )
-    pot = TorchPotential(ANIPotential(model, consts.species), name="ani1x")
+    pot = TorchAdapter(ANIPotential(model, consts.species), name="ani1x")
     pot.elements = (1, 6, 7, 8)
     return pot
 
 
-class SevenNetPotential(TorchPotential):
+class SevenNetAdapter(TorchAdapter):
     """SevenNet-0 (``sevenn``, an e3nn NequIP-style model) with its own forces.
 
     The deployed model takes edge vectors (``data["edge_vec"]``) and computes forces from their gradient with
@@ -156,12 +156,12 @@ class SevenNetPotential(TorchPotential):
         return self.copy_for(dtype), (lambda p: fn(p, pos[1])["energy"].sum()), None
 
 
-def sevenn0() -> SevenNetPotential:
+def sevenn0() -> SevenNetAdapter:
     """SevenNet-0 (11Jul2024) from the ``sevenn`` wheel, offline."""
-    return SevenNetPotential()
+    return SevenNetAdapter()
 
 
-class CHGNetPotential(Potential):
+class CHGNetAdapter(Adapter):
     """CHGNet (``chgnet``, invariant crystal-graph network) with its own autograd forces (and stress).
 
     CHGNet builds a crystal graph (atom and bond graphs with periodic images) from a pymatgen ``Structure`` and
@@ -236,6 +236,6 @@ class CHGNetPotential(Potential):
                           notes=[self.dtype_note])
 
 
-def chgnet() -> CHGNetPotential:
+def chgnet() -> CHGNetAdapter:
     """CHGNet 0.3.0 from the ``chgnet`` wheel, offline."""
-    return CHGNetPotential()
+    return CHGNetAdapter()

@@ -1,12 +1,12 @@
 """Torch modules as potentials and point-cloud models, audited through the outputs they really return.
 
-:class:`TorchPotential` calls the module as its ``forward`` asks (detected from the parameter names):
+:class:`TorchAdapter` calls the module as its ``forward`` asks (detected from the parameter names):
 
 * ``forward(z, pos, batch)`` (PyG style: SchNet, DimeNet++, ViSNet; their ``radius_graph`` is served by
   :mod:`geolie.neighbors` while geolie calls them), ``forward(z, pos, batch, cell)`` (periodic: ``cell [3, 3]``,
   rows are lattice vectors), ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held
   fixed), ``forward(data)`` (a PyG ``Data`` with ``z``, ``pos``, ``batch`` and, for periodic structures,
-  ``cell [1, 3, 3]``), or ``forward(pos)`` (:class:`PointCloudModel`).
+  ``cell [1, 3, 3]``), or ``forward(pos)`` (:class:`PointCloudAdapter`).
 
 What the module returns is what is audited:
 
@@ -29,7 +29,7 @@ import torch
 from .. import _evaluation as ev_mod
 from .._conservative import conservative
 from .._evaluation import Evaluation
-from ._protocol import CopyCache, Potential, Structure
+from ._protocol import CopyCache, Adapter, Structure
 
 KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
 
@@ -67,7 +67,7 @@ def as_output_dict(out: Any) -> Dict[str, Any]:
     raise ValueError(f"the model returned a {type(out).__name__}; expected a tensor (the energy), a tuple or a dict")
 
 
-class TorchPotential(Potential):
+class TorchAdapter(Adapter):
     """A torch module on structures; see the module docstring for call conventions and outputs.
 
     ``out_rep``: representations of outputs beyond energy, forces and stress. ``per_atom``: names of outputs whose
@@ -79,7 +79,7 @@ class TorchPotential(Potential):
     def __init__(self, module: torch.nn.Module, name: str = "", cutoff: float = 5.0, kind: Optional[str] = None,
                  out_rep: Optional[Dict[str, Any]] = None, per_atom: Sequence[str] = ()):
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"TorchPotential needs a torch.nn.Module, got {type(module).__name__}")
+            raise TypeError(f"TorchAdapter needs a torch.nn.Module, got {type(module).__name__}")
         self._module = module.eval()
         self._cache = CopyCache(self._module, self._prepare)
         self.name = name or type(module).__name__
@@ -135,7 +135,7 @@ class TorchPotential(Potential):
         if undeclared:
             raise ValueError(f"{where}: model {self.name!r} returned output(s) {undeclared} whose representation is "
                              "not declared; pass out_rep={name: rep} (e.g. 'scalar', 'vector', 'tensor2', an e3nn "
-                             "irreps string) to TorchPotential")
+                             "irreps string) to TorchAdapter")
         reps = {k: self.extra_rep.get(k, KNOWN.get(k)) for k in keys}
         per_atom = {k: (k == "forces" or k in self.per_atom_names or (
             k not in KNOWN and isinstance(out0.get(k), torch.Tensor) and out0[k].dim() >= 1
@@ -244,19 +244,19 @@ def _augmented(call: Callable, keys, out0, periodic: bool, n_struct: int, batche
     return fn
 
 
-class PointCloudModel(Potential):
+class PointCloudAdapter(Adapter):
     """A module on one point cloud, ``forward(pos [N, 3]) -> output``, with a declared output representation.
 
     For point-cloud classifiers (``out_rep="scalar"``: logits are invariant), segmenters (per-point scalars) and
-    models predicting vectors or points. ``per_point=True`` says the output's first dimension follows the points
+    models predicting vectors or points. ``per_atom=True`` says the output's first dimension follows the points
     (permuted with them in the finite checks). The output is reported as ``"output"``.
     """
 
-    def __init__(self, module: Callable, out_rep: Any = "scalar", name: str = "", per_point: bool = False):
+    def __init__(self, module: Callable, out_rep: Any = "scalar", name: str = "", per_atom: bool = False):
         self._module = module
         self._cache = CopyCache(module) if isinstance(module, torch.nn.Module) else None
         self.out_rep = out_rep
-        self.per_point = per_point
+        self.per_atom = per_atom
         self.name = name or type(module).__name__
 
     def copy_for(self, dtype):
@@ -270,7 +270,7 @@ class PointCloudModel(Potential):
             return {"output": m(pos)}
 
         return Evaluation(fn, self.inputs(st, dtype), ("point", None), {"output": self.out_rep},
-                          per_atom={"output": self.per_point}, method=self.method, notes=list(notes))
+                          per_atom={"output": self.per_atom}, method=self.method, notes=list(notes))
 
     def layerwise_target(self, st: Structure, dtype: torch.dtype):
         if not isinstance(self._module, torch.nn.Module):

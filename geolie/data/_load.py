@@ -71,7 +71,7 @@ def _verify(path: Path, sha: str, recipe: str) -> None:
 def read(path: Union[str, os.PathLike], index=":", require: Sequence[str] = ()) -> List:
     """Read structures with ``ase.io.read``; check that each has the labels in ``require``.
 
-    ``require`` may name ``"energy"``, ``"forces"``, ``"stress"``. Errors name the file and the frame.
+    ``require`` may name ``"energy"``, ``"forces"``, ``"stress"``. Errors name the file and the structure.
     """
     import ase.io
 
@@ -81,29 +81,29 @@ def read(path: Union[str, os.PathLike], index=":", require: Sequence[str] = ()) 
     try:
         if path.suffix == ".gz" and Path(path.stem).suffix in (".xyz", ".extxyz"):
             # ase's extxyz reader seeks backwards, and each seek in a gzip stream decompresses it again from the
-            # start (quadratic: 4 s instead of 0.3 s for 1000 frames): decompress once, in memory
+            # start (quadratic: 4 s instead of 0.3 s for 1000 structures): decompress once, in memory
             import gzip
             import io
 
             with gzip.open(path, "rt") as fh:
                 text = fh.read()
-            frames = ase.io.read(io.StringIO(text), index=index, format="extxyz")
+            structures = ase.io.read(io.StringIO(text), index=index, format="extxyz")
         else:
-            frames = ase.io.read(str(path), index=index)
+            structures = ase.io.read(str(path), index=index)
     except Exception as e:  # noqa: BLE001 - any parse failure: one clear error naming the file
         raise ValueError(f"{path}: cannot be read by ase.io ({type(e).__name__}: {e}); is it truncated or corrupt?") \
             from None
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
+    structures = structures if isinstance(structures, list) else [structures]
+    if not structures:
         raise ValueError(f"{path}: contains no structures")
-    for i, at in enumerate(frames):
+    for i, at in enumerate(structures):
         results = at.calc.results if at.calc is not None else {}
         missing = [k for k in require if k not in results]
         if missing:
-            raise ValueError(f"{path}: frame {i} has no {', '.join(missing)} label(s); present: {sorted(results)}")
+            raise ValueError(f"{path}: structure {i} has no {', '.join(missing)} label(s); present: {sorted(results)}")
         if len(at) == 0:
-            raise ValueError(f"{path}: frame {i} is empty (no atoms)")
-    return frames
+            raise ValueError(f"{path}: structure {i} is empty (no atoms)")
+    return structures
 
 
 def _select(items: List, split: str, splits: Optional[Dict[str, List[int]]], name: str) -> List:
@@ -126,12 +126,12 @@ def _load_xtb(molecule: str, split: str, verify: bool) -> List:
     path = dataset_root() / "xtb-md" / entry["file"]
     if verify:
         _verify(path, entry["sha256"], "datasets/xtb-md/make.py")
-    frames = read(path, require=("energy", "forces"))
-    if len(frames) != entry["frames"]:
-        raise ValueError(f"{path}: {len(frames)} frames where the manifest records {entry['frames']}")
-    for at in frames:
+    structures = read(path, require=("energy", "forces"))
+    if len(structures) != entry["frames"]:
+        raise ValueError(f"{path}: {len(structures)} structures where the manifest records {entry['frames']}")
+    for at in structures:
         at.info["molecule"] = molecule
-    return _select(frames, sub, entry.get("splits"), f"xtb-md/{molecule}")
+    return _select(structures, sub, entry.get("splits"), f"xtb-md/{molecule}")
 
 
 def load(name: str, split: str = "all", *, verify: bool = True):

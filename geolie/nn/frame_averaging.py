@@ -38,7 +38,7 @@ import torch
 from .._torch_utils import segment_sum
 from torch import nn
 
-from .._structure import flatten_outputs, pair_outputs
+from .._io import flatten_outputs, pair_outputs
 
 __all__ = ["FrameAveraging", "pca_frames", "GeolieDegenerateFrameWarning"]
 
