@@ -1,5 +1,6 @@
 """Bundled datasets: loaders, splits, checksums, labels re-computed with the reference methods, bad input."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -149,4 +150,33 @@ def test_bad_input(tmp_path, monkeypatch):
         gd.read(p, require=("energy", "forces"))
     with pytest.raises(FileNotFoundError, match="datasets folder not found"):
         monkeypatch.setenv("GEOLIE_DATASETS", str(tmp_path / "nowhere"))
+        gd.dataset_root()
+
+
+def test_datasets_are_found_from_an_installed_wheel(tmp_path):
+    """The bundled datasets ship inside the wheel (geolie._datasets): an installed geolie, imported away from the
+    source checkout, finds and loads them."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), repo], check=True)
+    whl = next(wheels.glob("geolie-*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(whl)], check=True)
+    code = ("import geolie; r = geolie.data.dataset_root(); print(geolie.__file__); print(r); "
+            "print(len(geolie.data.load('xtb-md/ethanol', 'test')), len(geolie.data.load('emt-bulk', 'test')))")
+    env = {k: v for k, v in os.environ.items() if k != "GEOLIE_DATASETS"}
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
+                         text=True).stdout.split("\n")
+    assert out[0].startswith(str(target)) and out[1].startswith(str(target))
+    n_mol, n_cells = map(int, out[2].split())
+    assert n_mol == len(gd.load("xtb-md/ethanol", "test")) and n_cells > 0
+
+
+def test_geolie_datasets_variable_must_point_at_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOLIE_DATASETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="datasets folder not found .*holds no geolie dataset"):
         gd.dataset_root()

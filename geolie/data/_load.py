@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -23,16 +24,39 @@ class ShapeSample:
     name: str
 
 
+def _is_dataset_folder(p: Path) -> bool:
+    return p.is_dir() and any((p / name / "manifest.json").is_file() for name in ("xtb-md", "emt-bulk", "shapes"))
+
+
 def dataset_root() -> Path:
-    """The ``datasets/`` folder: ``$GEOLIE_DATASETS`` if set, else the one beside the ``geolie`` package."""
+    """The bundled datasets folder.
+
+    In this order: ``$GEOLIE_DATASETS`` if set; the ``geolie._datasets`` package data of an installed geolie (the
+    repository's ``datasets/`` ships in the wheel; an editable install maps it to the repository's folder); the
+    ``datasets/`` folder beside the ``geolie`` package in a source tree that is imported without being installed.
+    """
     env = os.environ.get("GEOLIE_DATASETS")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "datasets"
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"geolie datasets folder not found at {root}: install geolie from its repository (pip install -e .) "
-            "or set GEOLIE_DATASETS to the repository's datasets/ folder"
-        )
-    return root
+    if env:
+        root = Path(env)
+        if not _is_dataset_folder(root):
+            raise FileNotFoundError(f"geolie datasets folder not found at GEOLIE_DATASETS={env}: it holds no "
+                                    "geolie dataset (no */manifest.json)")
+        return root
+    candidates = []
+    try:
+        spec = importlib.util.find_spec("geolie._datasets")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    candidates.append(Path(__file__).resolve().parents[2] / "datasets")
+    for c in candidates:
+        if _is_dataset_folder(c):
+            return c
+    raise FileNotFoundError(
+        f"geolie datasets folder not found (looked in {', '.join(map(str, candidates))}): reinstall geolie (pip install "
+        "geolie, or pip install -e . in its repository) or set GEOLIE_DATASETS to a copy of its datasets/ folder"
+    )
 
 
 def _manifest(name: str) -> Dict:
