@@ -99,7 +99,7 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     row["finite"] = {}
     if n_finite > 0:
         fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation={},
-                                        generator=torch.Generator().manual_seed(seed + index))
+                                        generator=torch.Generator().manual_seed(seed + index), problem=rep.problem)
         row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     if layerwise:
         target = pot.layerwise_target(st, dtype)
@@ -129,7 +129,7 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
     finite = {}
     if n_finite > 0:
         fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True,
-                                        generator=torch.Generator().manual_seed(seed + idx[0]))
+                                        generator=torch.Generator().manual_seed(seed + idx[0]), problem=rep.problem)
         finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
     rows = []
     for b, (i, st) in enumerate(chunk):

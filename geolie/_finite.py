@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._groups import SE3, as_group
+from ._io import leaf_name
 from ._reps import PointRep
 from ._io import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
 
@@ -79,6 +80,7 @@ def finite_equivariance_error(
     box: float = 1.0,
     generator: Optional[torch.Generator] = None,
     wrap: Optional[bool] = None,
+    problem: Optional[Any] = None,
 ) -> FiniteReport:
     """Errors of ``f`` under finite group elements (see the module docstring for the families and definitions).
 
@@ -100,8 +102,13 @@ def finite_equivariance_error(
     group = as_group(group)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    inputs = prepare_inputs(x, in_rep)
-    centers = Centers(inputs, about, batch)
+    if problem is not None:
+        if problem.centers.about != about:
+            raise ValueError(f"problem was prepared with about={problem.centers.about!r}, not {about!r}")
+        inputs, centers = problem.inputs, problem.centers
+    else:
+        inputs = prepare_inputs(x, in_rep)
+        centers = Centers(inputs, about, batch)
     specs = tuple(in_rep) if isinstance(in_rep, (tuple, list)) else (in_rep,)
     cell_i = [i for i, sp in enumerate(specs) if isinstance(sp, str) and sp == "cell"]
     point_i = [i for i in inputs.moving if isinstance(inputs.reps[i], PointRep)]
@@ -115,11 +122,14 @@ def finite_equivariance_error(
         with torch.enable_grad():
             return [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(f(*inputs.call_args(vals)))]
 
-    with torch.enable_grad():
-        out0 = f(*inputs.call_args(list(inputs.values)))
-    leaves, _ = pair_outputs(out0, out_rep)
-    y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
-    names = [lf.path.replace("output", "", 1).strip("[]'\"") or "output" for lf in leaves]
+    if problem is not None:
+        leaves, y0 = problem.leaves, problem.y
+    else:
+        with torch.enable_grad():
+            out0 = f(*inputs.call_args(list(inputs.values)))
+        leaves, _ = pair_outputs(out0, out_rep)
+        y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
+    names = [leaf_name(lf.path) for lf in leaves]
     errors: Dict[str, Dict[str, Dict[str, Any]]] = {nm: {} for nm in names}
 
     def record(family, outs, expected):

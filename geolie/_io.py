@@ -162,6 +162,11 @@ def pair_outputs(out: Any, spec: Any, path: str = "output") -> Tuple[List[Leaf],
     return [Leaf(path, rep)], lambda new: new[0]
 
 
+def leaf_name(path: str) -> str:
+    """``output['forces']`` -> ``forces``; a bare tensor output is ``output``."""
+    return path.replace("output", "", 1).strip("[]'\"") or "output"
+
+
 def flatten_outputs(out: Any) -> List[torch.Tensor]:
     """Leaves of ``out`` in the order used by :func:`pair_outputs` (dict insertion order, then sequence order)."""
     if isinstance(out, dict):

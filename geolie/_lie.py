@@ -90,7 +90,10 @@ PRECISION_TOLERANCE = {torch.float64: 1e-9}  # above it (and below ad_check_tole
 
 
 @dataclass
-class _Problem:
+class Problem:
+    """A prepared Lie-derivative problem: validated inputs with their representations, rotation centres, the
+    output leaves and base outputs (``y``); shared with the finite checks, which need the same."""
+
     f: Callable
     inputs: Inputs
     group: LieGroup
@@ -115,7 +118,7 @@ class _Problem:
             return self.f(*self.inputs.call_args(vals))
 
 
-def _hvp_base(prob: _Problem, batch) -> Optional[Any]:
+def _hvp_base(prob: Problem, batch) -> Optional[Any]:
     """For a :func:`geolie.conservative` function of positions alone: energy and forces with their graph kept."""
     energy_fn = getattr(prob.f, "_geolie_energy_fn", None)
     inputs = prob.inputs
@@ -136,14 +139,14 @@ def _hvp_base(prob: _Problem, batch) -> Optional[Any]:
     return e, -g
 
 
-def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> _Problem:
+def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> Problem:
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     group = as_group(group)
     inputs = prepare_inputs(x, in_rep)
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
-    prob = _Problem(f, inputs, group, Centers(inputs, about, batch), batch=batch)
+    prob = Problem(f, inputs, group, Centers(inputs, about, batch), batch=batch)
     out = _hvp_base(prob, batch) if method in ("auto", "hvp") else None
     if out is None:
         # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
@@ -159,7 +162,7 @@ def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> _Proble
     return prob
 
 
-def _in_tangents(prob: _Problem) -> List[torch.Tensor]:
+def _in_tangents(prob: Problem) -> List[torch.Tensor]:
     """``dρ_in(X_k) x`` for every moving input: each ``[K, *x.shape]``."""
     res = []
     for i in prob.inputs.moving:
@@ -170,7 +173,7 @@ def _in_tangents(prob: _Problem) -> List[torch.Tensor]:
     return res
 
 
-def out_correction(prob: _Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
+def out_correction(prob: Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
     """``dρ_out(X_k) f(x)`` for every output leaf: each ``[K, *y.shape]``."""
     res = []
     for t, leaf in zip(y, prob.leaves):
@@ -180,7 +183,7 @@ def out_correction(prob: _Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
     return res
 
 
-def _flat_fn(prob: _Problem):
+def _flat_fn(prob: Problem):
     def fn(*moving):
         out = prob.call(list(moving))
         return tuple(_to_tensor(o, "output") for o in flatten_outputs(out))
@@ -233,7 +236,7 @@ def _jvp_double_backward(prob, primals, tangents):
     return [torch.stack([per_k[k][j] for k in range(K)]) for j in range(len(per_k[0]))]
 
 
-def _jvp_hvp(prob: _Problem, tangents):
+def _jvp_hvp(prob: Problem, tangents):
     """Conservative fields: ``J_F v = -H v = -∇(∇E·v)`` (the Hessian is symmetric), one backward per generator
     through the graph of the forces, which is built once; ``J_E v = ∇E·v`` (per structure with ``batch``)."""
     p, e, g = prob.hvp_state
@@ -255,7 +258,7 @@ def _jvp_hvp(prob: _Problem, tangents):
     return [torch.stack(dE), torch.stack(dF)]
 
 
-def _adjoint_probes(prob: _Problem, primals):
+def _adjoint_probes(prob: Problem, primals):
     """Cotangents ``u_j``, their pull-backs ``g_j = J_jᵀ u_j`` (one reverse pass per output leaf, through the base
     evaluation's graph) and the extra probe tangent ``w`` (per moving input). Seeded: the same every call."""
     gen = torch.Generator().manual_seed(20231)
@@ -279,7 +282,7 @@ def _norm(ts) -> float:
     return float(sum(t.detach().double().pow(2).sum() for t in ts)) ** 0.5
 
 
-def _adjoint_errors(prob: _Problem, jv: List[torch.Tensor], tangents: List[torch.Tensor]) -> List[float]:
+def _adjoint_errors(prob: Problem, jv: List[torch.Tensor], tangents: List[torch.Tensor]) -> List[float]:
     """Per output leaf: the largest relative disagreement of ``<u, J v>`` and ``<Jᵀu, v>`` over the tangents."""
     us, gs, _ = prob.probes
     K = tangents[0].shape[0]
@@ -295,7 +298,7 @@ def _adjoint_errors(prob: _Problem, jv: List[torch.Tensor], tangents: List[torch
     return errs
 
 
-def _ad(prob: _Problem, method: str, chunk_size=None):
+def _ad(prob: Problem, method: str, chunk_size=None):
     """AD Lie derivatives that pass the adjoint test: ``(values, method name, {leaf path: check}, notes)``."""
     if prob.not_differentiable:
         raise _ADFailed(
@@ -396,7 +399,7 @@ class _ADFailed(RuntimeError):
 
 
 # -- finite differences ----------------------------------------------------------------------------------------
-def length_scale(prob: _Problem) -> float:
+def length_scale(prob: Problem) -> float:
     scales = []
     for i in prob.inputs.moving:
         v, rep = prob.inputs.values[i], prob.inputs.reps[i]
@@ -407,7 +410,7 @@ def length_scale(prob: _Problem) -> float:
     return s if s > 0 else 1.0
 
 
-def _try_float64(prob: _Problem):
+def _try_float64(prob: Problem):
     """Inputs cast to float64 if ``f`` accepts them (and then returns finite float64 outputs), else ``None``."""
     if all(prob.inputs.values[i].dtype == torch.float64 for i in prob.inputs.moving) and all(
         t.dtype == torch.float64 for t in prob.y
@@ -440,7 +443,7 @@ def _noise_stencil():
 _NOISE_STENCIL = _noise_stencil()
 
 
-def _fd(prob: _Problem, step: Optional[float] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor], str]:
+def _fd(prob: Problem, step: Optional[float] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor], str]:
     """Richardson-extrapolated central differences of the finite action; returns (values, error estimates, name)."""
     inputs = _try_float64(prob) or prob.inputs
     dtype = inputs.values[inputs.moving[0]].dtype
@@ -508,7 +511,7 @@ class LieResult:
     rebuild: Callable
     method: str
     fd_error: Optional[List[torch.Tensor]] = None
-    problem: Optional[_Problem] = None
+    problem: Optional[Problem] = None
     ad_check: Optional[Dict[str, float]] = None  # per leaf path: the accepted AD method's adjoint-test disagreement
     notes: List[str] = field(default_factory=list)  # AD methods that failed their check, fallbacks taken
 

@@ -40,6 +40,7 @@ import torch
 
 from ._groups import SE3, as_group
 from ._evaluation import Evaluation
+from ._io import leaf_name
 from ._lie import LieResult, lie_result, out_correction, second_opinion
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
@@ -127,6 +128,7 @@ class Report:
     n_samples: int
     lie: Optional[List[torch.Tensor]] = field(default=None, repr=False)
     notes: List[str] = field(default_factory=list)
+    problem: Optional[Any] = field(default=None, repr=False)  # the engine's prepared problem (finite checks reuse it)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"method": self.method, "dtype": self.dtype, "n_samples": self.n_samples, "notes": self.notes,
@@ -293,12 +295,8 @@ def measure(
         outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src, chk,
                                    sources.get(name, ""))
         n_samples = max(n_samples, a.shape[0])
-    return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values, notes + res.notes)
-
-
-def leaf_name(path: str) -> str:
-    """``output['forces']`` -> ``forces``; a bare tensor output is ``output``."""
-    return path.replace("output", "", 1).strip("[]'\"") or "output"
+    return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values, notes + res.notes,
+                  res.problem)
 
 
 def _measured_floor(res: LieResult):

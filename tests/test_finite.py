@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from e3nn import o3
@@ -65,3 +66,33 @@ def test_bad_arguments():
         geolie.finite_equivariance_error(lambda p: p.sum(), cloud(), n=0)
     with pytest.raises(ValueError, match="permutation"):
         geolie.finite_equivariance_error(lambda p: p.sum(), cloud(), permutation={"inputs": (True, False)})
+
+
+def test_reusing_the_engines_prepared_problem_changes_nothing_and_skips_the_base_call():
+    from geolie.adapters import Structure, TorchAdapter
+    from geolie.models import PairMLPPotential
+
+    calls = []
+
+    class Counting(PairMLPPotential):
+        def forward(self, z, pos, batch=None):
+            calls.append(1)
+            return super().forward(z, pos, batch) + 0.05 * pos[:, 0].sum()  # a planted break, to be seen
+
+    atoms = geolie.data.load("xtb-md/ethanol", "test")[0]
+    ev = TorchAdapter(Counting()).evaluation(Structure.from_atoms(atoms), torch.float64)
+    rep = geolie.measure(ev, floor=False)
+    kw = dict(n=2, parity=True, permutation={}, about="origin")
+    calls.clear()
+    a = geolie.finite_equivariance_error(ev, generator=torch.Generator().manual_seed(0), **kw)
+    fresh_calls = len(calls)
+    calls.clear()
+    b = geolie.finite_equivariance_error(ev, generator=torch.Generator().manual_seed(0), problem=rep.problem, **kw)
+    assert len(calls) == fresh_calls - 1
+    assert a.errors.keys() == b.errors.keys()
+    for name in a.errors:
+        for fam, v in a.errors[name].items():
+            assert np.allclose(v["abs"], b.errors[name][fam]["abs"], rtol=1e-12, atol=1e-15), (name, fam)
+    assert a.errors["energy"]["rotation"]["max_rel"] > 1e-4
+    with pytest.raises(ValueError, match="prepared with about='origin'"):
+        geolie.finite_equivariance_error(ev, problem=rep.problem, about="centroid")
