@@ -309,3 +309,23 @@ def test_pyg_data_input_with_cell_and_wrapped_translations():
     assert far.errors["stress"]["translation"]["max_rel"] < 1e-10
     with pytest.raises(ValueError, match="wrap=True needs"):
         geolie.finite_equivariance_error(lambda p: p.sum(), torch.ones(3, 3), wrap=True)
+
+
+def test_pyg_models_get_the_pyg_adapter_also_inside_a_wrapper():
+    from geolie.adapters import PyGAdapter, load_model
+    from geolie.adapters.pyg import schnet
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = schnet(hidden_channels=16, num_interactions=1)
+
+        def forward(self, z, pos, batch=None):
+            return 2.0 * self.inner(z, pos, batch)
+
+    assert isinstance(load_model("schnet"), PyGAdapter)
+    pot = load_model(Wrapped())
+    assert isinstance(pot, PyGAdapter)
+    assert not isinstance(load_model(DirectForce()), PyGAdapter)
+    rep = geolie.audit(pot, [MOL], n_finite=0, progress=False)  # runs on geolie's radius_graph
+    assert all(all(o["at_floor"]) for o in rep.rows[0]["outputs"].values())

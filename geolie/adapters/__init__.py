@@ -12,7 +12,8 @@ One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Adapter`
 from ._protocol import Adapter, Structure, cast_copy
 from ._registry import SHORT_NAMES, load_model
 from .ase_calc import CalculatorAdapter
+from .pyg import PyGAdapter
 from .torch_module import PointCloudAdapter, TorchAdapter
 
-__all__ = ["Adapter", "TorchAdapter", "PointCloudAdapter", "CalculatorAdapter", "Structure", "load_model",
+__all__ = ["Adapter", "TorchAdapter", "PyGAdapter", "PointCloudAdapter", "CalculatorAdapter", "Structure", "load_model",
            "cast_copy", "SHORT_NAMES"]

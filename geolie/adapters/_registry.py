@@ -72,7 +72,10 @@ def _resolve(spec: Any) -> Adapter:
     if isinstance(obj, torch.nn.Module):
         if signature_kind(obj) == "pos":  # a model on one point cloud: invariant output unless declared
             return PointCloudAdapter(obj, name=name or type(obj).__name__)
-        return TorchAdapter(obj, name=name or type(obj).__name__)
+        from .pyg import PyGAdapter, uses_pyg
+
+        cls = PyGAdapter if uses_pyg(obj) else TorchAdapter
+        return cls(obj, name=name or type(obj).__name__)
     from ase.calculators.calculator import BaseCalculator
 
     if isinstance(obj, BaseCalculator):

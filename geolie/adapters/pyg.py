@@ -11,6 +11,7 @@ import contextlib
 import importlib
 
 from ..neighbors import radius_graph as _geolie_rg
+from .torch_module import TorchAdapter
 
 _MODULES = ("torch_geometric.nn.models.schnet", "torch_geometric.nn.models.dimenet",
             "torch_geometric.nn.models.visnet")
@@ -53,6 +54,19 @@ def geolie_radius_graph():
     finally:
         for mod, fn in saved:
             mod.radius_graph = fn
+
+
+def uses_pyg(module) -> bool:
+    """Whether ``module`` or one of its submodules is one of PyG's models (whose ``radius_graph`` geolie serves)."""
+    return any(type(m).__module__.startswith("torch_geometric.nn.models") for m in module.modules())
+
+
+class PyGAdapter(TorchAdapter):
+    """A :class:`TorchAdapter` for modules built on PyG's models: every call runs inside
+    :func:`geolie_radius_graph`."""
+
+    def call_context(self):
+        return geolie_radius_graph()
 
 
 def schnet(hidden_channels: int = 64, num_interactions: int = 3, cutoff: float = 5.0, seed: int = 0):

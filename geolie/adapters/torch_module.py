@@ -2,8 +2,8 @@
 
 :class:`TorchAdapter` calls the module as its ``forward`` asks (detected from the parameter names):
 
-* ``forward(z, pos, batch)`` (PyG style: SchNet, DimeNet++, ViSNet; their ``radius_graph`` is served by
-  :mod:`geolie.neighbors` while geolie calls them), ``forward(z, pos, batch, cell)`` (periodic: ``cell [3, 3]``,
+* ``forward(z, pos, batch)`` (PyG style: SchNet, DimeNet++, ViSNet; :class:`geolie.adapters.pyg.PyGAdapter`
+  serves their ``radius_graph`` from :mod:`geolie.neighbors` while geolie calls them), ``forward(z, pos, batch, cell)`` (periodic: ``cell [3, 3]``,
   rows are lattice vectors), ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held
   fixed), ``forward(data)`` (a PyG ``Data`` with ``z``, ``pos``, ``batch`` and, for periodic structures,
   ``cell [1, 3, 3]``), or ``forward(pos)`` (:class:`PointCloudAdapter`).
@@ -20,6 +20,7 @@ What the module returns is what is audited:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -92,6 +93,10 @@ class TorchAdapter(Adapter):
     def _prepare(self, m):
         return m
 
+    def call_context(self):
+        """A context every call of the module runs in (library-specific adapters override it)."""
+        return contextlib.nullcontext()
+
     def copy_for(self, dtype):
         return self._cache.get(self.device, dtype)[0]
 
@@ -110,9 +115,7 @@ class TorchAdapter(Adapter):
         b = batch if batch is not None else torch.zeros(n_atoms_total, dtype=torch.long, device=base_pos.device)
 
         def call(pos, z, cell=None):
-            from .pyg import geolie_radius_graph
-
-            with geolie_radius_graph():
+            with self.call_context():
                 if kind == "zpb":
                     return m(z, pos, b)
                 if kind == "zpbc":
