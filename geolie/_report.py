@@ -120,7 +120,8 @@ class AuditReport:
         if cons:
             lines.append("")
             lines.append("conservativeness of the returned forces (0 for F = -dE/dx):  median      max")
-            for k, label in (("force_gap_rel", "|F + dE/dx| / |F|"), ("jacobian_asym_rel", "|antisym dF/dx| / |dF/dx|")):
+            labels = (("force_gap_rel", "|F + dE/dx| / |F|"), ("jacobian_asym_rel", "|antisym dF/dx| / |dF/dx|"))
+            for k, label in labels:
                 if k in cons:
                     lines.append(f"  {label:<58}{cons[k]['median']:>8.1e} {cons[k]['max']:>8.1e}")
         fams = sorted({f for a in agg.values() for f in a["finite_max_rel"]})

@@ -3,15 +3,16 @@
 :class:`TorchAdapter` calls the module as its ``forward`` asks (detected from the parameter names):
 
 * ``forward(z, pos, batch)`` (PyG style: SchNet, DimeNet++, ViSNet; :class:`geolie.adapters.pyg.PyGAdapter`
-  serves their ``radius_graph`` from :mod:`geolie.neighbors` while geolie calls them), ``forward(z, pos, batch, cell)`` (periodic: ``cell [3, 3]``,
-  rows are lattice vectors), ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held
+  serves their ``radius_graph`` from :mod:`geolie.neighbors` while geolie calls them),
+  ``forward(z, pos, batch, cell)`` (periodic: ``cell [3, 3]``, rows are lattice vectors), ``forward(z, pos, edge_index, batch)`` (edges built by geolie with ``cutoff`` and held
   fixed), ``forward(data)`` (a PyG ``Data`` with ``z``, ``pos``, ``batch`` and, for periodic structures,
   ``cell [1, 3, 3]``), or ``forward(pos)`` (:class:`PointCloudAdapter`).
 
 What the module returns is what is audited:
 
 * a tensor: the energy (one element per structure); forces are ``-∂E/∂x`` and, with a cell, stress the strain
-  derivative ``σ = (1/V) ∂E/∂ε`` (both by :func:`geolie.conservative`, so the fast Hessian-vector-product path applies);
+  derivative ``σ = (1/V) ∂E/∂ε`` (both by :func:`geolie.conservative`, so the fast Hessian-vector-product path
+  applies);
 * a tuple ``(energy, forces or None)`` (PyG's ViSNet);
 * a dict: every entry. ``"energy"`` (scalar), ``"forces"`` (vector, per atom: the model's own force head, a *direct*
   force model) and ``"stress"`` (``[3, 3]`` tensor) are known; any other key must be declared with ``out_rep=`` (e.g.
