@@ -1,9 +1,9 @@
-"""Adapters at the edge: turn models of other libraries into geolie's uniform *potential* interface.
+"""Adapters at the edge: models of other libraries behind one interface, :class:`Adapter`.
 
 The engine (``lie_derivative``, ``measure``, ``finite_equivariance_error``) knows nothing of ASE or PyG; the audit
 uses these adapters. A :class:`Adapter` maps a structure to a :class:`geolie.Evaluation` (the function the engine
 differentiates, its inputs and their representations, the outputs as the model returns them and where each comes
-from): ``potential.evaluation(structure, dtype)``, ``potential.batch_evaluation(structures, dtype)``.
+from): ``adapter.evaluation(structure, dtype)``, ``adapter.batch_evaluation(structures, dtype)``.
 
 One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Adapter`, :func:`cast_copy`),
 ``torch_module`` (torch modules), ``ase_calc`` (ASE calculators), ``pyg`` (PyG models), ``e3nn_models``,
