@@ -3,7 +3,7 @@
 The public API is flat (small private modules re-exported here): groups (``SO3``, ``SE3``), representations
 (``as_rep``, ``register_rep``), the adapter-to-engine hand-off (``Evaluation``), the engine (``lie_derivative``,
 ``conservative``, ``conservativeness``, ``measure``, ``finite_equivariance_error``), the audit (``audit``,
-``AuditReport``, ``write_report``, ``layerwise_attribution``,
+``AuditReport``, ``write_report``, ``layerwise_attribution``, ``hunt`` for the worst orientation,
 ``testing.assert_equivariant``) and data (``geolie.data``).
 Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
 
@@ -22,6 +22,7 @@ from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import audit
 from ._report import AuditReport, write_report
 from ._layerwise import layerwise_attribution
+from ._hunt import HuntResult, hunt
 from . import data, testing
 
 __version__ = "0.1.0"
@@ -34,5 +35,5 @@ __all__ = [
     "conservativeness",
     "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
-    "audit", "AuditReport", "write_report", "layerwise_attribution", "data", "testing",
+    "audit", "AuditReport", "write_report", "layerwise_attribution", "hunt", "HuntResult", "data", "testing",
 ]

@@ -9,6 +9,7 @@ mean, median, p99, max. With an output folder, each structure's result is append
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
@@ -19,6 +20,7 @@ import torch
 from ._conservative import conservativeness
 from ._finite import finite_equivariance_error
 from ._groups import SE3, as_group
+from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
@@ -145,12 +147,14 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
-          batch_size: int = 1) -> AuditReport:
+          batch_size: int = 1, hunt: Any = False) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
     them. ``batch_size > 1`` evaluates that many molecules per call (torch models with a ``batch`` argument; finite
     checks are then per batch). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
+    ``hunt``: also search each structure for its worst orientation (:func:`geolie.hunt`; ``True``, or a dict of its
+    options); the rotated structures go to ``out_dir/hunt/``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
@@ -188,6 +192,13 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         else:
             new = _rows_batched(pot, chunk, group, dtype, n_finite, seed)
         for row in new:
+            if hunt:
+                opts = dict(hunt) if isinstance(hunt, dict) else {}
+                opts.setdefault("seed", seed + row["index"])
+                opts.setdefault("tag", f"{row['index']}_{row['name']}")
+                res = hunt_orientation(pot, sts[row["index"]], group=group, dtype=dtype,
+                                       out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
+                row["hunt"] = res.to_dict()
             rows[row["index"]] = row
             if store is not None:
                 store.append(row)
@@ -196,4 +207,4 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     rows = [rows[i] for i in sorted(rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
                        {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size,
-                        "dtype_note": pot.dtype_note})
+                        "dtype_note": pot.dtype_note, "hunt": bool(hunt)})

@@ -77,6 +77,23 @@ class AuditReport:
         vals = {k: [r["conservative"][k] for r in self.rows if r.get("conservative")] for k in keys}
         return {k: aggregate(v) for k, v in vals.items() if v}
 
+    def hunt_summary(self) -> Dict[str, Dict[str, Any]]:
+        """Per output, over structures audited with ``hunt``: the worst orientation's error and where, the largest
+        random-rotation error, how many structures are above their floor and which jump (discontinuities)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for r in self.rows:
+            for name, h in ((r.get("hunt") or {}).get("outputs") or {}).items():
+                s = out.setdefault(name, {"worst_error": -1.0, "structure": None, "random_error": 0.0,
+                                          "above_floor": 0, "discontinuous": 0, "n": 0})
+                s["n"] += 1
+                s["random_error"] = max(s["random_error"], h["random_error"])
+                s["above_floor"] += not h["at_floor"]
+                s["discontinuous"] += h["discontinuous"] is not None
+                if h["worst_error"] > s["worst_error"]:
+                    s.update(worst_error=h["worst_error"], structure=r["index"], rotation=h["rotation"],
+                             axis_angle=h["axis_angle"], found_by=h["found_by"])
+        return out
+
     def notes(self) -> List[str]:
         """Distinct notes of all rows (precision limits, AD methods that failed their check, fallbacks)."""
         seen: List[str] = []
@@ -96,7 +113,8 @@ class AuditReport:
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
                 "n_structures": len(self.rows), "aggregates": self.aggregates(),
-                "conservative": self.conservative_aggregates(), "notes": self.notes(), "meta": self.meta,
+                "conservative": self.conservative_aggregates(), "hunt": self.hunt_summary(), "notes": self.notes(),
+                "meta": self.meta,
                 "structures": self.rows}
 
     def table(self) -> str:
@@ -131,6 +149,16 @@ class AuditReport:
             for name, a in agg.items():
                 lines.append(f"{name[:17]:<18}" + "".join(
                     f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams))
+        hs = self.hunt_summary()
+        if hs:
+            lines.append("")
+            lines.append("worst orientation found (geolie.hunt; relative finite error, max over structures):")
+            lines.append(f"  {'output':<10}{'worst':>10}{'random':>10}  {'structure':<10}{'above floor':>12}"
+                         f"{'discontinuous':>15}  found by")
+            for name, h in hs.items():
+                lines.append(f"  {name[:9]:<10}{h['worst_error']:>10.2e}{h['random_error']:>10.2e}  "
+                             f"{h['structure']!s:<10}{h['above_floor']:>7}/{h['n']:<4}{h['discontinuous']:>10}/"
+                             f"{h['n']:<4}  {h.get('found_by', '')}")
         notes = self.notes()
         if notes:
             lines.append("")

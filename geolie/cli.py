@@ -25,6 +25,9 @@ def _audit_parser(sub):
     a.add_argument("--batch-size", type=int, default=1,
                    help="molecules per call for torch models with a batch argument (finite checks then per batch)")
     a.add_argument("--device", default=None, help="where torch models run: cpu (default), cuda, cuda:1, ...")
+    a.add_argument("--hunt", action="store_true",
+                   help="also search each structure for the orientation where the model breaks worst (geolie.hunt; "
+                        "rotated structures written to OUT/hunt/)")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--fail-above", type=float, default=None,
                    help="exit with status 1 when the metric (max over structures and generators) exceeds this")
@@ -70,7 +73,8 @@ def _run_audit(args, parser) -> int:
         model = load_model(args.model, out_rep=args.out_rep, per_atom=args.per_atom)
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
-                       limit=args.limit, device=args.device, batch_size=args.batch_size)
+                       limit=args.limit, device=args.device, batch_size=args.batch_size,
+                       hunt=args.hunt)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,347 @@
+r"""``geolie.hunt``: search the group for the orientation where a model breaks worst.
+
+Random finite rotations (every test suite in the field) and the Lie derivative at one orientation both miss breaks
+that sit at special orientations: an edge aligned with a coordinate axis (eSCN-type gimbal lock), a molecular plane
+in a coordinate plane, a pair distance at a hard cutoff, a frame flipping near a degenerate covariance. For each
+structure and output ``y`` the hunt maximises the relative finite equivariance error
+
+.. math::   e(g) = \| f(g\cdot x) - \rho_{out}(g) f(x) \|_2 \,/\, \| f(x) \|_2, \qquad g = (R, t),
+
+over ``R ∈ SO(3)`` (and ``t`` for SE(3); rotations about the origin, positions are rows: ``x R^T + t``):
+
+1. ``n_random`` Haar-random rotations: the error a random test sees (``random_error``, the max over them);
+2. seeded candidates known to be dangerous: each of the ``max_pairs`` shortest interatomic vectors aligned with
+   ``x``, ``y`` and ``z`` (3 per pair), and the principal axes of the structure aligned with the coordinate axes
+   (12 proper rotations: 3 cyclic orders × 4 sign patterns), which also puts a planar structure's plane in each
+   coordinate plane;
+3. gradient ascent (Adam, ``steps`` steps, learning rate ``lr`` in radians) on ``Σ_y log(e_y² + tiny)`` from the
+   ``n_starts`` best orientations found so far, with ``R = exp(ω̂) R₀`` (and ``t``): the gradient of the error with
+   respect to ``ω`` is itself a Lie derivative. Models that cannot be differentiated skip this step (said in notes).
+
+Every orientation evaluated updates each output's worst. The cost is bounded and reported (``model_calls``):
+``1 + n_random + (3 max_pairs + 12) + n_starts·steps`` forward(+backward) calls, ``26`` per output for the
+discontinuity probes (around the worst orientation and around the identity), and one audit measurement at each worst orientation; the same evaluations once more in the
+other precision (no ascent) for the floor when the model runs in both.
+
+Floor: an exactly equivariant model's finite error is rounding, which scales with the unit round-off ``u``; so the
+floor is the largest error in the other precision over the random and candidate orientations (and the worst ones),
+times ``u / u_other``, never below ``16 u``. ``at_floor``: ``worst_error <= FLOOR_FACTOR · floor``.
+
+Discontinuities: at each output's worst orientation, and at the identity (the base orientation: a distance that sits
+exactly at a cutoff there flips under almost any rotation), the pulled-back output ``φ(g) = ρ(g)⁻¹ f(g·x)`` is compared with
+its values at ``g·exp(±s X_k)`` (``s`` = δ and δ/10, ``δ`` = 1e-6 rad, the three rotation generators: 12 probes, so
+that a jump caused by rounding, which flips either way with about even odds, is missed with odds of about 2⁻¹²). A smooth function moves by about
+``δ ‖L_X f(g·x)‖``; a jump above ``(100 δ max(‖L_X f(g·x)‖/‖f(x)‖, 1) + 10 floor) ‖f(x)‖`` is reported as ``"discontinuous at"`` the two
+orientations, with the pairs whose distance is within rounding (``1000 u r_c``) of the model's cutoff ``r_c`` when the
+model declares one (``cutoff=``, or a ``cutoff`` attribute of its module): rotations cannot change a distance, only
+its rounding, and a hard cutoff turns that into a jump.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ._groups import SO3, as_group, hat, so3_log
+from ._io import flatten_outputs, leaf_name, pair_outputs, prepare_inputs
+from ._metrics import FLOOR_FACTOR, measure
+
+__all__ = ["hunt", "HuntResult"]
+
+
+@dataclass
+class HuntResult:
+    """What :func:`hunt` found for one structure: per output the worst orientation and what surrounds it."""
+
+    structure: str
+    group: str
+    dtype: str
+    outputs: Dict[str, Dict[str, Any]]
+    model_calls: int
+    seed: int
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"structure": self.structure, "group": self.group, "dtype": self.dtype, "outputs": self.outputs,
+                "model_calls": self.model_calls, "seed": self.seed, "notes": self.notes}
+
+    def table(self) -> str:
+        head = (f"{'output':<10}{'worst':>10}{'random':>10}{'ratio':>10}{'floor':>10}  {'axis-angle (rad)':<28}"
+                "found by")
+        lines = [f"geolie hunt: {self.structure}, {self.group}, {self.dtype}, {self.model_calls} model calls; "
+                 "relative finite error ‖f(g·x) − ρ(g) f(x)‖/‖f(x)‖", head, "-" * len(head)]
+        for name, o in self.outputs.items():
+            aa = "[" + ", ".join(f"{v:+.3f}" for v in o["axis_angle"]) + "]"
+            ratio = o["worst_error"] / o["random_error"] if o["random_error"] > 0 else math.inf
+            lines.append(f"{name[:9]:<10}{o['worst_error']:>10.2e}{o['random_error']:>10.2e}{ratio:>10.1e}"
+                         f"{o['floor']:>10.1e}  {aa:<28}{o['found_by']}")
+            d = o.get("discontinuous")
+            if d:
+                pairs = "; pairs at the cutoff: " + ", ".join(f"{i}-{j} ({r:.6f})" for i, j, r in d["pairs_at_cutoff"]) \
+                    if d["pairs_at_cutoff"] else ""
+                lines.append(f"  discontinuous at {_fmt_aa(d['at'][0])} / {_fmt_aa(d['at'][1])}: jump "
+                             f"{d['jump']:.2e}{pairs}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt_aa(R) -> str:
+    return "[" + ", ".join(f"{v:+.4g}" for v in so3_log(torch.as_tensor(R, dtype=torch.float64)).tolist()) + "]"
+
+
+def _align(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """The smallest rotation taking the unit vector ``a`` to the unit vector ``e``."""
+    v, c = torch.linalg.cross(a, e), float(a @ e)
+    s = float(v.norm())
+    if s < 1e-12:
+        if c > 0:
+            return torch.eye(3, dtype=a.dtype)
+        p = torch.linalg.cross(a, torch.eye(3, dtype=a.dtype)[int(torch.argmin(a.abs()))])
+        p = p / p.norm()
+        return 2 * torch.outer(p, p) - torch.eye(3, dtype=a.dtype)  # rotation by π about p ⟂ a
+    V = hat(v)
+    return torch.eye(3, dtype=a.dtype) + V + V @ V * ((1 - c) / s ** 2)
+
+
+def _candidates(pos: np.ndarray, max_pairs: int) -> List[Tuple[str, torch.Tensor]]:
+    x = torch.as_tensor(pos, dtype=torch.float64)
+    out: List[Tuple[str, torch.Tensor]] = []
+    n = x.shape[0]
+    if n >= 2:
+        d = torch.cdist(x, x)
+        iu = torch.triu_indices(n, n, 1)
+        order = torch.argsort(d[iu[0], iu[1]])[:max_pairs]
+        for k in order.tolist():
+            i, j = int(iu[0, k]), int(iu[1, k])
+            a = (x[j] - x[i]) / (x[j] - x[i]).norm()
+            for ax, e in zip("xyz", torch.eye(3, dtype=torch.float64)):
+                out.append((f"pair {i}-{j} along {ax}", _align(a, e)))
+    if n >= 3:
+        xc = x - x.mean(0)
+        _, V = torch.linalg.eigh(xc.T @ xc)
+        base = V.T.clone()  # rows: principal axes (ascending variance); base @ v_k = e_k
+        if torch.det(base) < 0:
+            base[0] = -base[0]
+        for shift in range(3):
+            P = torch.roll(torch.eye(3, dtype=torch.float64), shift, 0)
+            for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+                out.append((f"principal axes, order {shift}, signs {signs}",
+                            torch.diag(torch.tensor(signs, dtype=torch.float64)) @ P @ base))
+    return out
+
+
+class _Problem:
+    """The model on one structure in one precision: finite errors of every output at a group element."""
+
+    def __init__(self, ev):
+        self.ev = ev
+        self.inputs = prepare_inputs(ev.inputs, ev.in_rep)
+        with torch.enable_grad():
+            out0 = ev.fn(*self.inputs.call_args(list(self.inputs.values)))
+        self.leaves, _ = pair_outputs(out0, ev.out_rep)
+        self.y0 = [t.detach() for t in flatten_outputs(out0)]
+        self.names = [leaf_name(lf.path) for lf in self.leaves]
+        self.norms = [float(y.double().norm()) for y in self.y0]
+        self.calls = 1
+
+    def pulled_back(self, R: torch.Tensor, t: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """``φ(g) = ρ_out(g)⁻¹ f(g·x)`` per output leaf (differentiable in ``R``, ``t``)."""
+        vals = list(self.inputs.values)
+        for i in self.inputs.moving:
+            v = vals[i]
+            vals[i] = self.inputs.reps[i].act(v, R.to(v), None if t is None else t.to(v), None)
+        with torch.enable_grad():
+            out = flatten_outputs(self.ev.fn(*self.inputs.call_args(vals)))
+        self.calls += 1
+        Rinv = R.transpose(-1, -2)
+        res = []
+        for o, lf in zip(out, self.leaves):
+            tinv = None if t is None else -(t.to(o) @ R.to(o))
+            res.append(lf.rep.act(o, Rinv.to(o), tinv, None))
+        return res
+
+    def errors(self, R, t) -> List[torch.Tensor]:
+        """Relative finite errors per output leaf, ``‖φ(g) − f(x)‖ / ‖f(x)‖``."""
+        return [(p - y.to(p)).norm() / (n if n > 0 else 1.0) for p, y, n in zip(self.pulled_back(R, t), self.y0,
+                                                                                 self.norms)]
+
+
+def _structure(obj):
+    from .adapters import Structure
+
+    if isinstance(obj, Structure):
+        return obj
+    if hasattr(obj, "get_positions"):
+        return Structure.from_atoms(obj)
+    raise TypeError(f"hunt: expected an ase.Atoms or a geolie Structure, got {type(obj).__name__}")
+
+
+def _declared_cutoff(adapter, cutoff):
+    if cutoff is not None:
+        return float(cutoff)
+    mod = getattr(adapter, "_module", None)
+    c = getattr(mod, "cutoff", None)
+    return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+
+
+def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_random: int = 16, n_starts: int = 3,
+         steps: int = 25, lr: float = 0.05, max_pairs: int = 24, seed: int = 0, cutoff: Optional[float] = None,
+         delta: float = 1e-6, out_dir: Optional[str] = None, tag: Optional[str] = None) -> HuntResult:
+    """Find, for each output of ``model`` on ``structure``, the group element with the largest relative finite
+    equivariance error (see the module docstring for the search, the floor and the discontinuity test).
+
+    ``model``: anything :func:`geolie.adapters.load_model` takes. ``structure``: an ``ase.Atoms`` or a
+    :class:`geolie.adapters.Structure`. ``out_dir``: writes each output's worst orientation as
+    ``hunt_<tag>_<output>.extxyz`` (``tag``: the structure's name unless given; the rotated, translated structure:
+    auditing it reproduces the finding).
+    Per output, :meth:`HuntResult.to_dict` holds ``"worst_error"`` (relative), ``"rotation"`` (3×3),
+    ``"axis_angle"`` (radians), ``"translation"``, ``"random_error"``, ``"floor"``, ``"at_floor"``, ``"found_by"``,
+    ``"lie_rel"`` (the relative Lie derivative per generator at the worst orientation) and ``"discontinuous"``
+    (``None`` or ``{"at": [R1, R2], "jump", "pairs_at_cutoff": [[i, j, distance], ...]}``). Deterministic for a seed.
+    """
+    from .adapters import load_model
+
+    group = as_group(group)
+    for name, v in (("n_random", n_random), ("n_starts", n_starts), ("steps", steps), ("max_pairs", max_pairs)):
+        if v < 0:
+            raise ValueError(f"hunt: {name} must be >= 0, got {v}")
+    adapter = load_model(model)
+    if dtype not in adapter.dtypes:
+        raise ValueError(f"hunt: model {adapter.name!r} runs in {[str(d) for d in adapter.dtypes]} only, not {dtype}")
+    st = _structure(structure)
+    adapter.check(st, f"hunt on {st.name or 'structure'}")
+    prob = _Problem(adapter.evaluation(st, dtype))
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    ref = _Problem(adapter.evaluation(st, other)) if other in adapter.dtypes else None
+    notes: List[str] = []
+    gen = torch.Generator().manual_seed(seed)
+    K = len(prob.names)
+    best: List[Dict[str, Any]] = [{"err": -1.0} for _ in range(K)]
+    floor_samples = [[] for _ in range(K)]
+    u, u_ref = torch.finfo(dtype).eps, torch.finfo(other).eps
+    tried: List[Tuple[float, str, torch.Tensor, Optional[torch.Tensor]]] = []
+
+    def visit(label, R, t, with_ref):
+        with torch.no_grad():
+            errs = [float(e) for e in prob.errors(R, t)]
+            if with_ref and ref is not None:
+                for k, e in enumerate(ref.errors(R, t)):
+                    floor_samples[k].append(float(e) * u / u_ref)
+        for k, e in enumerate(errs):
+            if e > best[k]["err"]:
+                best[k] = {"err": e, "R": R.detach().clone(), "t": None if t is None else t.detach().clone(),
+                           "label": label}
+        tried.append((sum(math.log(e * e + 1e-300) for e in errs), label, R.detach().clone(),
+                      None if t is None else t.detach().clone()))
+        return errs
+
+    # 1. random orientations: what a random test sees
+    Rs = group.random(n_random, gen) if not group.has_translations else group.random(n_random, gen)[0]
+    Ts = group.random(n_random, gen)[1] if group.has_translations else None
+    random_err = [0.0] * K
+    for k in range(n_random):
+        errs = visit("random", Rs[k], None if Ts is None else Ts[k], True)
+        random_err = [max(a, b) for a, b in zip(random_err, errs)]
+    # 2. seeded candidates
+    for label, R in _candidates(st.positions, max_pairs):
+        visit(label, R, None, True)
+    # 3. gradient ascent from the best orientations so far
+    starts = sorted(tried, key=lambda r: -r[0])[:n_starts]
+    for s_idx, (_, label, R0, t0) in enumerate(starts):
+        omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        tau = (torch.zeros(3, dtype=torch.float64) if t0 is None else t0.clone()).requires_grad_(True)
+        params = [omega, tau] if group.has_translations else [omega]
+        opt = torch.optim.Adam(params, lr=lr)
+        try:
+            for step in range(steps):
+                R = torch.linalg.matrix_exp(hat(omega)) @ R0
+                t = tau if group.has_translations else None
+                errs = prob.errors(R, t)
+                obj = sum(torch.log(e.double() ** 2 + 1e-300) for e in errs)
+                opt.zero_grad()
+                (-obj).backward()
+                if not all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
+                    raise RuntimeError("no finite gradient with respect to the orientation")
+                with torch.no_grad():
+                    for k, e in enumerate(errs):
+                        if float(e) > best[k]["err"]:
+                            best[k] = {"err": float(e), "R": R.detach().clone(),
+                                       "t": None if t is None else t.detach().clone(),
+                                       "label": f"ascent from {label}"}
+                opt.step()
+        except Exception as e:  # noqa: BLE001 - a model that cannot be differentiated: candidates and random only
+            notes.append(f"gradient ascent skipped ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                         "): worst orientations come from the random and seeded candidates")
+            break
+    # 4. per output: floor, Lie derivative, discontinuity, file
+    outputs: Dict[str, Dict[str, Any]] = {}
+    rc = _declared_cutoff(adapter, cutoff)
+    for k, name in enumerate(prob.names):
+        b = best[k]
+        R, t = b["R"], b["t"]
+        if ref is not None:
+            with torch.no_grad():
+                floor_samples[k].append(float(ref.errors(R, t)[k]) * u / u_ref)
+        floor = max([16 * u] + floor_samples[k])
+        st_g = _moved(st, R, t)
+        lie = measure(adapter.evaluation(st_g, dtype), group=group, floor=False)
+        lie_rel = lie.outputs[name].rel[0].tolist() if name in lie.outputs else None
+        # on the scale of the base output (as the finite errors): ‖L_X f(g·x)‖ / ‖f(x)‖ over the rotations
+        lie_base = float(lie.outputs[name].abs[0][:3].max()) / (prob.norms[k] or 1.0) if name in lie.outputs else None
+        outputs[name] = {
+            "worst_error": b["err"], "rotation": R.tolist(), "axis_angle": so3_log(R).tolist(),
+            "translation": None if t is None else t.tolist(), "random_error": random_err[k], "floor": floor,
+            "at_floor": b["err"] <= FLOOR_FACTOR * floor, "found_by": b["label"], "lie_rel": lie_rel,
+            "discontinuous": _discontinuity(prob, k, R, t, delta, lie_base, floor, st_g, rc, u),
+        }
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            import ase.io
+
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (tag or st.name or "structure"))
+            ase.io.write(os.path.join(out_dir, f"hunt_{safe}_{name}.extxyz"), st_g.to_atoms())
+    calls = prob.calls + (ref.calls if ref is not None else 0)
+    return HuntResult(st.name, group.name, str(dtype).replace("torch.", ""), outputs, calls, seed, notes)
+
+
+def _moved(st, R: torch.Tensor, t: Optional[torch.Tensor]):
+    from .adapters import Structure
+
+    Rn = R.detach().numpy()
+    pos = st.positions @ Rn.T + (0 if t is None else t.detach().numpy())
+    cell = None if st.cell is None else st.cell @ Rn.T
+    return Structure(st.numbers, pos, cell, st.name, dict(st.labels))
+
+
+def _discontinuity(prob: _Problem, k: int, R, t, delta: float, lie_base, floor: float, st_g, rc, u):
+    """Compare the pulled-back output at ``g`` (and at the identity, the base orientation, which is as special as any)
+    with its values a rotation ``±s`` away (see the module doc); the larger jump above the threshold, or ``None``."""
+    scale = prob.norms[k] if prob.norms[k] > 0 else 1.0
+    threshold = 100 * delta * max(lie_base if lie_base is not None else 1.0, 1.0) + 10 * floor
+    worst = (0.0, None, None)
+    with torch.no_grad():
+        for Rc, tc in ((R, t), (torch.eye(3, dtype=torch.float64), None if t is None else torch.zeros_like(t))):
+            base = prob.pulled_back(Rc, tc)[k]
+            for axis, sign, step in itertools.product(range(3), (1.0, -1.0), (delta, delta / 10)):
+                w = torch.zeros(3, dtype=torch.float64)
+                w[axis] = sign * step
+                R2 = torch.linalg.matrix_exp(hat(w)) @ Rc
+                jump = float((prob.pulled_back(R2, tc)[k] - base).norm()) / scale
+                if jump > worst[0]:
+                    worst = (jump, Rc, R2)
+    if worst[0] <= threshold:
+        return None
+    pairs = []
+    if rc is not None:
+        x = torch.as_tensor(st_g.positions, dtype=torch.float64)
+        d = torch.cdist(x, x)
+        tol = 1000 * u * rc
+        for i, j in zip(*torch.nonzero(torch.triu((d - rc).abs() <= tol, 1), as_tuple=True)):
+            pairs.append([int(i), int(j), float(d[i, j])])
+    return {"at": [worst[1].tolist(), worst[2].tolist()], "jump": worst[0], "threshold": threshold,
+            "pairs_at_cutoff": pairs}
