@@ -13,6 +13,7 @@ See the README for the conventions (positions are rows, ``pos @ R.T + t``; gener
 from ._groups import LieGroup, SE3, SO3, as_group, hat, so3_exp, so3_log, vee
 from ._reps import (
     IrrepsRep, PointRep, PseudovectorRep, Rep, ScalarRep, Tensor2Rep, VectorRep, as_rep, known_reps, register_rep,
+    tensor2_parts,
 )
 from ._evaluation import Evaluation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning, LieResult, lie_derivative, lie_result
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LieGroup", "SO3", "SE3", "as_group", "hat", "vee", "so3_exp", "so3_log",
     "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep", "as_rep", "known_reps",
-    "register_rep",
+    "register_rep", "tensor2_parts",
     "lie_derivative", "lie_result", "LieResult", "GeolieFallbackWarning", "GeolieADCheckWarning", "conservative",
     "conservativeness",
     "lie_energy_from_forces", "Evaluation",

@@ -12,6 +12,9 @@ For a group element ``g`` the error of an output is ``e(g) = ‖f(g·x) − ρ_o
   ``out_rep``);
 * ``repeat``: the same input twice (determinism): the floor under which nothing is measurable.
 
+Rank-2 outputs are also reported by irreducible part, ``name[l=0]``, ``name[l=2]`` (and ``name[l=1]`` when not
+symmetric to rounding), relative to the whole tensor's norm (a part can vanish).
+
 The Lie derivative sees only the infinitesimal neighbourhood of the identity; finite checks also see
 discontinuous breaks (frame sign flips, neighbour lists changing near the cutoff). A full audit reports both.
 """
@@ -24,7 +27,7 @@ import torch
 
 from ._groups import SE3, as_group
 from ._io import leaf_name
-from ._reps import PointRep
+from ._reps import PointRep, Tensor2Rep, has_antisymmetric_part, tensor2_parts
 from ._io import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
@@ -131,16 +134,28 @@ def finite_equivariance_error(
         y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
     names = [leaf_name(lf.path) for lf in leaves]
     errors: Dict[str, Dict[str, Dict[str, Any]]] = {nm: {} for nm in names}
+    # rank-2 outputs are also checked by irreducible part (l = 0, 1 when not exactly symmetric, 2)
+    split = {nm: has_antisymmetric_part(y) for nm, y, lf in zip(names, y0, leaves) if isinstance(lf.rep, Tensor2Rep)}
+    for nm, with_l1 in split.items():
+        for part in tensor2_parts(y0[names.index(nm)], with_l1=with_l1):
+            errors[f"{nm}[{part}]"] = {}
+
+    def add(nm, family, diff, y):
+        a = float(diff.double().norm())
+        ref = float(y.double().norm())
+        d = errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0})
+        d["abs"].append(a)
+        d["max_abs"] = max(d["max_abs"], a)
+        d["max_rel"] = max(d["max_rel"], a / ref if ref > 0 else (0.0 if a == 0 else float("inf")))
 
     def record(family, outs, expected):
         outs = check_outputs(outs, leaves)
         for nm, o, e, y in zip(names, outs, expected, y0):
-            a = float((o.detach().to(e) - e).double().norm())
-            ref = float(y.double().norm())
-            d = errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0})
-            d["abs"].append(a)
-            d["max_abs"] = max(d["max_abs"], a)
-            d["max_rel"] = max(d["max_rel"], a / ref if ref > 0 else (0.0 if a == 0 else float("inf")))
+            diff = o.detach().to(e) - e
+            add(nm, family, diff, y)
+            if nm in split:
+                for part, dpart in tensor2_parts(diff, with_l1=split[nm]).items():
+                    add(f"{nm}[{part}]", family, dpart, y)  # relative to the whole tensor
 
     def transform(R, t):
         vals = list(inputs.values)
@@ -181,7 +196,7 @@ def finite_equivariance_error(
             outs = call(vals)
             exp = [y[p.to(y.device)] if flag else y for y, flag in zip(y0, pout)]
             record("permutation", outs, exp)
-    for nm in names:
+    for nm in errors:
         for fam in errors[nm].values():
             fam["n"] = len(fam["abs"])
     return FiniteReport(errors)

@@ -18,6 +18,8 @@ over ``R ∈ SO(3)`` (and ``t`` for SE(3); rotations about the origin, positions
    ``n_starts`` best orientations found so far, with ``R = exp(ω̂) R₀`` (and ``t``): the gradient of the error with
    respect to ``ω`` is itself a Lie derivative. Models that cannot be differentiated skip this step (said in notes).
 
+Rank-2 outputs are hunted whole and by irreducible part (``stress[l=0]``, ``stress[l=2]``, and ``[l=1]`` when not
+symmetric to rounding), relative to the whole tensor's norm; only proper rotations are searched (inversion is reported by the finite checks, separately).
 Every orientation evaluated updates each output's worst. The cost is bounded and reported (``model_calls``):
 ``1 + n_random + (3 max_pairs + 12) + n_starts·steps`` forward(+backward) calls, ``26`` per output for the
 discontinuity probes (around the worst orientation and around the identity), and one audit measurement at each worst orientation; the same evaluations once more in the
@@ -50,6 +52,7 @@ import torch
 from ._groups import SO3, as_group, hat, so3_log
 from ._io import flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._metrics import FLOOR_FACTOR, measure
+from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 
 __all__ = ["hunt", "HuntResult"]
 
@@ -144,13 +147,30 @@ class _Problem:
         with torch.enable_grad():
             out0 = ev.fn(*self.inputs.call_args(list(self.inputs.values)))
         self.leaves, _ = pair_outputs(out0, ev.out_rep)
-        self.y0 = [t.detach() for t in flatten_outputs(out0)]
-        self.names = [leaf_name(lf.path) for lf in self.leaves]
-        self.norms = [float(y.double().norm()) for y in self.y0]
+        y0 = [t.detach() for t in flatten_outputs(out0)]
+        # the quantities hunted: every output leaf, and the irreducible parts of rank-2 ones (stress l = 0, 2)
+        self.items: List[Tuple[int, Optional[str]]] = []
+        self.names: List[str] = []
+        self.with_l1: Dict[int, bool] = {}
+        for j, (lf, y) in enumerate(zip(self.leaves, y0)):
+            self.items.append((j, None))
+            self.names.append(leaf_name(lf.path))
+            if isinstance(lf.rep, Tensor2Rep):
+                self.with_l1[j] = has_antisymmetric_part(y)
+                for part in tensor2_parts(y, with_l1=self.with_l1[j]):
+                    self.items.append((j, part))
+                    self.names.append(f"{leaf_name(lf.path)}[{part}]")
+        self.y0 = self.quantities(y0)
+        # relative to the whole output (a rank-2 tensor's part can vanish: a traceless stress has no l = 0)
+        self.norms = [float(y0[j].double().norm()) for j, _ in self.items]
         self.calls = 1
 
+    def quantities(self, leaves: List[torch.Tensor]) -> List[torch.Tensor]:
+        parts = {j: tensor2_parts(leaves[j], with_l1=w) for j, w in self.with_l1.items()}
+        return [leaves[j] if part is None else parts[j][part] for j, part in self.items]
+
     def pulled_back(self, R: torch.Tensor, t: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """``φ(g) = ρ_out(g)⁻¹ f(g·x)`` per output leaf (differentiable in ``R``, ``t``)."""
+        """``φ(g) = ρ_out(g)⁻¹ f(g·x)`` per hunted quantity (differentiable in ``R``, ``t``)."""
         vals = list(self.inputs.values)
         for i in self.inputs.moving:
             v = vals[i]
@@ -163,10 +183,10 @@ class _Problem:
         for o, lf in zip(out, self.leaves):
             tinv = None if t is None else -(t.to(o) @ R.to(o))
             res.append(lf.rep.act(o, Rinv.to(o), tinv, None))
-        return res
+        return self.quantities(res)
 
     def errors(self, R, t) -> List[torch.Tensor]:
-        """Relative finite errors per output leaf, ``‖φ(g) − f(x)‖ / ‖f(x)‖``."""
+        """Relative finite errors per hunted quantity, ``‖φ(g) − f(x)‖ / ‖f(x)‖``."""
         return [(p - y.to(p)).norm() / (n if n > 0 else 1.0) for p, y, n in zip(self.pulled_back(R, t), self.y0,
                                                                                  self.norms)]
 

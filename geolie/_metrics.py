@@ -27,6 +27,12 @@ Each sample's floor is the largest over the rotation generators (and, separately
 level does not depend on the axis, and one sample of it can be small by chance. A figure is *at the floor* when
 ``abs <= 2 floor`` (i.e. indistinguishable from zero at this precision).
 Aggregates over samples: mean, median, p99 and max (never the mean alone).
+
+Rank-2 tensors (stress, polarizability) are also reported by irreducible part, ``name[l=0]`` (trace, pressure),
+``name[l=2]`` (symmetric traceless) and ``name[l=1]`` (antisymmetric, only when the tensor has such a part above
+rounding) (:func:`geolie.tensor2_parts`); their relative figures and floors are those of the whole tensor (a part
+can vanish, and an orthogonal projection does not raise the noise). Parity is not a continuous symmetry:
+it has no Lie derivative, and the finite checks report inversion separately from rotations.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import torch
 from ._groups import SE3, as_group
 from ._evaluation import Evaluation
 from ._io import leaf_name
+from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 from ._lie import LieResult, lie_result, out_correction, second_opinion
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
@@ -295,6 +302,15 @@ def measure(
         outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src, chk,
                                    sources.get(name, ""))
         n_samples = max(n_samples, a.shape[0])
+        if isinstance(leaf.rep, Tensor2Rep):  # the irreducible parts; L commutes with the projections
+            Ld, yd = L.detach().cpu(), y.detach().cpu()
+            for part, Lp in tensor2_parts(Ld, with_l1=has_antisymmetric_part(yd)).items():
+                # relative to the whole tensor (a part can vanish: a traceless stress has no l = 0), with the whole
+                # tensor's floor (an orthogonal projection does not raise the noise)
+                a, rel, flo, pa, yn = _norms(Lp, yd, fl.detach().cpu(), b, n_graphs)
+                pname = f"{name}[{part}]"
+                outs[pname] = OutputMetrics(pname, f"{leaf.rep.name} {part}", list(group.generator_names), a, rel,
+                                            flo, yn, pa, src, chk, sources.get(name, ""))
     return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values, notes + res.notes,
                   res.problem)
 

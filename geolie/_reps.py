@@ -35,7 +35,7 @@ from ._groups import hat
 
 __all__ = [
     "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep",
-    "as_rep", "register_rep", "known_reps",
+    "as_rep", "register_rep", "known_reps", "tensor2_parts",
 ]
 
 
@@ -194,6 +194,30 @@ class Tensor2Rep(Rep):
 
     def parity_sign(self):
         return 1
+
+
+def tensor2_parts(x: torch.Tensor, *, with_l1: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+    """The irreducible parts of rank-2 tensors on the trailing ``[3, 3]``: ``"l=0"`` (``tr(σ)/3 · I``, the pressure
+    part of a stress), ``"l=1"`` (the antisymmetric part, ``(σ − σᵀ)/2``) and ``"l=2"`` (symmetric traceless). Each
+    is an orthogonal, rotation-equivariant projection, so Lie derivatives and finite errors split the same way.
+    ``"l=1"`` is left out when ``with_l1`` is False, or (``None``) when :func:`has_antisymmetric_part` says ``x`` is
+    symmetric to rounding."""
+    if with_l1 is None:
+        with_l1 = has_antisymmetric_part(x)
+    eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    l0 = (x.diagonal(dim1=-2, dim2=-1).sum(-1) / 3)[..., None, None] * eye
+    sym = 0.5 * (x + x.transpose(-1, -2))
+    parts = {"l=0": l0}
+    if with_l1:
+        parts["l=1"] = x - sym
+    parts["l=2"] = sym - l0
+    return parts
+
+
+def has_antisymmetric_part(x: torch.Tensor) -> bool:
+    """Whether rank-2 tensors ``x [..., 3, 3]`` have an antisymmetric part above rounding (``1000 u ‖x‖``)."""
+    a = float((x - x.transpose(-1, -2)).double().norm())
+    return a > 1000 * torch.finfo(x.dtype).eps * float(x.double().norm())
 
 
 class IrrepsRep(Rep):

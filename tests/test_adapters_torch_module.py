@@ -214,7 +214,7 @@ CRYSTAL = geolie.data.load("emt-bulk", "test")[1]  # Al4
 def test_periodic_exact_model_sits_at_its_floor(dtype):
     rep = geolie.audit(PeriodicPair(), [CRYSTAL], dtype=dtype, n_finite=2, progress=False)
     row = rep.rows[0]
-    assert set(row["outputs"]) == {"energy", "forces", "stress"}
+    assert set(row["outputs"]) == {"energy", "forces", "stress", "stress[l=0]", "stress[l=2]"}
     assert row["outputs"]["stress"]["source"] == "strain derivative (geolie)"
     assert row["outputs"]["stress"]["rep"] == "tensor2"
     for name, o in row["outputs"].items():
@@ -255,9 +255,15 @@ def test_periodic_lab_frame_field_at_its_closed_form():
     f_rot = [np.linalg.norm(-(q[:, None] * f) @ Xn[k].T) for k in range(3)]
     assert np.allclose(o["forces"]["abs"][:3], f_rot, rtol=1e-8)  # the pair part is exactly equivariant
     assert max(o["forces"]["abs"][3:]) < 1e-10
-    s_rot = [np.linalg.norm(sym(Xn[k] @ np.outer(f, M)) / V) for k in range(3)]
-    s_tr = [np.linalg.norm(Q * sym(np.outer(f, np.eye(3)[k])) / V) for k in range(3)]
-    assert np.allclose(o["stress"]["abs"], s_rot + s_tr, rtol=1e-8)
+    L_rot = [sym(Xn[k] @ np.outer(f, M)) / V for k in range(3)]
+    L_tr = [-Q * sym(np.outer(f, np.eye(3)[k])) / V for k in range(3)]
+    assert np.allclose(o["stress"]["abs"], [np.linalg.norm(L) for L in L_rot + L_tr], rtol=1e-8)
+    # by irreducible part: l = 0 is the trace's third times I, l = 2 the rest (stress is symmetric: no l = 1)
+    assert "stress[l=1]" not in o
+    tr = [np.trace(L) / 3 * np.eye(3) for L in L_rot + L_tr]
+    assert np.allclose(o["stress[l=0]"]["abs"], [np.linalg.norm(t) for t in tr], rtol=1e-8, atol=1e-14)
+    assert np.allclose(o["stress[l=2]"]["abs"], [np.linalg.norm(L - t) for L, t in zip(L_rot + L_tr, tr)],
+                       rtol=1e-8, atol=1e-14)
 
 
 def test_periodic_model_without_cell_argument_is_refused():
@@ -299,7 +305,7 @@ def test_pyg_data_input_with_cell_and_wrapped_translations():
     model = PeriodicPairData()
     rep = geolie.audit(model, [CRYSTAL], n_finite=3, progress=False)
     row = rep.rows[0]
-    assert set(row["outputs"]) == {"energy", "forces", "stress"}
+    assert set(row["outputs"]) == {"energy", "forces", "stress", "stress[l=0]", "stress[l=2]"}
     assert all(all(o["at_floor"]) for o in row["outputs"].values())
     assert row["finite"]["energy"]["translation"] < 1e-10
     ev = TorchAdapter(model).evaluation(Structure.from_atoms(CRYSTAL), torch.float64)

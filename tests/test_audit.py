@@ -38,7 +38,7 @@ def test_equivariant_models_sit_at_their_floor(model, dtype):
 
 def test_emt_sits_at_its_finite_difference_floor():
     rep = geolie.audit("emt", "emt-bulk:test", limit=2, n_finite=2, progress=False)
-    assert set(rep.outputs) == {"energy", "forces", "stress"}
+    assert set(rep.outputs) == {"energy", "forces", "stress", "stress[l=0]", "stress[l=2]"}
     for row in rep.rows:
         assert row["method"] == "fd-float64"
         for o in row["outputs"].values():
@@ -235,7 +235,7 @@ def test_pretrained_chgnet_molecules_and_crystals():
     assert all(f["at_floor"]) and max(f["rel"]) < 1e-5
     rep = geolie.audit("chgnet", "emt-bulk:test", limit=1, dtype=torch.float32, n_finite=1, progress=False)
     o = rep.rows[0]["outputs"]
-    assert set(o) == {"energy", "forces", "stress"} and max(o["forces"]["rel"]) < 1e-4
+    assert set(o) == {"energy", "forces", "stress", "stress[l=0]", "stress[l=2]"} and max(o["forces"]["rel"]) < 1e-4
     fin = rep.rows[0]["finite"]
     assert fin["forces"]["rotation"] < 1e-3 and fin["forces"]["permutation"] < 1e-3
     assert fin["stress"]["inversion"] > 1.0

@@ -101,3 +101,21 @@ def test_act_rows_matches_act(name):
     rows = rep.act_rows(x, R, t)
     for i in range(4):
         assert torch.allclose(rows[i], rep.act(x[i], R[i], t[i]), atol=1e-12), (name, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_tensor2_parts_are_orthogonal_equivariant_projections(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    p = geolie.tensor2_parts(x)
+    assert set(p) == {"l=0", "l=1", "l=2"}
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(p["l=0"] + p["l=1"] + p["l=2"], x, atol=tol)
+    for a, b in [("l=0", "l=1"), ("l=0", "l=2"), ("l=1", "l=2")]:
+        assert float((p[a] * p[b]).sum(dim=(-1, -2)).abs().max()) < tol * 10
+    assert float(p["l=2"].diagonal(dim1=-2, dim2=-1).sum(-1).abs().max()) < tol * 10  # traceless
+    R = geolie.SO3.random(1, g)[0].to(dtype)
+    for k, v in geolie.tensor2_parts(R @ x @ R.T).items():  # P(R x Rᵀ) = R P(x) Rᵀ
+        assert torch.allclose(v, R @ p[k] @ R.T, atol=tol * 10), k
+    sym = x + x.transpose(-1, -2)
+    assert set(geolie.tensor2_parts(sym)) == {"l=0", "l=2"}  # symmetric to rounding: no l = 1
