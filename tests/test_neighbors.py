@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 from ase.neighborlist import neighbor_list
 from ase import Atoms
 
+import geolie.neighbors
 from geolie.neighbors import radius_graph
 
 
@@ -46,3 +48,69 @@ def test_padded_batches_match_the_blockwise_path():
     assert _pairs(fast) == _pairs(slow) and fast.shape == slow.shape
     assert torch.equal(radius_graph(pos, 1.5, batch, max_num_neighbors=3), radius_graph(pos, 1.5, batch, block=7,
                                                                                         max_num_neighbors=3))
+
+
+def _ase_pairs(atoms, rc):
+    from ase.neighborlist import neighbor_list as ase_nl
+
+    i, j, S = ase_nl("ijS", atoms, rc)
+    return sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+
+
+def _geolie_pairs(atoms, rc):
+    from geolie.neighbors import neighbor_list
+
+    periodic = bool(atoms.pbc.any())
+    i, j, S = neighbor_list(torch.tensor(atoms.positions), rc,
+                            cell=torch.tensor(np.array(atoms.cell)) if periodic else None,
+                            pbc=atoms.pbc.tolist() if periodic else None)
+    return list(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cell_list_equals_ase_neighbor_list(seed):
+    from ase import Atoms
+
+    rng = np.random.default_rng(seed)
+    cases = [
+        (Atoms("H60", positions=rng.uniform(-3, 7, (60, 3))), 2.2),  # open
+        (Atoms("H12", positions=rng.uniform(0, 5, (12, 3)), cell=np.diag([5.0, 5.5, 6.0]), pbc=True), 2.5),
+        (Atoms("H7", positions=rng.uniform(-2, 5, (7, 3)),  # skewed, cutoff larger than the cell, atoms outside it
+               cell=[[3.0, 0, 0], [1.2, 2.5, 0], [0.7, -0.4, 2.2]], pbc=True), 5.5),
+        (Atoms("H20", positions=rng.uniform(0, 8, (20, 3)), cell=np.diag([8, 9, 7.5]), pbc=[True, False, True]), 3.0),
+    ]
+    for atoms, rc in cases:
+        assert _geolie_pairs(atoms, rc) == _ase_pairs(atoms, rc)
+
+
+def test_cell_list_batches_never_pair_structures_and_radius_graph_agrees():
+    from geolie.neighbors import CELL_LIST_FROM, neighbor_list
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(400, 3, generator=g, dtype=torch.float64) * 6  # two overlapping clouds
+    batch = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long)])
+    i, j, S = neighbor_list(pos, 1.5, batch=batch)
+    assert bool((batch[i] == batch[j]).all()) and not bool((S != 0).any())
+    d = torch.cdist(pos, pos)
+    expected = ((d < 1.5) & (batch[:, None] == batch[None]) & ~torch.eye(400, dtype=torch.bool)).sum()
+    assert i.numel() == int(expected)
+    big = torch.rand(CELL_LIST_FROM + 500, 3, generator=g, dtype=torch.float64) * 30
+    e_cell = radius_graph(big, 2.0)  # cell-list path
+    old = geolie.neighbors.CELL_LIST_FROM
+    try:
+        geolie.neighbors.CELL_LIST_FROM = 10 ** 9
+        e_all = radius_graph(big, 2.0)  # all-pairs path
+    finally:
+        geolie.neighbors.CELL_LIST_FROM = old
+    assert torch.equal(e_cell, e_all)
+
+
+def test_neighbor_list_bad_input():
+    from geolie.neighbors import neighbor_list
+
+    with pytest.raises(ValueError, match="shape"):
+        neighbor_list(torch.zeros(4, 2), 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        neighbor_list(torch.full((3, 3), float("nan")), 1.0)
+    with pytest.raises(ValueError, match="non-degenerate"):
+        neighbor_list(torch.zeros(3, 3), 1.0, cell=torch.zeros(3, 3))
