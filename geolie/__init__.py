@@ -21,7 +21,7 @@ from ._conservative import conservative, conservativeness, lie_energy_from_force
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import audit
-from ._report import AuditReport, write_report
+from ._report import AuditReport, merge, write_report
 from ._layerwise import layerwise_attribution
 from ._hunt import HuntResult, hunt
 from . import data, testing
@@ -36,5 +36,5 @@ __all__ = [
     "conservativeness",
     "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
-    "audit", "AuditReport", "write_report", "layerwise_attribution", "hunt", "HuntResult", "data", "testing",
+    "audit", "AuditReport", "write_report", "merge", "layerwise_attribution", "hunt", "HuntResult", "data", "testing",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
-from ._store import ResultStore
+from ._store import ResultStore, shard_indices
 
 __all__ = ["audit"]
 
@@ -147,7 +147,7 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
-          batch_size: int = 1, hunt: Any = False) -> AuditReport:
+          batch_size: int = 1, hunt: Any = False, shard: Optional[Tuple[int, int]] = None) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
@@ -155,6 +155,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     checks are then per batch). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
     ``hunt``: also search each structure for its worst orientation (:func:`geolie.hunt`; ``True``, or a dict of its
     options); the rotated structures go to ``out_dir/hunt/``.
+    ``shard=(I, N)``: audit only shard ``I`` of ``N`` (balanced by atom count, :func:`geolie._store.shard_indices`);
+    structures keep their global indices, and :func:`geolie.merge` combines the shards' folders into the report of
+    one run over everything.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
@@ -171,21 +174,29 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     sts = _as_structures(structures)
     if limit is not None:
         sts = sts[:limit]
+    mine = list(range(len(sts))) if shard is None else shard_indices([len(s.numbers) for s in sts], *shard)
     done: Dict[int, Dict] = {}
     store = ResultStore(out_dir, group.generator_names) if out_dir else None
+    run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "dtype_note": pot.dtype_note,
+                "hunt": bool(hunt), "seed": seed}
     if store is not None:
         if resume:
             done = store.resume()
         else:
             store.clear()
+        store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
+                          "generators": list(group.generator_names), "meta": run_meta,
+                          "n_structures_total": len(sts), "shard": None if shard is None else list(shard),
+                          "indices": mine})
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size > 1 and layerwise:
         raise ValueError("layer-wise attribution needs batch_size=1")
-    rows = {i: r for i, r in done.items() if i < len(sts)}
-    todo = [(i, s) for i, s in enumerate(sts) if i not in done]
+    mine_set = set(mine)
+    rows = {i: r for i, r in done.items() if i in mine_set}
+    todo = [(i, sts[i]) for i in mine if i not in done]
     chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-    bar = tqdm(total=len(sts), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     for chunk in chunks:
         if batch_size == 1:
             new = [_row(pot, chunk[0][1], chunk[0][0], group, dtype, n_finite, layerwise, seed)]
@@ -206,5 +217,4 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     bar.close()
     rows = [rows[i] for i in sorted(rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
-                       {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size,
-                        "dtype_note": pot.dtype_note, "hunt": bool(hunt)})
+                       run_meta)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._metrics import aggregate, iso_rotation
 
-__all__ = ["AuditReport", "write_report"]
+__all__ = ["AuditReport", "write_report", "merge"]
 
 
 @dataclass
@@ -233,3 +233,66 @@ def write_report(report: AuditReport, out_dir: str) -> List[str]:
     with open(p, "w") as fh:
         json.dump(report.to_dict(), fh, indent=1)
     return [p] + report.plots(out_dir)
+
+
+def _audit_folders(folders: Sequence[str]) -> List[str]:
+    """Each folder that holds an ``audit.json``, or its direct subfolders that do (``OUT/shard-I-of-N``)."""
+    found: List[str] = []
+    for f in folders:
+        if os.path.exists(os.path.join(f, "audit.json")):
+            found.append(f)
+            continue
+        subs = sorted(os.path.join(f, d) for d in (os.listdir(f) if os.path.isdir(f) else [])
+                      if os.path.exists(os.path.join(f, d, "audit.json")))
+        if not subs:
+            raise FileNotFoundError(f"merge: {f} holds no audit results (no audit.json in it or its subfolders)")
+        found += subs
+    return found
+
+
+def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: bool = False) -> AuditReport:
+    """One report from the output folders of several audits of the same model and structures (shards, or runs
+    interrupted and continued elsewhere): the rows are combined by structure index, and ``out_dir`` gets the same
+    ``results.jsonl``, ``structures.csv``, ``report.json`` and plots as one run over everything.
+
+    Errors name the folder: different models, groups, dtypes or data sets; one structure with different results in
+    two folders; structures that no folder holds (unless ``allow_partial``)."""
+    from ._store import ResultStore
+
+    paths = _audit_folders(folders)
+    rows: Dict[int, Dict[str, Any]] = {}
+    first: Optional[Dict[str, Any]] = None
+    key = ("model", "group", "dtype", "generators", "n_structures_total")
+    for p in paths:
+        store = ResultStore(p, [])
+        meta = store.read_meta()
+        if first is None:
+            first = meta
+        else:
+            for k in key:
+                if meta.get(k) != first.get(k):
+                    raise ValueError(f"merge: {p} has {k} = {meta.get(k)!r}, {paths[0]} has {first.get(k)!r}")
+            opts = {k: v for k, v in meta["meta"].items() if k != "batch_size"}
+            if opts != {k: v for k, v in first["meta"].items() if k != "batch_size"}:
+                raise ValueError(f"merge: {p} was audited with other options ({meta['meta']}) than {paths[0]} "
+                                 f"({first['meta']})")
+        for i, r in store.load().items():
+            if i in rows and rows[i] != r:
+                raise ValueError(f"merge: structure {i} has different results in two folders (the second: {p})")
+            rows[i] = r
+    assert first is not None
+    missing = sorted(set(range(first["n_structures_total"])) - set(rows))
+    if missing and not allow_partial:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"merge: {len(missing)} structure(s) in no folder ({shown}): a shard is missing or not "
+                         "finished (resume it), or pass allow_partial=True")
+    report = AuditReport(first["model"], first["group"], first["dtype"], [rows[i] for i in sorted(rows)],
+                         list(first["generators"]), dict(first["meta"], merged_from=paths))
+    if out_dir:
+        out = ResultStore(out_dir, report.generator_names)
+        out.clear()
+        for r in report.rows:
+            out.append(r)
+        out.write_meta(dict(first, shard=None, indices=sorted(rows)))
+        write_report(report, out_dir)
+    return report

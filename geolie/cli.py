@@ -28,6 +28,9 @@ def _audit_parser(sub):
     a.add_argument("--hunt", action="store_true",
                    help="also search each structure for the orientation where the model breaks worst (geolie.hunt; "
                         "rotated structures written to OUT/hunt/)")
+    a.add_argument("--shard", default=None,
+                   help="audit one shard: I/N (I from 0; balanced by atom count) or 'slurm' (I and N from a Slurm "
+                        "array job); results go to OUT/shard-I-of-N, combine them with geolie merge OUT --out DIR")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--fail-above", type=float, default=None,
                    help="exit with status 1 when the metric (max over structures and generators) exceeds this")
@@ -49,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--out", default=None, help="also write each audit's report and plots here")
     demo.add_argument("--structures", type=int, default=3, help="structures per molecule and per crystal set (default 3)")
     _audit_parser(sub)
+    m = sub.add_parser("merge", help="combine audit output folders (shards) into one report")
+    m.add_argument("folders", nargs="+", help="audit output folders, or folders holding shard-I-of-N subfolders")
+    m.add_argument("--out", required=True, help="where the merged results, report.json and plots go")
+    m.add_argument("--allow-partial", action="store_true", help="merge even when some structures are in no folder")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
@@ -57,6 +64,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "audit":
         return _run_audit(args, parser)
+    if args.command == "merge":
+        from ._report import merge
+
+        try:
+            report = merge(args.folders, out_dir=args.out, allow_partial=args.allow_partial)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"geolie merge: error: {e}", file=sys.stderr)
+            return 2
+        print(report.table())
+        print(f"\nmerged {len(report.rows)} structure(s) into {args.out}")
+        return 0
     parser.print_help()
     return 0
 
@@ -69,18 +87,24 @@ def _run_audit(args, parser) -> int:
 
     from .adapters import load_model
 
+    shard, out = None, args.out
     try:
+        if args.shard is not None:
+            from ._store import parse_shard
+
+            shard = parse_shard(args.shard)
+            out = os.path.join(args.out, f"shard-{shard[0]}-of-{shard[1]}")
         model = load_model(args.model, out_rep=args.out_rep, per_atom=args.per_atom)
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
-                       layerwise=args.layerwise, n_finite=args.n_finite, out_dir=args.out, resume=args.resume,
+                       layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size,
-                       hunt=args.hunt)
+                       hunt=args.hunt, shard=shard)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2
-    files = write_report(report, args.out)
+    files = write_report(report, out)
     print(report.table())
-    print(f"\nwritten: {', '.join(os.path.relpath(f) for f in files + [os.path.join(args.out, 'structures.csv')])}")
+    print(f"\nwritten: {', '.join(os.path.relpath(f) for f in files + [os.path.join(out, 'structures.csv')])}")
     if args.fail_above is not None:
         value = report.metric(args.output, args.metric)
         what = f"max {args.metric} Lie derivative" + (f" of {args.output}" if args.output else "")
@@ -88,7 +112,7 @@ def _run_audit(args, parser) -> int:
             print(f"FAIL: {what} = {value:.3e} > {args.fail_above:.3e}")
             return 1
         print(f"PASS: {what} = {value:.3e} <= {args.fail_above:.3e}")
-    with open(os.path.join(args.out, "command.json"), "w") as fh:
+    with open(os.path.join(out, "command.json"), "w") as fh:
         json.dump(vars(args), fh, indent=1)
     return 0
 

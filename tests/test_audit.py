@@ -265,3 +265,54 @@ def test_chgnet_energy_derivative_is_verified_and_matches_the_force_identity():
     assert row["outputs"]["forces"]["source"] == "-dE/dx (model autograd)"
     assert row["conservative"]["force_gap_rel"] < 1e-5  # its forces are its energy's gradient
     assert any("float32 only" in n for n in a.notes())
+
+
+def test_shards_merge_into_the_single_run_and_resume_after_a_killed_shard(tmp_path, capsys):
+    """Shard invariance of every per-structure figure; merge equals one run (JSON rows, aggregates, CSV); a shard
+    killed mid-write resumes without losing or repeating work."""
+    from geolie._store import shard_indices
+
+    data = "xtb-md/ethanol:test"
+    single = tmp_path / "single"
+    assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(single),
+                 "--n-finite", "1"]) == 0
+    shards = tmp_path / "shards"
+    for i in range(3):
+        assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(shards),
+                     "--n-finite", "1", "--shard", f"{i}/3"]) == 0
+    # kill shard 1 mid-line and resume it
+    jl = shards / "shard-1-of-3" / "results.jsonl"
+    text = jl.read_text()
+    jl.write_text(text[: len(text) - 40])
+    assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(shards),
+                 "--n-finite", "1", "--shard", "1/3", "--resume"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", str(shards), "--out", str(merged)]) == 0
+    a = json.loads((single / "report.json").read_text())
+    b = json.loads((merged / "report.json").read_text())
+    assert a["structures"] == b["structures"] and a["aggregates"] == b["aggregates"]
+    assert (single / "structures.csv").read_text() == (merged / "structures.csv").read_text()
+    # shards are balanced by atom count and cover everything once
+    parts = [shard_indices([9, 9, 3, 21, 12, 9], k, 3) for k in range(3)]
+    assert sorted(sum(parts, [])) == list(range(6))
+    loads = [sum([9, 9, 3, 21, 12, 9][i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= 12
+    # a missing shard is an error naming the structures
+    import shutil
+
+    shutil.rmtree(shards / "shard-2-of-3")
+    assert main(["merge", str(shards), "--out", str(tmp_path / "partial")]) == 2
+    assert "structure(s) in no folder" in capsys.readouterr().err
+
+
+def test_parse_shard_from_slurm_environment():
+    from geolie._store import parse_shard
+
+    assert parse_shard("2/5") == (2, 5)
+    assert parse_shard("slurm", {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "4",
+                                 "SLURM_ARRAY_TASK_COUNT": "6"}) == (3, 6)
+    for bad in ("5/5", "x", "1/0"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="not inside a Slurm array job"):
+        parse_shard("slurm", {})
