@@ -313,7 +313,7 @@ def _ad(prob: Problem, method: str, chunk_size=None):
     except Exception as e:  # noqa: BLE001 - no reverse pass: AD cannot be verified, so it is not trusted
         raise _ADFailed(f"no reverse pass through the outputs to verify AD ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    ext = [torch.cat([t, w[None]]) for t, w in zip(tangents, prob.probes[2])]
+    ext = _with_probe(prob, tangents)
     errors, notes = [], []
     strategies = _strategies(prob, method, primals, chunk_size, errors)
     tried = set()
@@ -335,7 +335,7 @@ def _ad(prob: Problem, method: str, chunk_size=None):
             notes.append(msg)
             warnings.warn(f"lie_derivative: {msg}", GeolieADCheckWarning, stacklevel=4)
             if "double-backward" not in tried and all(n != "double-backward" for n, _ in strategies):
-                strategies.append(("double-backward", lambda ts: _jvp_double_backward(prob, primals, ts)))
+                strategies.append(("double-backward", _strategy("double-backward", prob, primals, chunk_size)))
             continue
         soft = PRECISION_TOLERANCE.get(jv[0].dtype if jv else torch.float64)
         if soft is not None and max(checks, default=0.0) > soft:
@@ -348,21 +348,36 @@ def _ad(prob: Problem, method: str, chunk_size=None):
     raise _ADFailed("; ".join(errors + notes), check_failed=bool(notes), notes=notes)
 
 
+def _with_probe(prob: Problem, tangents: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The generators' tangents with the adjoint test's probe ``w`` appended as one more row."""
+    return [torch.cat([t, w[None]]) for t, w in zip(tangents, prob.probes[2])]
+
+
+def _strategy(name: str, prob: Problem, primals, chunk_size) -> Callable:
+    """``run(tangents) -> per-output J·tangents`` for one AD strategy."""
+    return {
+        "hvp": lambda ts: _jvp_hvp(prob, ts),
+        "jvp-loop": lambda ts: _jvp_forward_ad(prob, primals, ts),
+        "jvp-vmap": lambda ts: _jvp_vmap(prob, primals, ts, chunk_size),
+        "double-backward": lambda ts: _jvp_double_backward(prob, primals, ts),
+    }[name]
+
+
 def _strategies(prob, method, primals, chunk_size, errors):
-    out = []
+    names = []
     if method in ("auto", "hvp"):
         if prob.hvp_state is not None:
-            out.append(("hvp", lambda ts: _jvp_hvp(prob, ts)))
+            names.append("hvp")
         elif method == "hvp":
             errors.append("hvp: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
                           "(or one per structure and `batch`)")
     if method in ("jvp", "auto", "jvp-loop"):
-        out.append(("jvp-loop", lambda ts: _jvp_forward_ad(prob, primals, ts)))
+        names.append("jvp-loop")
     if method in ("jvp", "auto", "jvp-vmap"):
-        out.append(("jvp-vmap", lambda ts: _jvp_vmap(prob, primals, ts, chunk_size)))
+        names.append("jvp-vmap")
     if method in ("double-backward", "auto"):
-        out.append(("double-backward", lambda ts: _jvp_double_backward(prob, primals, ts)))
-    return out
+        names.append("double-backward")
+    return [(n, _strategy(n, prob, primals, chunk_size)) for n in names]
 
 
 def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]:
@@ -376,7 +391,7 @@ def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]
     primals = [prob.inputs.values[i] for i in prob.inputs.moving]
     tangents = _in_tangents(prob)
     K = tangents[0].shape[0]
-    ext = [torch.cat([t, w[None]]) for t, w in zip(tangents, prob.probes[2])]
+    ext = _with_probe(prob, tangents)
     for name, run in _strategies(prob, "auto", primals, None, []):
         if name == res.method or (name == "jvp-vmap" and res.method == "jvp-loop"):
             continue
