@@ -42,7 +42,7 @@ def run_demo(n_structures: int = 3, out_dir: Optional[str] = None, stream=None):
           "(float32 vs float64, or the finite-difference error), the worst finite-rotation error, and a verdict",
           file=stream)
     gens = ["rx", "ry", "rz", "tx", "ty", "tz"]
-    head = f"  {'model':<15}{'output':<8}" + "".join(f"{g:>9}" for g in gens) + f"{'floor':>9}{'finite':>9}  verdict"
+    head = f"  {'model':<15}{'output':<13}" + "".join(f"{g:>9}" for g in gens) + f"{'floor':>9}{'finite':>9}  verdict"
     print(head + "\n  " + "-" * (len(head) - 2), file=stream)
     for name, rep in reports.items():
         for out in rep.outputs:
@@ -51,7 +51,7 @@ def run_demo(n_structures: int = 3, out_dir: Optional[str] = None, stream=None):
             at_floor = all(all(o["at_floor"]) for r in rep.rows for k, o in r["outputs"].items() if k == out)
             fin = max(r["finite"][out]["rotation"] for r in rep.rows)
             verdict = "at floor" if at_floor else "BREAKS"
-            print(f"  {name:<15}{out:<8}" + "".join(f"{rel[:, k].max():>9.1e}" for k in range(len(gens)))
+            print(f"  {name:<15}{out:<13}" + "".join(f"{rel[:, k].max():>9.1e}" for k in range(len(gens)))
                   + f"{np.nanmax(fl):>9.1e}{fin:>9.1e}  {verdict}", file=stream)
         if out_dir:
             write_report(rep, os.path.join(out_dir, name))
