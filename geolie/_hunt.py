@@ -138,7 +138,7 @@ def _candidates(pos: np.ndarray, max_pairs: int) -> List[Tuple[str, torch.Tensor
     return out
 
 
-class _Problem:
+class _HuntTarget:
     """The model on one structure in one precision: finite errors of every output at a group element."""
 
     def __init__(self, ev):
@@ -235,9 +235,9 @@ def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_r
         raise ValueError(f"hunt: model {adapter.name!r} runs in {[str(d) for d in adapter.dtypes]} only, not {dtype}")
     st = _structure(structure)
     adapter.check(st, f"hunt on {st.name or 'structure'}")
-    prob = _Problem(adapter.evaluation(st, dtype))
+    prob = _HuntTarget(adapter.evaluation(st, dtype))
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    ref = _Problem(adapter.evaluation(st, other)) if other in adapter.dtypes else None
+    ref = _HuntTarget(adapter.evaluation(st, other)) if other in adapter.dtypes else None
     notes: List[str] = []
     gen = torch.Generator().manual_seed(seed)
     K = len(prob.names)
@@ -338,7 +338,7 @@ def _moved(st, R: torch.Tensor, t: Optional[torch.Tensor]):
     return Structure(st.numbers, pos, cell, st.name, dict(st.labels))
 
 
-def _discontinuity(prob: _Problem, k: int, R, t, delta: float, lie_base, floor: float, st_g, rc, u):
+def _discontinuity(prob: _HuntTarget, k: int, R, t, delta: float, lie_base, floor: float, st_g, rc, u):
     """Compare the pulled-back output at ``g`` (and at the identity, the base orientation, which is as special as any)
     with its values a rotation ``±s`` away (see the module doc); the larger jump above the threshold, or ``None``."""
     scale = prob.norms[k] if prob.norms[k] > 0 else 1.0
