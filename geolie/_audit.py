@@ -62,7 +62,7 @@ def _sample(m, b: int) -> Dict[str, Any]:
             "floor_source": m.floor_source, "ad_check": m.ad_check, "norm": float(m.ynorm[b])}
 
 
-def _measure(pot, ev, ev_ref, group, where):
+def _measure(ev, ev_ref, group, where):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GeolieADCheckWarning)
@@ -86,23 +86,37 @@ def _conservative_figures(ev, n_structures: int) -> Optional[Dict[str, List[floa
     return {k: [float(v) for v in c[k][:n_structures]] for k in c}
 
 
+def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation):
+    """What one call of the model yields, one structure or a batch: the evaluation, its :class:`Report` (the other
+    precision as reference when the model runs in it), the conservativeness figures and the finite errors."""
+    ev = evaluate(dtype)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    rep = _measure(ev, evaluate(other) if other in pot.dtypes else None, group, where)
+    cons = _conservative_figures(ev, n_structures)
+    finite = {}
+    if n_finite > 0:
+        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
+                                        generator=torch.Generator().manual_seed(seed), problem=rep.problem)
+        finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+    return ev, rep, cons, finite
+
+
+def _row_of(i, st, rep, b: int, cons, finite) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
+                           "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": rep.notes}
+    if cons is not None:
+        row["conservative"] = {k: v[b] for k, v in cons.items()}
+    row["finite"] = finite
+    return row
+
+
 def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     where = f"structure {index} ({st.name})"
     pot.check(st, where)
-    ev = pot.evaluation(st, dtype)
-    other = torch.float32 if dtype == torch.float64 else torch.float64
-    ev_ref = pot.evaluation(st, other) if other in pot.dtypes else None
-    rep = _measure(pot, ev, ev_ref, group, where)
-    row: Dict[str, Any] = {"index": index, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-                           "outputs": {name: _sample(m, 0) for name, m in rep.outputs.items()}, "notes": rep.notes}
-    cons = _conservative_figures(ev, 1)
-    if cons is not None:
-        row["conservative"] = {k: v[0] for k, v in cons.items()}
-    row["finite"] = {}
-    if n_finite > 0:
-        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation={},
-                                        generator=torch.Generator().manual_seed(seed + index), problem=rep.problem)
-        row["finite"] = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+    # atoms are permuted within the structure (per-atom flags from the evaluation)
+    ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
+                                     seed + index, 1, {})
+    row = _row_of(index, st, rep, 0, cons, finite)
     if layerwise:
         target = pot.layerwise_target(st, dtype)
         if target is None:
@@ -123,25 +137,10 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
     sts = [st for _, st in chunk]
     for i, st in chunk:
         pot.check(st, f"structure {i} ({st.name})")
-    ev = pot.batch_evaluation(sts, dtype)
-    other = torch.float32 if dtype == torch.float64 else torch.float64
-    ev_ref = pot.batch_evaluation(sts, other) if other in pot.dtypes else None
-    rep = _measure(pot, ev, ev_ref, group, f"structures {idx[0]}-{idx[-1]}")
-    cons = _conservative_figures(ev, len(chunk))
-    finite = {}
-    if n_finite > 0:
-        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True,
-                                        generator=torch.Generator().manual_seed(seed + idx[0]), problem=rep.problem)
-        finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
-    rows = []
-    for b, (i, st) in enumerate(chunk):
-        row = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-               "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": rep.notes,
-               "finite": finite, "batched": len(chunk)}
-        if cons is not None:
-            row["conservative"] = {k: v[b] for k, v in cons.items()}
-        rows.append(row)
-    return rows
+    # no permutations: they would mix atoms across the structures of the batch
+    _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
+                                    group, dtype, n_finite, seed + idx[0], len(chunk), None)
+    return [dict(_row_of(i, st, rep, b, cons, finite), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
 
 
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,

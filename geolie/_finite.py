@@ -26,9 +26,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._groups import SE3, as_group
-from ._io import leaf_name
+from ._io import Centers, check_outputs, flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._reps import PointRep, Tensor2Rep, has_antisymmetric_part, tensor2_parts
-from ._io import Centers, check_outputs, flatten_outputs, pair_outputs, prepare_inputs
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
 
