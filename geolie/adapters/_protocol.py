@@ -57,6 +57,15 @@ def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> Tuple[torc
     return m, notes
 
 
+def with_autograd(pos: torch.Tensor) -> torch.Tensor:
+    """``pos`` connected to autograd, for models that compute forces with ``torch.autograd.grad`` inside: ``pos``
+    itself when it already requires grad, else ``pos`` plus a zero that does. Not ``detach().requires_grad_()``:
+    that would drop a forward-mode tangent riding on ``pos``, and the Lie derivative with it."""
+    if pos.requires_grad:
+        return pos
+    return pos + torch.zeros((), dtype=pos.dtype, device=pos.device, requires_grad=True)
+
+
 class Adapter:
     """What the audit needs of a model (the adapter protocol).
 

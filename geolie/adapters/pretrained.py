@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _evaluation as ev_mod
 from .._evaluation import Evaluation
-from ._protocol import Adapter
+from ._protocol import Adapter, with_autograd
 from .torch_module import TorchAdapter
 
 HARTREE_EV = 27.211386245988
@@ -137,9 +137,7 @@ class SevenNetAdapter(TorchAdapter):
 
         def fn(pos, z):
             data = base if _near_base(pos, z, p0, z0) else self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), dtype)
-            if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent (no detach)
-                pos = pos + torch.zeros((), dtype=pos.dtype, device=pos.device, requires_grad=True)
-            out = m(self._with_pos(data, pos))
+            out = m(self._with_pos(data, with_autograd(pos)))
             return {"energy": out["inferred_total_energy"].reshape(1), "forces": out["inferred_force"]}
 
         return fn
@@ -211,8 +209,7 @@ class CHGNetAdapter(Adapter):
                 g = copy.copy(base)
             else:
                 g = self._graph(z.cpu().numpy(), pos.detach().cpu().numpy(), lat.detach().cpu().numpy())
-            if not pos.requires_grad:  # connect to autograd without dropping a forward-mode tangent
-                pos = pos + torch.zeros((), dtype=pos.dtype, requires_grad=True)
+            pos = with_autograd(pos)
             g.atom_frac_coord = pos.to(torch.float32) @ torch.linalg.inv(lat)
             g.lattice = lat
             out = model([g], task="efs" if cell is not None else "ef")

@@ -31,7 +31,7 @@ import torch
 from .. import _evaluation as ev_mod
 from .._conservative import conservative
 from .._evaluation import Evaluation
-from ._protocol import CopyCache, Adapter, Structure
+from ._protocol import Adapter, CopyCache, Structure, with_autograd
 
 KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
 
@@ -218,9 +218,7 @@ def _augmented(call: Callable, keys, out0, periodic: bool, n_struct: int, batche
     need_s = periodic and "stress" in keys and "stress" not in out0
 
     def fn(pos, z, cell=None):
-        p, c, eps = pos, cell, None
-        if need_f and not p.requires_grad:  # connect to autograd without dropping a forward-mode tangent
-            p = p + torch.zeros((), dtype=p.dtype, device=p.device, requires_grad=True)
+        p, c, eps = (with_autograd(pos) if need_f else pos), cell, None
         pos_in, cell_in = p, c
         if need_s:
             eps = torch.zeros(3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
