@@ -4,7 +4,8 @@ The public API is flat (small private modules re-exported here): groups (``SO3``
 (``as_rep``, ``register_rep``), the adapter-to-engine hand-off (``Evaluation``), the engine (``lie_derivative``,
 ``conservative``, ``conservativeness``, ``measure``, ``finite_equivariance_error``), the audit (``audit``,
 ``AuditReport``, ``write_report``, ``layerwise_attribution``, ``hunt`` for the worst orientation,
-``testing.assert_equivariant``), a training penalty (``losses.lie_penalty``) and data (``geolie.data``).
+``testing.assert_equivariant``), a training penalty (``losses.lie_penalty``), a
+training monitor (``monitor.EquivarianceMonitor``) and data (``geolie.data``).
 Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
 
 See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
@@ -24,7 +25,7 @@ from ._audit import audit
 from ._report import AuditReport, merge, write_report
 from ._layerwise import layerwise_attribution
 from ._hunt import HuntResult, hunt
-from . import data, losses, testing
+from . import data, losses, monitor, testing
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,6 @@ __all__ = [
     "conservativeness",
     "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
-    "audit", "AuditReport", "write_report", "merge", "layerwise_attribution", "hunt", "HuntResult", "data", "losses", "testing",
+    "audit", "AuditReport", "write_report", "merge", "layerwise_attribution", "hunt", "HuntResult", "data", "losses", "monitor",
+    "testing",
 ]
