@@ -18,6 +18,13 @@ generator from the positions: no motion → scalar; ``v -> X v`` on a trailing 3
 point, i.e. absolute coordinates) with an invariant output
 (hidden features of invariant models are scalars). A module whose input moves in a way no representation explains
 is reported as ``"receives broken input"``: the break happened upstream.
+
+For a scalar output the part of ``L_X E`` that no module explains is reported as ``"__unattributed__"``
+(``L_X E − Σ_i`` contributions): breaks in operations outside leaf modules (a raw edge vector concatenated into an
+MLP's input, indexing with absolute coordinates) and everything upstream of a module that receives broken input.
+It is never dropped: a break that no module explains must not read as "every layer at zero". Declaring the
+receiving module's input representation (for example ``"40x0e + 1x1o"`` for invariant features followed by a raw
+vector) moves it into that module's local term.
 """
 from __future__ import annotations
 
@@ -176,4 +183,12 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
     total = lie_derivative(energy, pos, group=group, out_rep="scalar" if scalar else out_rep, method="jvp")
     tot = total.reshape(K) if scalar else total.reshape(K, -1).norm(dim=-1)
     result["__total__"] = {"contribution": tot.tolist(), "status": "direct L_X y", "kind": kind}
+    if scalar:
+        parts = sum((torch.tensor(v["contribution"], dtype=torch.float64) for k, v in result.items()
+                     if k != "__total__"), torch.zeros(K, dtype=torch.float64))
+        broken = [k for k, v in result.items() if v.get("status") == "receives broken input"]
+        result["__unattributed__"] = {
+            "contribution": (tot.detach().double().cpu() - parts).tolist(), "kind": kind,
+            "status": "outside leaf modules" + (f", upstream of {broken[0]} (receives broken input: declare its input "
+                                                "representation with reps=)" if broken else "")}
     return result

@@ -24,8 +24,9 @@ def test_planted_break_is_flagged_and_attributed():
     row = rep.rows[0]["layerwise"]
     assert row["field"]["status"].startswith("point input")
     total = np.array(row["__total__"]["contribution"])
-    parts = sum(np.array(v["contribution"]) for k, v in row.items() if k != "__total__")
+    parts = sum(np.array(v["contribution"]) for k, v in row.items() if k not in ("__total__", "__unattributed__"))
     assert np.allclose(parts, total, rtol=1e-10, atol=1e-14)  # signed contributions sum to the total
+    assert np.abs(row["__unattributed__"]["contribution"]).max() <= 1e-10 * np.abs(total).max()
 
 
 @pytest.mark.parametrize("model", ["e3nn", "schnet", "gaunt"])
@@ -316,3 +317,36 @@ def test_parse_shard_from_slurm_environment():
             parse_shard(bad)
     with pytest.raises(ValueError, match="not inside a Slurm array job"):
         parse_shard("slurm", {})
+
+
+def test_layerwise_break_outside_modules_is_unattributed_not_zero():
+    """E = Σ_{i<j} lin([r_ij, d_ij]): the raw displacement enters the Linear through a concatenation (no module),
+    so without a declared rep the Linear 'receives broken input' and the whole L_X E = Σ w·(X_k d_ij) must appear as
+    unattributed; declaring the input as 1x0e + 1x1o moves it into the Linear's local term."""
+    from geolie import layerwise_attribution
+
+    class EdgeConcat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 1).double()
+
+        def forward(self, pos):
+            i, j = torch.triu_indices(len(pos), len(pos), 1)
+            d = pos[j] - pos[i]
+            return self.lin(torch.cat([d.norm(dim=-1, keepdim=True), d], -1)).sum()
+
+    m = EdgeConcat()
+    pos = torch.randn(6, 3, dtype=torch.float64)
+    i, j = torch.triu_indices(6, 6, 1)
+    d = pos[j] - pos[i]
+    w = m.lin.weight.detach()[0, 1:]
+    X = geolie.hat(torch.eye(3, dtype=torch.float64))
+    exact = np.array([float((d @ X[k].T @ w).sum()) for k in range(3)])
+    res = layerwise_attribution(m, m, pos)
+    assert res["lin"]["status"] == "receives broken input" and res["lin"]["contribution"] == [0.0] * 3
+    assert np.allclose(res["__unattributed__"]["contribution"], exact, rtol=1e-10)
+    assert "upstream of lin" in res["__unattributed__"]["status"]
+    res = layerwise_attribution(m, m, pos, reps={"lin": ("1x0e + 1x1o", "scalar")})
+    assert np.allclose(res["lin"]["contribution"], exact, rtol=1e-10)
+    assert np.abs(res["__unattributed__"]["contribution"]).max() < 1e-12 * np.abs(exact).max()

@@ -3,7 +3,9 @@ r"""A NequIP/MACE-style potential whose tensor product is switchable: e3nn Clebs
 Node features ``h_i`` are ``C`` channels of natural-parity irreps ``0e + 1o + 2e + ...`` up to ``lmax``. Each
 interaction layer sends messages ``m_ij = r(|r_ij|)_c · TP(h_j, Y(r̂_ij))`` with ``Y`` the edge harmonics and ``r`` a
 radial MLP (per channel, times a cosine cutoff), sums them per node, mixes channels with an e3nn ``Linear``, and
-applies a gate (SiLU on scalars, ``sigmoid(scalar) ×`` higher degrees). The energy is a readout of the scalars.
+applies a gate (SiLU on scalars, ``sigmoid(scalar) ×`` higher degrees), or with ``nonlinearity="grid"`` a
+:class:`geolie.nn.SphericalGridNonlinearity` (SiLU on a sphere grid of ``grid_resolution``; only approximately
+equivariant: it aliases, less on finer grids). The energy is a readout of the scalars.
 
 ``tp="cg"``: e3nn ``TensorProduct`` with one weight per path (``uvu``, all paths into the natural-parity output);
 ``tp="gaunt-grid"`` / ``"gaunt-fourier"``: :class:`geolie.nn.GauntTensorProduct` (per-degree weights). With natural
@@ -12,7 +14,7 @@ parity everywhere the two have the same paths; the Gaunt product ties their weig
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -21,6 +23,7 @@ from e3nn import o3
 from torch import nn
 
 from ..nn.gaunt import GauntTensorProduct
+from ..nn.grid_nonlinearity import SphericalGridNonlinearity
 from ._common import cosine_cutoff, edge_geometry, gaussian_rbf, sum_per_graph
 
 
@@ -32,10 +35,14 @@ class GauntPotential(nn.Module):
     """Equivariant potential with a switchable tensor product; see the module docstring."""
 
     def __init__(self, tp: str = "gaunt-grid", channels: int = 8, lmax: int = 2, layers: int = 2,
-                 cutoff: float = 5.0, n_rbf: int = 8, n_elements: int = 100, seed: int = 3):
+                 cutoff: float = 5.0, n_rbf: int = 8, n_elements: int = 100, seed: int = 3,
+                 nonlinearity: str = "gate", grid_resolution: Optional[Tuple[int, int]] = None):
         super().__init__()
         if tp not in ("cg", "gaunt-grid", "gaunt-fourier"):
             raise ValueError(f"tp must be 'cg', 'gaunt-grid' or 'gaunt-fourier', got {tp!r}")
+        if nonlinearity not in ("gate", "grid"):
+            raise ValueError(f"nonlinearity must be 'gate' or 'grid', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
         self.cutoff, self.n_rbf, self.C, self.tp_kind = cutoff, n_rbf, channels, tp
         with default_dtype(torch.float64) as old:  # e3nn's CG buffers in float64
             with torch.random.fork_rng(devices=[]):
@@ -55,7 +62,8 @@ class GauntPotential(nn.Module):
                                                            method=tp.split("-")[1]))
                     self.radials.append(nn.Sequential(nn.Linear(n_rbf, 32), nn.SiLU(), nn.Linear(32, channels)))
                     self.lins.append(o3.Linear(self.irreps, self.irreps))
-                    self.gates.append(nn.Linear(channels, channels * lmax))
+                    self.gates.append(nn.Linear(channels, channels * lmax) if nonlinearity == "gate" else
+                                      SphericalGridNonlinearity(self.irreps, resolution=grid_resolution))
                 self.readout = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1))
         self.lmax = lmax
         self.to(old)
@@ -89,5 +97,5 @@ class GauntPotential(nn.Module):
                 i += mul * ir.dim
             m = torch.cat(parts, -1)
             agg = segment_sum(m, dst, n)
-            h = h + self._gate(lin(agg), gate)
+            h = h + (self._gate(lin(agg), gate) if self.nonlinearity == "gate" else gate(lin(agg)))
         return sum_per_graph(self.readout(h[:, :C])[:, 0], batch)
