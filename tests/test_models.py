@@ -49,3 +49,27 @@ def test_cartesian_model_breaks_rotations_only():
 def test_bad_tp_name():
     with pytest.raises(ValueError, match="tp must be"):
         GauntPotential(tp="fft")
+
+
+def test_grid_nonlinearity_potential_aliases_less_on_finer_grids(dtype):
+    """nonlinearity='grid': the forces' rotational Lie derivative falls with the grid resolution (aliasing), down to
+    the dtype's floor on a grid far finer than the band limit; the Lie derivative agrees with finite rotations."""
+    pos = torch.tensor(AT.positions, dtype=dtype)
+    rel = []
+    for res in [(3, 5), (6, 11), (16, 31)]:
+        model = GauntPotential(nonlinearity="grid", grid_resolution=res).to(dtype)
+        ef = _ef(model, pos)
+        L = geolie.lie_derivative(ef, pos, out_rep=("scalar", "vector"))
+        rel.append(float(L[1][:3].norm() / ef(pos)[1].norm()))
+        if res == (3, 5):  # a small finite rotation about z: (F(R x) R − F(x)) / t ≈ L_z F
+            t = 1e-4 if dtype == torch.float64 else 1e-2
+            R = geolie.so3_exp(torch.tensor([0.0, 0.0, t], dtype=dtype))
+            fd = (ef(pos @ R.T)[1] @ R - ef(pos)[1]) / t
+            assert torch.allclose(fd, L[1][2], rtol=0, atol=(1e-3 if dtype == torch.float64 else 5e-2) * float(
+                L[1][2].abs().max()))
+    assert rel[0] > 1e-4 and rel[0] > 10 * rel[1] and rel[2] < 10 * TOL[dtype]
+
+
+def test_bad_nonlinearity_name():
+    with pytest.raises(ValueError, match="nonlinearity must be"):
+        GauntPotential(nonlinearity="relu")
