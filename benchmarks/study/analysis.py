@@ -169,13 +169,20 @@ def findings(results, corr, modes, shares) -> str:
         L.append(f"- {fam}: Spearman ρ({what}, L(F)) = {c['rho']:.2f}, 95% CI [{c['lo']:.2f}, {c['hi']:.2f}], "
                  f"n = {c['n']}: {verdict}.")
     L.append("")
-    L.append("## Augmentation vs penalty vs equigrad (median over sizes, same number of steps)")
+    L.append("## Augmentation vs penalty vs equigrad (median over sizes; augment-x5 trains five times the steps)")
     for fam, d in modes.items():
         base = d.get("plain", {}).get("lie", math.nan)
         for mode, e in d.items():
             fac = base / e["lie"] if e["lie"] > 0 and np.isfinite(base) else math.nan
             L.append(f"- {fam} / {mode}: L(F) {e['lie']:.2e} ({fac:.1f}x below plain), force MAE {e['mae']:.3f} eV/Å, "
                      f"training {e['sec']:.0f} s, shift/test Lie ratio {e['ratio']:.2f} (n = {e['n']}).")
+    for fam, d in modes.items():
+        if "penalty" in d and "augment-x5" in d:
+            p, a = d["penalty"], d["augment-x5"]
+            better = "the penalty" if p["lie"] < a["lie"] else "augmentation"
+            L.append(f"- {fam}, at about equal training time (penalty {p['sec']:.0f} s, augment-x5 {a['sec']:.0f} s): "
+                     f"L(F) {p['lie']:.2e} with the penalty vs {a['lie']:.2e} with augmentation, force MAE "
+                     f"{p['mae']:.3f} vs {a['mae']:.3f} eV/Å: {better} gives the smaller Lie derivative.")
     eq = {k: r for k, r in md.items() if r["kind"] == "equivariant"}
     if eq:
         worst = max(eq.items(), key=lambda kv: lie(kv[1]))

@@ -10,7 +10,7 @@ done (or with ``--analyse-only``), :mod:`analysis` writes ``OUT/results.json``, 
 
 Families (``kind``): unconstrained (``mpnn``: message passing on raw edge vectors; ``transformer``: attention
 over centred coordinates; ``pointnet`` for ``shapes``) in several sizes × modes ``plain``/``augment``/``penalty``/
-``equigrad``; exactly equivariant (``e3nn`` CG potential, ``gaunt`` grid potential, ``fa-all`` and
+``equigrad`` (and ``augment-x5``: five times the steps, about the penalty's cost); exactly equivariant (``e3nn`` CG potential, ``gaunt`` grid potential, ``fa-all`` and
 ``fa-stochastic``: frame averaging around the transformer, ``schnet``); approximately equivariant (``grid``: the
 Gaunt potential with a spherical-grid SiLU at several grid resolutions).
 
@@ -51,7 +51,7 @@ def config(quick: bool) -> Dict[str, Any]:
                  shape_points=64, shape_widths=[16], shape_batch=8, n_shape_lie=4, grid_res=[(3, 5), (6, 11)],
                  baseline_width=8, transformer_modes=("plain",))
     else:
-        c = dict(molecule="aspirin", steps=1000, batch_size=8, lr=2e-3, lam=10.0, n_audit=30, n_finite=2,
+        c = dict(molecule="aspirin", steps=1000, batch_size=8, lr=1e-3, lam=10.0, n_audit=30, n_finite=2,
                  layerwise_frames=2, monitor_every=150, monitor_frames=4, widths=[16, 32, 64, 128],
                  shape_steps=600, shape_points=256, shape_widths=[32, 128], shape_batch=16, n_shape_lie=48,
                  grid_res=[(3, 5), (4, 7), (6, 11), (12, 23)], baseline_width=32, transformer_modes=MODES)
@@ -63,6 +63,9 @@ def config(quick: bool) -> Dict[str, Any]:
         for mode in c["transformer_modes"]:
             runs.append(dict(name=f"transformer-w{w}-{mode}", task="md", family="transformer",
                              kind="unconstrained", width=w, mode=mode))
+        # augmentation at about the penalty's cost per run (a penalty step costs ~5 plain steps, README)
+        runs.append(dict(name=f"mpnn-w{w}-augment-x5", task="md", family="mpnn", kind="unconstrained", width=w,
+                         mode="augment-x5"))
     bw = c["baseline_width"]
     runs += [dict(name="e3nn", task="md", family="e3nn", kind="equivariant", width=8, mode="plain"),
              dict(name="gaunt", task="md", family="gaunt", kind="equivariant", width=8, mode="plain"),
@@ -134,7 +137,10 @@ def run_one(run: Dict[str, Any], c: Dict[str, Any], data: Dict[str, Any], folder
         model = build(run, shift, scale)
         mon = EquivarianceMonitor(model, data["monitor_frames"], os.path.join(folder, "monitor"),
                                   every=c["monitor_every"], group="SO3", n_finite=0, resume=False)
-        rec = train.train_potential(model, tr, mode=run["mode"], steps=c["steps"], batch_size=c["batch_size"],
+        mode, steps = run["mode"], c["steps"]
+        if mode.startswith("augment-x"):  # more augmented steps, to compare with the penalty at equal cost
+            mode, steps = "augment", steps * int(mode[len("augment-x"):])
+        rec = train.train_potential(model, tr, mode=mode, steps=steps, batch_size=c["batch_size"],
                                     lr=c["lr"], lam=c["lam"], seed=0, monitor=mon, log=log)
         if run["family"] == "fa-stochastic":
             trained = model

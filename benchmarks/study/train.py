@@ -1,7 +1,10 @@
 r"""Training and measuring one model of the study (energies and forces on ``xtb-md``, or ``shapes`` classification).
 
 Potentials are trained in float32 on the 500 K ``train`` split with the loss
-``0.1 · mean(ΔE²)/Var(E) + mean(ΔF²)/Var(F)`` (forces ``F = −∂E/∂x`` by double backward) and one of four modes:
+``[mean(ΔF²) + mean((ΔE/N)²)] / Var(F)`` (forces ``F = −∂E/∂x`` by double backward; the energy per atom weighs
+like one force component, as in MACE/NequIP practice: a heavier energy term, 0.1·ΔE²/Var(E), kept every model here
+at the zero-force solution) after the per-atom energy offset is set so that the initial mean prediction matches the
+labels, and one of four modes:
 
 * ``plain``;
 * ``augment``: every structure of every batch rotated by a fresh Haar-random rotation (positions and forces);
@@ -73,6 +76,11 @@ def train_potential(model, data: MDData, *, mode: str, steps: int, batch_size: i
     torch.manual_seed(seed)
     e_std = float(data.energy.std())
     f_std = float(data.forces.std())
+    n_atoms = len(data.z)
+    if hasattr(model, "shift"):  # start at the labels' mean energy: no early steps spent on a constant
+        z, pos, batch, e_ref, _ = data.batch(torch.arange(min(32, len(data))))
+        with torch.no_grad():
+            model.shift += (e_ref.mean() - model(z, pos, batch).double().mean()) / n_atoms
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     hist: List[Dict[str, float]] = []
@@ -89,7 +97,7 @@ def train_potential(model, data: MDData, *, mode: str, steps: int, batch_size: i
             pos = (R @ pos[:, :, None])[..., 0]
             f_ref = (R @ f_ref[:, :, None])[..., 0]
         e, f = energy_forces(model, z, pos, batch, create_graph=True)
-        loss = 0.1 * ((e.double() - e_ref) ** 2).mean() / e_std ** 2 + ((f - f_ref) ** 2).mean() / f_std ** 2
+        loss = (((f - f_ref) ** 2).mean() + (((e.double() - e_ref) / n_atoms) ** 2).mean()) / f_std ** 2
         pen = torch.zeros((), dtype=torch.float64)
         if mode in ("penalty", "equigrad"):
             def ef(p, zz, bb):
