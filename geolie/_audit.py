@@ -19,7 +19,7 @@ import torch
 
 from ._conservative import conservativeness
 from ._finite import finite_equivariance_error
-from ._groups import SE3, as_group
+from ._groups import SE3, as_group, random_directions
 from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
@@ -146,7 +146,8 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
-          batch_size: int = 1, hunt: Any = False, shard: Optional[Tuple[int, int]] = None) -> AuditReport:
+          batch_size: int = 1, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
+          estimator: str = "exact") -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
@@ -157,6 +158,12 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``shard=(I, N)``: audit only shard ``I`` of ``N`` (balanced by atom count, :func:`geolie._store.shard_indices`);
     structures keep their global indices, and :func:`geolie.merge` combines the shards' folders into the report of
     one run over everything.
+    ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
+    rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure (per batch with
+    ``batch_size > 1``), drawn from ``seed`` and the structure's index (resume- and shard-invariant). Its square is
+    an unbiased estimate of the squared isotropic norm (:class:`geolie._groups.Directions`): dataset aggregates
+    (``iso_rotation_rms`` with its standard error) at one or two directional derivatives per structure instead of
+    three or six. Each row records its ``direction``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
@@ -166,6 +173,11 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     from .adapters import load_model
 
     group = as_group(group)
+    if estimator not in ("exact", "random"):
+        raise ValueError(f"estimator must be 'exact' or 'random', got {estimator!r}")
+    if estimator == "random" and hunt:
+        raise ValueError("hunt searches orientations with every generator: use estimator='exact' with hunt")
+    names = group.generator_names if estimator == "exact" else random_directions(group).generator_names
     pot = load_model(model, device=device)
     if dtype not in pot.dtypes:
         raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
@@ -175,16 +187,16 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         sts = sts[:limit]
     mine = list(range(len(sts))) if shard is None else shard_indices([len(s.numbers) for s in sts], *shard)
     done: Dict[int, Dict] = {}
-    store = ResultStore(out_dir, group.generator_names) if out_dir else None
+    store = ResultStore(out_dir, names) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "dtype_note": pot.dtype_note,
-                "hunt": bool(hunt), "seed": seed}
+                "hunt": bool(hunt), "seed": seed, "estimator": estimator}
     if store is not None:
         if resume:
             done = store.resume()
         else:
             store.clear()
         store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
-                          "generators": list(group.generator_names), "meta": run_meta,
+                          "generators": list(names), "meta": run_meta,
                           "n_structures_total": len(sts), "shard": None if shard is None else list(shard),
                           "indices": mine})
     if batch_size < 1:
@@ -197,11 +209,16 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
     bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     for chunk in chunks:
+        g = group
+        if estimator == "random":  # one draw per call, from the seed and the first structure's index
+            g = random_directions(group, torch.Generator().manual_seed(1_000_003 * seed + chunk[0][0]))
         if batch_size == 1:
-            new = [_row(pot, chunk[0][1], chunk[0][0], group, dtype, n_finite, layerwise, seed)]
+            new = [_row(pot, chunk[0][1], chunk[0][0], g, dtype, n_finite, layerwise, seed)]
         else:
-            new = _rows_batched(pot, chunk, group, dtype, n_finite, seed)
+            new = _rows_batched(pot, chunk, g, dtype, n_finite, seed)
         for row in new:
+            if estimator == "random":
+                row["direction"], row["draw"] = g.C.tolist(), chunk[0][0]
             if hunt:
                 opts = dict(hunt) if isinstance(hunt, dict) else {}
                 opts.setdefault("seed", seed + row["index"])
@@ -215,5 +232,4 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         bar.update(len(new))
     bar.close()
     rows = [rows[i] for i in sorted(rows)]
-    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(group.generator_names),
-                       run_meta)
+    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(names), run_meta)

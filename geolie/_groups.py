@@ -197,6 +197,58 @@ SO3 = LieGroup("SO3", translations=False)
 SE3 = LieGroup("SE3", translations=True)
 
 
+class Directions(LieGroup):
+    r"""The one-parameter subgroups of ``base`` along given algebra directions: ``C [m, base.dim]``, row ``j`` the
+    generator ``Y_j = Σ_k C_jk X_k``.
+
+    The engine differentiates along ``Y_j`` exactly as along the base generators (``L`` is linear in the generator:
+    ``L_{Y_j} = Σ_k C_jk L_{X_k}``); ``exp(xi) = base.exp(xi @ C)``; finite checks (``random``) act with the whole
+    base group. :func:`random_directions` draws the audit's ``--estimator random`` rows: one unit rotation axis
+    ``n`` (uniform on the sphere) and, for SE(3), one unit translation direction ``m``, named ``r~`` and ``t~``.
+    Since ``E[n nᵀ] = I/3``, ``E‖L_{n·X} y‖² = (1/3) Σ_k ‖L_{X_k} y‖²``: the squared isotropic norm, unbiased.
+    """
+
+    def __init__(self, base: LieGroup, C: torch.Tensor, names: Tuple[str, ...]):
+        C = torch.as_tensor(C, dtype=torch.float64)
+        if C.dim() != 2 or C.shape[1] != base.dim or C.shape[0] != len(names):
+            raise ValueError(f"Directions: C must be [{len(names)}, {base.dim}], got {list(C.shape)}")
+        self.base, self.C = base, C
+        self.name = base.name
+        self.has_translations = base.has_translations
+        self.generator_names = tuple(names)
+        self.dim = len(names)
+
+    def __repr__(self) -> str:
+        return f"geolie.Directions({self.base.name}, {self.C.tolist()})"
+
+    def __reduce__(self):
+        return (Directions, (self.base, self.C, self.generator_names))
+
+    def algebra_basis(self, dtype=torch.float64, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        omega, v = self.base.algebra_basis(torch.float64)
+        return (self.C @ omega).to(dtype=dtype, device=device), (self.C @ v).to(dtype=dtype, device=device)
+
+    def exp(self, xi: torch.Tensor):
+        xi = torch.as_tensor(xi)
+        return self.base.exp(xi.to(torch.float64) @ self.C)
+
+    def random(self, n: int, generator=None, **kw):
+        return self.base.random(n, generator, **kw)
+
+
+def random_directions(base: LieGroup, generator: Optional[torch.Generator] = None) -> Directions:
+    """One uniformly random rotation axis (and translation direction for SE(3)); see :class:`Directions`."""
+    d = base.dim
+    n = torch.randn(3, generator=generator, dtype=torch.float64)
+    rows = [torch.cat([n / n.norm(), torch.zeros(d - 3, dtype=torch.float64)])]
+    names = ["r~"]
+    if base.has_translations:
+        m = torch.randn(3, generator=generator, dtype=torch.float64)
+        rows.append(torch.cat([torch.zeros(3, dtype=torch.float64), m / m.norm()]))
+        names.append("t~")
+    return Directions(base, torch.stack(rows), tuple(names))
+
+
 def as_group(group: Union[str, LieGroup]) -> LieGroup:
     """Accept a :class:`LieGroup` or one of the names ``"SO3"``, ``"SE3"`` (case-insensitive)."""
     if isinstance(group, LieGroup):

@@ -65,11 +65,14 @@ def aggregate(values) -> Dict[str, float]:
             "max": float(a.max())}
 
 
-def iso_rotation(values) -> np.ndarray:
-    """The isotropic rotation norm: RMS over the three rotation generators (the first three columns) of per-generator
-    norms ``[..., generators]`` (``sqrt(mean_k v_k²)``, the RMS Lie derivative about a uniformly random axis)."""
+def iso_rotation(values, names=None) -> np.ndarray:
+    """The isotropic rotation norm: RMS over the rotation generators of per-generator norms ``[..., generators]``
+    (``sqrt(mean_k v_k²)``, the RMS Lie derivative about a uniformly random axis). The rotation columns are the
+    first three, or with ``names`` those whose name starts with ``r`` (``rx ry rz``; ``r~`` alone for the random
+    estimator, whose square is an unbiased estimate of the squared isotropic norm)."""
     v = np.asarray(values, dtype=np.float64)
-    return np.sqrt(np.mean(v[..., :3] ** 2, axis=-1))
+    cols = [k for k, g in enumerate(names) if g.startswith("r")] if names is not None else [0, 1, 2]
+    return np.sqrt(np.mean(v[..., cols] ** 2, axis=-1))
 
 
 @dataclass

@@ -55,9 +55,10 @@ class AuditReport:
         out = {}
         for name in self.outputs:
             rel = self.values(name, "rel")
-            iso = iso_rotation(rel) if rel.size else rel
+            iso = iso_rotation(rel, self.generator_names) if rel.size else rel
             out[name] = {g: aggregate(rel[:, k]) for k, g in enumerate(self.generator_names)}
             out[name]["iso_rotation"] = aggregate(iso)
+            out[name]["iso_rotation_rms"] = self._rms_with_error(name, iso)
             out[name]["floor_rel_median"] = float(np.nanmedian(self.values(name, "floor_rel"))) if rel.size else None
             fin: Dict[str, List[float]] = {}
             for r in self.rows:
@@ -70,6 +71,24 @@ class AuditReport:
             checks = [c for c in checks if c is not None]
             out[name]["ad_check_max"] = float(max(checks)) if checks else None
         return out
+
+    def _rms_with_error(self, name: str, iso: np.ndarray) -> Dict[str, float]:
+        """The dataset's RMS isotropic rotation norm ``sqrt(mean_s iso_s²)`` and, for the random estimator, its
+        standard error: the squares are averaged per random draw (a batch shares one draw), the standard error of
+        their mean comes from the spread between draws and goes to the RMS by the delta method (``se/(2·rms)``)."""
+        sq = iso ** 2
+        if not sq.size:
+            return {"value": float("nan"), "stderr": float("nan"), "draws": 0}
+        rms = float(np.sqrt(sq.mean()))
+        if "r~" not in self.generator_names:
+            return {"value": rms, "stderr": 0.0, "draws": 0}
+        draws: Dict[Any, List[float]] = {}
+        rows = [r for r in self.rows if r.get("outputs", {}).get(name, {}).get("rel") is not None]
+        for r, v in zip(rows, sq):
+            draws.setdefault(r.get("draw", r["index"]), []).append(float(v))
+        per = np.array([np.mean(v) for v in draws.values()])
+        se_sq = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
+        return {"value": rms, "stderr": se_sq / (2 * rms) if rms > 0 else 0.0, "draws": len(per)}
 
     def conservative_aggregates(self) -> Dict[str, Dict[str, float]]:
         """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces)."""

@@ -89,7 +89,7 @@ def _append_csv(path, row, gens):
         cons = row.get("conservative") or {}
         fallback = " | ".join(n for n in row.get("notes", []) if "adjoint test" in n or "finite differences used" in n)
         for name, o in row["outputs"].items():
-            iso = float(iso_rotation(o["rel"]))
+            iso = float(iso_rotation(o["rel"], gens))
             w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
                        + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
                        + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"

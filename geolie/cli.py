@@ -31,6 +31,9 @@ def _audit_parser(sub):
     a.add_argument("--shard", default=None,
                    help="audit one shard: I/N (I from 0; balanced by atom count) or 'slurm' (I and N from a Slurm "
                         "array job); results go to OUT/shard-I-of-N, combine them with geolie merge OUT --out DIR")
+    a.add_argument("--estimator", default="exact", choices=["exact", "random"],
+                   help="exact: every generator (default); random: one random rotation axis (and translation "
+                        "direction) per structure, unbiased for the isotropic norm, with its standard error")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--fail-above", type=float, default=None,
                    help="exit with status 1 when the metric (max over structures and generators) exceeds this")
@@ -98,7 +101,7 @@ def _run_audit(args, parser) -> int:
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size,
-                       hunt=args.hunt, shard=shard)
+                       hunt=args.hunt, shard=shard, estimator=args.estimator)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2

@@ -350,3 +350,58 @@ def test_layerwise_break_outside_modules_is_unattributed_not_zero():
     res = layerwise_attribution(m, m, pos, reps={"lin": ("1x0e + 1x1o", "scalar")})
     assert np.allclose(res["lin"]["contribution"], exact, rtol=1e-10)
     assert np.abs(res["__unattributed__"]["contribution"]).max() < 1e-12 * np.abs(exact).max()
+
+
+class _Quadratic(torch.nn.Module):
+    """E = Σ_i x_iᵀ A x_i (A symmetric, anisotropic): L_Y E = Σ_i 2 x_iᵀ A (Ω x_i + v) for Y = (ω, v)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("A", torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, -0.5], [0.0, -0.5, 0.5]],
+                                               dtype=torch.float64))
+
+    def forward(self, z, pos, batch=None):
+        return ((pos @ self.A.to(pos)) * pos).sum()[None]
+
+
+def test_random_estimator_closed_form_and_unbiased(tmp_path):
+    from ase import Atoms
+
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(4, 3))
+    atoms = [Atoms("H4", positions=pos) for _ in range(400)]
+    model = _Quadratic()
+    exact = geolie.audit(model, atoms[:1], n_finite=0, progress=False)
+    rnd = geolie.audit(model, atoms, n_finite=0, progress=False, estimator="random", seed=3)
+    assert rnd.generator_names == ["r~", "t~"] and rnd.meta["estimator"] == "random"
+    A, x = model.A.numpy(), pos
+    E = float(np.sum((x @ A) * x))
+    for row in rnd.rows[:20]:  # each row: |L_Y E| / |E| along its own recorded direction, in closed form
+        n, m = np.array(row["direction"][0][:3]), np.array(row["direction"][1][3:])
+        Om = np.array([[0, -n[2], n[1]], [n[2], 0, -n[0]], [-n[1], n[0], 0]])
+        lr, lt = 2 * np.sum((x @ A) * (x @ Om.T)), 2 * np.sum((x @ A) * m)
+        assert abs(np.linalg.norm(n) - 1) < 1e-12 and abs(np.linalg.norm(m) - 1) < 1e-12
+        np.testing.assert_allclose(row["outputs"]["energy"]["rel"], [abs(lr) / abs(E), abs(lt) / abs(E)], rtol=1e-10)
+    for name in ("energy", "forces"):  # the dataset RMS: unbiased, within 4 of its own standard errors
+        truth = exact.aggregates()[name]["iso_rotation_rms"]
+        est = rnd.aggregates()[name]["iso_rotation_rms"]
+        assert truth["stderr"] == 0.0 and est["draws"] == 400 and est["stderr"] > 0
+        assert abs(est["value"] - truth["value"]) < 4 * est["stderr"], (name, est, truth)
+        assert est["stderr"] < 0.1 * truth["value"]
+    again = geolie.audit(model, atoms[:5], n_finite=0, progress=False, estimator="random", seed=3)
+    assert [r["direction"] for r in again.rows] == [r["direction"] for r in rnd.rows[:5]]  # reproducible
+
+
+def test_random_estimator_cli_files_and_floor(tmp_path):
+    from geolie.cli import main
+
+    out = str(tmp_path / "a")
+    assert main(["audit", "--model", "pair-mlp", "--data", "xtb-md/ethanol:test", "--limit", "3", "--estimator",
+                 "random", "--n-finite", "1", "--out", out]) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["generators"] == ["r~", "t~"]
+    agg = rep["aggregates"]["forces"]
+    assert agg["iso_rotation_rms"]["draws"] == 3 and agg["iso_rotation"]["max"] < 1e-13  # invariant: at its floor
+    assert "rel_r~" in open(os.path.join(out, "structures.csv")).readline()
+    with pytest.raises(ValueError, match="estimator must be"):
+        geolie.audit("pair-mlp", MOLS, estimator="hutchinson", progress=False)

@@ -50,7 +50,8 @@ def test_quick_study_end_to_end(study):
               "lie_per_layer.png", "lie_vs_grid.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     findings = open(os.path.join(out, "findings.md")).read()
-    for section in ("Is accuracy correlated", "Augmentation vs penalty", "off-distribution", "Aliasing",
+    for section in ("Is accuracy correlated", "Augmentation vs penalty", "equal training time", "off-distribution",
+                    "Aliasing",
                     "Where in the network"):
         assert section in findings
     monitor = os.path.join(out, "runs", "mpnn-w8-penalty", "monitor", "monitor.csv")
