@@ -19,12 +19,13 @@ import torch
 
 from ._conservative import conservativeness
 from ._finite import finite_equivariance_error
-from ._groups import SE3, as_group, random_directions
+from ._groups import SE3, PerStructureDirections, as_group, random_directions
 from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
 from ._store import ResultStore, shard_indices
+from .adapters._protocol import NotBatchableError
 
 __all__ = ["audit"]
 
@@ -68,6 +69,8 @@ def _measure(ev, ev_ref, group, where):
             warnings.simplefilter("always", GeolieADCheckWarning)
             warnings.simplefilter("always", GeolieFallbackWarning)
             rep = measure(ev, group=group, f_ref=ev_ref, floor=ev_ref is not None or ev.method != "fd")
+    except NotBatchableError:
+        raise
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     for w in caught:  # said once more, naming the structure; the notes keep them in the report
@@ -93,11 +96,14 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     other = torch.float32 if dtype == torch.float64 else torch.float64
     rep = _measure(ev, evaluate(other) if other in pot.dtypes else None, group, where)
     cons = _conservative_figures(ev, n_structures)
-    finite = {}
+    finite: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_structures)]
     if n_finite > 0:
         fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
                                         generator=torch.Generator().manual_seed(seed), problem=rep.problem)
-        finite = {name: {fam: v["max_rel"] for fam, v in fams.items()} for name, fams in fin.errors.items()}
+        # each structure's own errors (a batch's per-structure rows; the batch's own figure where there is one)
+        finite = [{name: {fam: v.get("per_sample_max_rel", [v["max_rel"]] * n_structures)[b]
+                          for fam, v in fams.items()} for name, fams in fin.errors.items()}
+                  for b in range(n_structures)]
     return ev, rep, cons, finite
 
 
@@ -115,8 +121,8 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     pot.check(st, where)
     # atoms are permuted within the structure (per-atom flags from the evaluation)
     ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
-                                     seed + index, 1, {})
-    row = _row_of(index, st, rep, 0, cons, finite)
+                                     seed, 1, {})
+    row = _row_of(index, st, rep, 0, cons, finite[0])
     if layerwise:
         target = pot.layerwise_target(st, dtype)
         if target is None:
@@ -131,36 +137,67 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
 
 
 def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
-    """Rows for several molecules evaluated in one batched call (per-structure Lie derivatives and floors; the
-    finite checks rotate the whole batch at once, so their errors are per batch)."""
+    """Rows for several molecules evaluated in one batched call: per-structure Lie derivatives, floors and finite
+    errors (the batch is rotated, translated and permuted within structures at once, with the same group elements
+    as a structure audited alone), the same figures as one call per structure (tested)."""
     idx = [i for i, _ in chunk]
     sts = [st for _, st in chunk]
     for i, st in chunk:
         pot.check(st, f"structure {i} ({st.name})")
-    # no permutations: they would mix atoms across the structures of the batch
     _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
-                                    group, dtype, n_finite, seed + idx[0], len(chunk), None)
-    return [dict(_row_of(i, st, rep, b, cons, finite), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
+                                    group, dtype, n_finite, seed, len(chunk), {})
+    return [dict(_row_of(i, st, rep, b, cons, finite[b]), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
+
+
+def _chunks(todo, batch_size: Optional[int], batch_atoms: int, pot) -> List[List]:
+    """The calls of an audit: ``batch_size`` structures each when given; else consecutive structures that ``pot``
+    can batch, up to ``batch_atoms`` atoms per call (one structure per call where ``pot`` is ``None`` or cannot)."""
+    if batch_size is not None:
+        return [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    chunks: List[List] = []
+    cur: List = []
+    atoms = 0
+    for item in todo:
+        n = len(item[1].numbers)
+        if pot is None or not pot.can_batch(item[1]):
+            if cur:
+                chunks.append(cur)
+            chunks.append([item])
+            cur, atoms = [], 0
+            continue
+        if cur and atoms + n > batch_atoms:
+            chunks.append(cur)
+            cur, atoms = [], 0
+        cur.append(item)
+        atoms += n
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
-          batch_size: int = 1, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
-          estimator: str = "exact") -> AuditReport:
+          batch_size: Optional[int] = None, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
+          estimator: str = "exact", batch_atoms: int = 512) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
-    ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions; 0 skips
-    them. ``batch_size > 1`` evaluates that many molecules per call (torch models with a ``batch`` argument; finite
-    checks are then per batch). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
+    ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
+    group elements for every structure, drawn from ``seed``); 0 skips them.
+    Batching: by default (``batch_size=None``) consecutive molecules share one call up to ``batch_atoms`` atoms, for
+    adapters that can batch them (torch models with a ``batch`` argument; periodic cells, layer-wise attribution and
+    hunts go one by one); ``batch_size=N`` takes N molecules per call instead, ``batch_size=1`` none. Every
+    per-structure figure (Lie derivatives, floors, finite errors, conservativeness) is the same whatever the
+    batching, to the floor (tested). ``device``: where torch models run (``"cpu"``, ``"cuda"``; calculators stay on the CPU).
     ``hunt``: also search each structure for its worst orientation (:func:`geolie.hunt`; ``True``, or a dict of its
     options); the rotated structures go to ``out_dir/hunt/``.
     ``shard=(I, N)``: audit only shard ``I`` of ``N`` (balanced by atom count, :func:`geolie._store.shard_indices`);
     structures keep their global indices, and :func:`geolie.merge` combines the shards' folders into the report of
     one run over everything.
     ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
-    rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure (per batch with
-    ``batch_size > 1``), drawn from ``seed`` and the structure's index (resume- and shard-invariant). Its square is
+    rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure, also within a batch
+    (:class:`geolie._groups.PerStructureDirections`), drawn from ``seed`` and the structure's index (batch-, resume-
+    and shard-invariant). Its square is
     an unbiased estimate of the squared isotropic norm (:class:`geolie._groups.Directions`): dataset aggregates
     (``iso_rotation_rms`` with its standard error) at one or two directional derivatives per structure instead of
     three or six. Each row records its ``direction``.
@@ -188,7 +225,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     mine = list(range(len(sts))) if shard is None else shard_indices([len(s.numbers) for s in sts], *shard)
     done: Dict[int, Dict] = {}
     store = ResultStore(out_dir, names) if out_dir else None
-    run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "dtype_note": pot.dtype_note,
+    run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
+                "dtype_note": pot.dtype_note,
                 "hunt": bool(hunt), "seed": seed, "estimator": estimator}
     if store is not None:
         if resume:
@@ -199,26 +237,41 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                           "generators": list(names), "meta": run_meta,
                           "n_structures_total": len(sts), "shard": None if shard is None else list(shard),
                           "indices": mine})
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if batch_size > 1 and layerwise:
+    if batch_atoms < 1:
+        raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
+    if batch_size is not None and batch_size > 1 and layerwise:
         raise ValueError("layer-wise attribution needs batch_size=1")
     mine_set = set(mine)
     rows = {i: r for i, r in done.items() if i in mine_set}
     todo = [(i, sts[i]) for i in mine if i not in done]
-    chunks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    chunks = _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None)
     bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
+    unbatchable = False
     for chunk in chunks:
         g = group
-        if estimator == "random":  # one draw per call, from the seed and the first structure's index
-            g = random_directions(group, torch.Generator().manual_seed(1_000_003 * seed + chunk[0][0]))
-        if batch_size == 1:
-            new = [_row(pot, chunk[0][1], chunk[0][0], g, dtype, n_finite, layerwise, seed)]
-        else:
-            new = _rows_batched(pot, chunk, g, dtype, n_finite, seed)
+        if estimator == "random":  # one draw per structure, from the seed and its index (whatever the batching)
+            draws = {i: random_directions(group, torch.Generator().manual_seed(1_000_003 * seed + i)) for i, _ in chunk}
+            g = draws[chunk[0][0]]
+            if len(chunk) > 1:
+                counts = torch.tensor([len(st.numbers) for _, st in chunk])
+                g = PerStructureDirections(group, torch.stack([draws[i].C for i, _ in chunk]),
+                                           torch.repeat_interleave(torch.arange(len(chunk)), counts), g.generator_names)
+        new = None
+        if len(chunk) > 1 and not unbatchable:
+            try:
+                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed)
+            except NotBatchableError:
+                if batch_size is not None:  # the user asked for batches: say why there are none
+                    raise
+                unbatchable = True  # geolie chose to batch: go one structure per call from here on
+        if new is None:
+            new = [_row(pot, st, i, draws[i] if estimator == "random" else g, dtype, n_finite, layerwise, seed)
+                   for i, st in chunk]
         for row in new:
             if estimator == "random":
-                row["direction"], row["draw"] = g.C.tolist(), chunk[0][0]
+                row["direction"] = draws[row["index"]].C.tolist()
             if hunt:
                 opts = dict(hunt) if isinstance(hunt, dict) else {}
                 opts.setdefault("seed", seed + row["index"])

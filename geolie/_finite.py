@@ -9,11 +9,15 @@ For a group element ``g`` the error of an output is ``e(g) = ‖f(g·x) − ρ_o
   ``"vector"`` flips sign, ``"pseudovector"`` and ``"tensor2"`` do not;
 * ``permutation``: ``n`` random permutations of the atoms, for the inputs and outputs the caller marks as
   per-atom (``permutation={"inputs": (...), "outputs": ...}``, booleans with the structure of ``in_rep`` and
-  ``out_rep``);
+  ``out_rep``); with ``batch``, within each structure;
 * ``repeat``: the same input twice (determinism): the floor under which nothing is measurable.
 
 Rank-2 outputs are also reported by irreducible part, ``name[l=0]``, ``name[l=2]`` (and ``name[l=1]`` when not
 symmetric to rounding), relative to the whole tensor's norm (a part can vanish).
+
+With ``batch`` (several structures in one call) every family also records each structure's own error,
+``per_sample_max_rel`` (the structure's rows, relative to its own output): the same numbers as auditing it alone
+with the same group elements.
 
 The Lie derivative sees only the infinitesimal neighbourhood of the identity; finite checks also see
 discontinuous breaks (frame sign flips, neighbour lists changing near the cutoff). A full audit reports both.
@@ -139,13 +143,26 @@ def finite_equivariance_error(
         for part in tensor2_parts(y0[names.index(nm)], with_l1=with_l1):
             errors[f"{nm}[{part}]"] = {}
 
+    n_graphs = None if batch is None else int(batch.max()) + 1
+
+    def _rel(a, ref):
+        return a / ref if ref > 0 else (0.0 if a == 0 else float("inf"))
+
     def add(nm, family, diff, y):
         a = float(diff.double().norm())
         ref = float(y.double().norm())
         d = errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0})
         d["abs"].append(a)
         d["max_abs"] = max(d["max_abs"], a)
-        d["max_rel"] = max(d["max_rel"], a / ref if ref > 0 else (0.0 if a == 0 else float("inf")))
+        d["max_rel"] = max(d["max_rel"], _rel(a, ref))
+        if n_graphs is not None:  # per structure of the batch: its own rows, relative to its own output
+            from ._metrics import _sample_slices
+
+            masks, _ = _sample_slices(y, batch, n_graphs)
+            if masks is not None:
+                per = [_rel(float(diff[m].double().norm()), float(y[m].double().norm())) for m in masks]
+                old = d.get("per_sample_max_rel")
+                d["per_sample_max_rel"] = per if old is None else [max(u, v) for u, v in zip(old, per)]
 
     def record(family, outs, expected):
         outs = check_outputs(outs, leaves)
@@ -190,7 +207,17 @@ def finite_equivariance_error(
         if not rows or len(set(rows)) != 1:
             raise ValueError("permutation: mark at least one per-atom input; all marked inputs need the same rows")
         for k in range(n):
-            p = torch.randperm(rows[0], generator=generator)
+            if batch is None:
+                p = torch.randperm(rows[0], generator=generator)
+            else:  # within each structure of the batch (a permutation across structures would change the input)
+                if rows[0] != batch.shape[0]:
+                    raise ValueError("permutation with batch: the per-atom inputs must have one row per atom")
+                b = batch.cpu()
+                p = torch.arange(rows[0])
+                for g in range(n_graphs):
+                    ids = torch.nonzero(b == g).flatten()
+                    p[ids] = ids[torch.randperm(len(ids), generator=generator)]
+            p = p.to(inputs.values[pin.index(True)].device)
             vals = [v[p] if flag else v for v, flag in zip(inputs.values, pin)]
             outs = call(vals)
             exp = [y[p.to(y.device)] if flag else y for y, flag in zip(y0, pout)]

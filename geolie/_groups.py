@@ -138,6 +138,11 @@ class LieGroup:
             return eye, zero
         return torch.cat([eye, zero]), torch.cat([zero, eye])
 
+    def infinitesimal(self, rep, v: torch.Tensor, center=None) -> torch.Tensor:
+        """``dρ(X_k) v`` for every generator, ``[dim, *v.shape]`` (``rep``: a :class:`geolie.Rep`)."""
+        omega, trans = self.algebra_basis(dtype=v.dtype, device=v.device)
+        return rep.infinitesimal(v, omega, trans, center)
+
     def generators(self, dtype=torch.float64, device=None) -> torch.Tensor:
         """The generators as matrices: ``[3, 3, 3]`` skew matrices for SO(3), ``[6, 4, 4]`` homogeneous for SE(3).
 
@@ -234,6 +239,47 @@ class Directions(LieGroup):
 
     def random(self, n: int, generator=None, **kw):
         return self.base.random(n, generator, **kw)
+
+
+class PerStructureDirections(Directions):
+    r"""Each structure of a batch along its own directions: ``C [B, m, base.dim]`` and ``batch [N]`` (which atom
+    belongs to which structure). The tangent of a per-atom tensor ``v [N, ...]`` along direction ``j`` is
+    ``Σ_k C[batch[a], j, k] dρ(X_k) v_a`` row by row, of a per-structure tensor ``[B, ...]`` the same with row ``b``'s
+    own coefficients: since each structure's outputs depend on its own atoms only, every structure gets exactly its
+    Lie derivative along its own directions, as if it were audited alone. Finite group elements along such
+    directions are not one element of the group: :meth:`exp` refuses (finite differences need one structure per
+    call)."""
+
+    def __init__(self, base: LieGroup, C: torch.Tensor, batch: torch.Tensor, names: Tuple[str, ...]):
+        C = torch.as_tensor(C, dtype=torch.float64)
+        if C.dim() != 3 or C.shape[2] != base.dim or C.shape[1] != len(names):
+            raise ValueError(f"PerStructureDirections: C must be [B, {len(names)}, {base.dim}], got {list(C.shape)}")
+        super().__init__(base, C[0], names)
+        self.C_all, self.batch = C, batch
+
+    def __reduce__(self):
+        return (PerStructureDirections, (self.base, self.C_all, self.batch, self.generator_names))
+
+    def algebra_basis(self, dtype=torch.float64, device=None):
+        raise ValueError("PerStructureDirections: each structure has its own directions; there is no common basis")
+
+    def exp(self, xi):
+        raise ValueError("finite differences along per-structure directions need one structure per call "
+                         "(batch_size=1)")
+
+    def infinitesimal(self, rep, v: torch.Tensor, center=None) -> torch.Tensor:
+        omega, trans = self.base.algebra_basis(dtype=v.dtype, device=v.device)
+        T = rep.infinitesimal(v, omega, trans, center)  # [d, *v.shape]
+        B, n = self.C_all.shape[0], self.batch.shape[0]
+        if v.dim() >= 1 and v.shape[0] == n:
+            coef = self.C_all.to(v.device)[self.batch.to(v.device)]
+        elif v.dim() >= 1 and v.shape[0] == B:
+            coef = self.C_all.to(v.device)
+        else:
+            raise ValueError(f"PerStructureDirections: a tensor of shape {list(v.shape)} is neither per atom ({n} "
+                             f"rows) nor per structure ({B} rows)")
+        out = torch.einsum("ajk,kar->jar", coef.to(T.dtype), T.reshape(T.shape[0], v.shape[0], -1))
+        return out.reshape((self.dim,) + tuple(v.shape))
 
 
 def random_directions(base: LieGroup, generator: Optional[torch.Generator] = None) -> Directions:

@@ -167,9 +167,8 @@ def _in_tangents(prob: Problem) -> List[torch.Tensor]:
     res = []
     for i in prob.inputs.moving:
         v, rep = prob.inputs.values[i], prob.inputs.reps[i]
-        omega, trans = prob.group.algebra_basis(dtype=v.dtype, device=v.device)
         c = prob.centers.for_tensor(v, rep, f"input x[{i}]")
-        res.append(rep.infinitesimal(v, omega, trans, c))
+        res.append(prob.group.infinitesimal(rep, v, c))
     return res
 
 
@@ -177,9 +176,8 @@ def out_correction(prob: Problem, y: List[torch.Tensor]) -> List[torch.Tensor]:
     """``dρ_out(X_k) f(x)`` for every output leaf: each ``[K, *y.shape]``."""
     res = []
     for t, leaf in zip(y, prob.leaves):
-        omega, trans = prob.group.algebra_basis(dtype=t.dtype, device=t.device)
         c = prob.centers.for_tensor(t, leaf.rep, leaf.path)
-        res.append(leaf.rep.infinitesimal(t, omega, trans, c))
+        res.append(prob.group.infinitesimal(leaf.rep, t, c))
     return res
 
 

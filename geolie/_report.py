@@ -74,21 +74,16 @@ class AuditReport:
 
     def _rms_with_error(self, name: str, iso: np.ndarray) -> Dict[str, float]:
         """The dataset's RMS isotropic rotation norm ``sqrt(mean_s iso_s²)`` and, for the random estimator, its
-        standard error: the squares are averaged per random draw (a batch shares one draw), the standard error of
-        their mean comes from the spread between draws and goes to the RMS by the delta method (``se/(2·rms)``)."""
+        standard error: one independent draw per structure, the standard error of the mean square from their spread,
+        carried to the RMS by the delta method (``se/(2·rms)``)."""
         sq = iso ** 2
         if not sq.size:
             return {"value": float("nan"), "stderr": float("nan"), "draws": 0}
         rms = float(np.sqrt(sq.mean()))
         if "r~" not in self.generator_names:
             return {"value": rms, "stderr": 0.0, "draws": 0}
-        draws: Dict[Any, List[float]] = {}
-        rows = [r for r in self.rows if r.get("outputs", {}).get(name, {}).get("rel") is not None]
-        for r, v in zip(rows, sq):
-            draws.setdefault(r.get("draw", r["index"]), []).append(float(v))
-        per = np.array([np.mean(v) for v in draws.values()])
-        se_sq = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else float("nan")
-        return {"value": rms, "stderr": se_sq / (2 * rms) if rms > 0 else 0.0, "draws": len(per)}
+        se_sq = float(sq.std(ddof=1) / np.sqrt(len(sq))) if len(sq) > 1 else float("nan")
+        return {"value": rms, "stderr": se_sq / (2 * rms) if rms > 0 else 0.0, "draws": int(len(sq))}
 
     def conservative_aggregates(self) -> Dict[str, Dict[str, float]]:
         """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces)."""
@@ -291,8 +286,9 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
             for k in key:
                 if meta.get(k) != first.get(k):
                     raise ValueError(f"merge: {p} has {k} = {meta.get(k)!r}, {paths[0]} has {first.get(k)!r}")
-            opts = {k: v for k, v in meta["meta"].items() if k != "batch_size"}
-            if opts != {k: v for k, v in first["meta"].items() if k != "batch_size"}:
+            how = ("batch_size", "batch_atoms")  # batching changes no per-structure figure
+            opts = {k: v for k, v in meta["meta"].items() if k not in how}
+            if opts != {k: v for k, v in first["meta"].items() if k not in how}:
                 raise ValueError(f"merge: {p} was audited with other options ({meta['meta']}) than {paths[0]} "
                                  f"({first['meta']})")
         for i, r in store.load().items():

@@ -22,8 +22,10 @@ def _audit_parser(sub):
     a.add_argument("--layerwise", action="store_true", help="layer-wise attribution of the energy's Lie derivative")
     a.add_argument("--n-finite", type=int, default=4, help="finite Haar rotations/translations per structure")
     a.add_argument("--limit", type=int, default=None, help="audit only the first N structures")
-    a.add_argument("--batch-size", type=int, default=1,
-                   help="molecules per call for torch models with a batch argument (finite checks then per batch)")
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="molecules per call (default: batched by --batch-atoms where the model can batch; 1: none)")
+    a.add_argument("--batch-atoms", type=int, default=512,
+                   help="atom budget of one batched call (default 512); per-structure results do not depend on it")
     a.add_argument("--device", default=None, help="where torch models run: cpu (default), cuda, cuda:1, ...")
     a.add_argument("--hunt", action="store_true",
                    help="also search each structure for the orientation where the model breaks worst (geolie.hunt; "
@@ -100,7 +102,7 @@ def _run_audit(args, parser) -> int:
         model = load_model(args.model, out_rep=args.out_rep, per_atom=args.per_atom)
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
-                       limit=args.limit, device=args.device, batch_size=args.batch_size,
+                       limit=args.limit, device=args.device, batch_size=args.batch_size, batch_atoms=args.batch_atoms,
                        hunt=args.hunt, shard=shard, estimator=args.estimator)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)

@@ -213,13 +213,32 @@ def test_e3nn_dict_network_gate_points():
 
 
 def test_batched_audit_matches_one_at_a_time():
+    """Every per-structure figure is the same whatever the batching: one per call, 3 per call, 5 per call, and the
+    default atom budget (ethanol 9 atoms, aspirin 21: budget 30 makes calls of 3, 1, 1 structures); a model that
+    breaks rotations, so that the figures are far above the floor."""
     mols = geolie.data.load("xtb-md/ethanol", "test")[:3] + geolie.data.load("xtb-md/aspirin", "test")[:2]
-    one = geolie.audit("cartesian-mlp", mols, n_finite=1, progress=False)
-    many = geolie.audit("cartesian-mlp", mols, n_finite=1, progress=False, batch_size=3)
-    assert [r["index"] for r in many.rows] == list(range(5)) and many.rows[4]["batched"] == 2
-    for a, b in zip(one.rows, many.rows):
-        for name in ("energy", "forces"):
-            assert np.allclose(a["outputs"][name]["abs"], b["outputs"][name]["abs"], rtol=1e-9, atol=1e-14)
+    one = geolie.audit("cartesian-mlp", mols, n_finite=2, progress=False, batch_size=1)
+    runs = {3: geolie.audit("cartesian-mlp", mols, n_finite=2, progress=False, batch_size=3),
+            5: geolie.audit("cartesian-mlp", mols, n_finite=2, progress=False, batch_size=5),
+            "atoms": geolie.audit("cartesian-mlp", mols, n_finite=2, progress=False, batch_atoms=30)}
+    assert [r["index"] for r in runs[3].rows] == list(range(5)) and runs[3].rows[4]["batched"] == 2
+    assert [r.get("batched", 1) for r in runs["atoms"].rows] == [3, 3, 3, 1, 1]
+    for many in runs.values():
+        for a, b in zip(one.rows, many.rows):
+            for name in ("energy", "forces"):
+                oa, ob = a["outputs"][name], b["outputs"][name]
+                assert np.allclose(oa["abs"], ob["abs"], rtol=1e-9, atol=1e-14)
+                assert np.allclose(oa["rel"], ob["rel"], rtol=1e-9, atol=1e-14)
+                # floors: float32 rounding of another evaluation order: the same magnitude
+                fa, fb = np.array(oa["floor"]), np.array(ob["floor"])
+                assert np.all((fb < 30 * fa + 1e-300) & (fa < 30 * fb + 1e-300))
+                fin_a, fin_b = a["finite"][name], b["finite"][name]
+                assert set(fin_a) == set(fin_b) == {"repeat", "rotation", "translation", "inversion", "permutation"}
+                # the same group elements: the same errors
+                assert fin_a["rotation"] == pytest.approx(fin_b["rotation"], rel=1e-6) and fin_a["rotation"] > 1e-4
+                # exact symmetries of this model (pairs i,j and j,i: inversion too): at floor
+                for fam in ("repeat", "translation", "permutation", "inversion"):
+                    assert fin_a[fam] < 1e-12 and fin_b[fam] < 1e-12
     with pytest.raises(ValueError, match="batch_size=1"):
         geolie.audit("emt", "emt-bulk:test", limit=2, batch_size=2, progress=False)
     with pytest.raises(ValueError, match="layer-wise attribution needs batch_size=1"):
@@ -275,18 +294,20 @@ def test_shards_merge_into_the_single_run_and_resume_after_a_killed_shard(tmp_pa
 
     data = "xtb-md/ethanol:test"
     single = tmp_path / "single"
+    # one structure per call in every run: the files are then equal bit for bit (batching changes sub-floor bits
+    # only: test_batched_audit_matches_one_at_a_time)
     assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(single),
-                 "--n-finite", "1"]) == 0
+                 "--n-finite", "1", "--batch-size", "1"]) == 0
     shards = tmp_path / "shards"
     for i in range(3):
         assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(shards),
-                     "--n-finite", "1", "--shard", f"{i}/3"]) == 0
+                     "--n-finite", "1", "--shard", f"{i}/3", "--batch-size", "1"]) == 0
     # kill shard 1 mid-line and resume it
     jl = shards / "shard-1-of-3" / "results.jsonl"
     text = jl.read_text()
     jl.write_text(text[: len(text) - 40])
     assert main(["audit", "--model", "pair-mlp", "--data", data, "--limit", "6", "--out", str(shards),
-                 "--n-finite", "1", "--shard", "1/3", "--resume"]) == 0
+                 "--n-finite", "1", "--shard", "1/3", "--resume", "--batch-size", "1"]) == 0
     merged = tmp_path / "merged"
     assert main(["merge", str(shards), "--out", str(merged)]) == 0
     a = json.loads((single / "report.json").read_text())
@@ -361,7 +382,31 @@ class _Quadratic(torch.nn.Module):
                                                dtype=torch.float64))
 
     def forward(self, z, pos, batch=None):
-        return ((pos @ self.A.to(pos)) * pos).sum()[None]
+        per_atom = ((pos @ self.A.to(pos)) * pos).sum(-1)
+        if batch is None:
+            return per_atom.sum()[None]
+        return torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add(0, batch, per_atom)
+
+
+class _QuadraticNoBatch(_Quadratic):
+    """Takes a batch argument and ignores it (one energy for the whole call), as some wrappers do."""
+
+    def forward(self, z, pos, batch=None):
+        return super().forward(z, pos, None)
+
+
+def test_model_that_does_not_batch_goes_one_by_one_or_says_why():
+    from ase import Atoms
+
+    atoms = [Atoms("H3", positions=np.random.default_rng(k).normal(size=(3, 3))) for k in range(4)]
+    ref = geolie.audit(_Quadratic(), atoms, n_finite=1, progress=False)
+    assert all(r["batched"] == 4 for r in ref.rows)
+    rep = geolie.audit(_QuadraticNoBatch(), atoms, n_finite=1, progress=False)  # geolie chose to batch: falls back
+    assert all("batched" not in r for r in rep.rows)
+    for a, b in zip(rep.rows, ref.rows):
+        np.testing.assert_allclose(a["outputs"]["forces"]["rel"], b["outputs"]["forces"]["rel"], rtol=1e-9)
+    with pytest.raises(ValueError, match="returned 1 energies for 2 structures: it does not batch"):
+        geolie.audit(_QuadraticNoBatch(), atoms, n_finite=1, progress=False, batch_size=2)
 
 
 def test_random_estimator_closed_form_and_unbiased(tmp_path):
@@ -388,8 +433,12 @@ def test_random_estimator_closed_form_and_unbiased(tmp_path):
         assert truth["stderr"] == 0.0 and est["draws"] == 400 and est["stderr"] > 0
         assert abs(est["value"] - truth["value"]) < 4 * est["stderr"], (name, est, truth)
         assert est["stderr"] < 0.1 * truth["value"]
-    again = geolie.audit(model, atoms[:5], n_finite=0, progress=False, estimator="random", seed=3)
-    assert [r["direction"] for r in again.rows] == [r["direction"] for r in rnd.rows[:5]]  # reproducible
+    assert rnd.rows[0]["batched"] == 128  # 512 atoms per call: each structure along its own directions
+    again = geolie.audit(model, atoms[:5], n_finite=0, progress=False, estimator="random", seed=3, batch_size=1)
+    for a, b in zip(again.rows, rnd.rows[:5]):  # reproducible, and the same one structure per call
+        assert a["direction"] == b["direction"] and "batched" not in a
+        for name in ("energy", "forces"):
+            np.testing.assert_allclose(a["outputs"][name]["rel"], b["outputs"][name]["rel"], rtol=1e-9)
 
 
 def test_random_estimator_cli_files_and_floor(tmp_path):

@@ -11,6 +11,11 @@ import torch
 from .._evaluation import Evaluation
 
 
+class NotBatchableError(ValueError):
+    """A model that takes a ``batch`` argument but does not return one value per structure (the audit then goes one
+    structure per call when it chose to batch, and reports the error when the user asked for batches)."""
+
+
 @dataclass
 class Structure:
     """One structure: atomic numbers, positions (Å), optional cell (rows) for periodic systems, a name."""
@@ -105,6 +110,11 @@ class Adapter:
 
     def batch_evaluation(self, sts: Sequence[Structure], dtype: torch.dtype) -> Evaluation:
         raise ValueError(f"{self.name}: this model cannot evaluate several structures per call; use batch_size=1")
+
+    def can_batch(self, st: Structure) -> bool:
+        """Whether ``st`` may share a :meth:`batch_evaluation` call with other structures (the audit batches by
+        default where this holds)."""
+        return False
 
     def layerwise_target(self, st: Structure, dtype: torch.dtype):
         """``(module, f(pos) -> output, out_rep)`` for layer-wise attribution, or ``None`` when not supported."""

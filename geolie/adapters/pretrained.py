@@ -43,7 +43,8 @@ def _require(package: str, extra: str):
 
 
 class ANIPotential(torch.nn.Module):
-    """``forward(z, pos, batch=None) -> energy [1]`` in eV for one structure, around a torchani model."""
+    """``forward(z, pos, batch=None) -> energy [B]`` in eV around a torchani model; several molecules (``batch``)
+    are padded to one ``[B, n_max]`` call (torchani's padding species ``-1``)."""
 
     def __init__(self, model, species):
         super().__init__()
@@ -59,8 +60,17 @@ class ANIPotential(torch.nn.Module):
         species = self.table[z]
         if bool((species < 0).any()):
             raise ValueError("ANI-1x handles H, C, N, O only")
-        e = self.model((species[None], pos[None])).energies
-        return (e * HARTREE_EV).to(pos.dtype).reshape(1)
+        if batch is None:
+            e = self.model((species[None], pos[None])).energies
+            return (e * HARTREE_EV).to(pos.dtype).reshape(1)
+        B = int(batch.max()) + 1
+        counts = torch.bincount(batch, minlength=B)
+        slot = torch.arange(len(z), device=z.device) - (torch.cumsum(counts, 0) - counts)[batch]
+        n_max = int(counts.max())
+        sp = torch.full((B, n_max), -1, dtype=species.dtype, device=z.device).index_put((batch, slot), species)
+        xyz = pos.new_zeros(B, n_max, 3).index_put((batch, slot), pos)
+        e = self.model((sp, xyz)).energies
+        return (e * HARTREE_EV).to(pos.dtype).reshape(B)
 
 
 def ani1x() -> TorchAdapter:

@@ -31,7 +31,7 @@ import torch
 from .. import _evaluation as ev_mod
 from .._conservative import conservative
 from .._evaluation import Evaluation
-from ._protocol import Adapter, CopyCache, Structure, with_autograd
+from ._protocol import Adapter, CopyCache, NotBatchableError, Structure, with_autograd
 
 KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
 
@@ -175,6 +175,10 @@ class TorchAdapter(Adapter):
         if set(out0) == {"energy"}:  # energy only: geolie's conservative wrapper (the HVP path applies)
             def energy_fn(p, zz, cell=None):
                 e = as_output_dict(call(p, zz, cell))["energy"]
+                if batch is not None and e.numel() != n_struct:
+                    raise NotBatchableError(f"{where}: model {self.name!r} takes a batch argument but returned "
+                                            f"{e.numel()} energies for {n_struct} structures: it does not batch; "
+                                            "use batch_size=1")
                 return e.reshape(n_struct) if batch is not None else e.reshape(-1).sum()
 
             cons = conservative(energy_fn, as_dict=True)
@@ -191,9 +195,12 @@ class TorchAdapter(Adapter):
         cell = None if st.cell is None else torch.as_tensor(st.cell, dtype=dtype, device=self.device)
         return self._evaluation(pos, z, cell, None, dtype, st.name or "structure")
 
+    def can_batch(self, st: Structure) -> bool:
+        return self.kind in ("zpb", "zpbc", "edges", "data") and st.cell is None
+
     def batch_evaluation(self, sts: Sequence[Structure], dtype: torch.dtype) -> Evaluation:
         """Several molecules in one call (``batch`` says which atom belongs to which); per-structure energies."""
-        if self.kind not in ("zpb", "zpbc", "edges", "data") or any(st.cell is not None for st in sts):
+        if not all(self.can_batch(st) for st in sts):
             raise ValueError(f"{self.name}: batched audits need a forward(z, pos, batch), forward(z, pos, "
                              "edge_index, batch) or forward(data) module and molecules; use batch_size=1")
         pos = torch.as_tensor(np.concatenate([st.positions for st in sts]), dtype=dtype, device=self.device)
