@@ -93,6 +93,12 @@ def _run_audit(args, parser) -> int:
     from .adapters import load_model
 
     shard, out = None, args.out
+    dist = _torchrun()
+    if dist is not None:
+        if args.shard is not None:
+            print("geolie audit: error: under torchrun each rank takes its own shard: drop --shard", file=sys.stderr)
+            return 2
+        return _run_audit_distributed(args, dist)
     try:
         if args.shard is not None:
             from ._store import parse_shard
@@ -120,6 +126,69 @@ def _run_audit(args, parser) -> int:
     with open(os.path.join(out, "command.json"), "w") as fh:
         json.dump(vars(args), fh, indent=1)
     return 0
+
+
+def _torchrun():
+    """``(rank, world_size, local_rank)`` when started by ``torchrun`` with more than one process, else ``None``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _run_audit_distributed(args, dist) -> int:
+    """``torchrun --nproc-per-node K geolie audit ...``: rank ``r`` audits shard ``r/K`` into ``OUT/shard-r-of-K``
+    (resumable as any shard), all ranks meet at a barrier (``gloo`` on CPU, ``nccl`` on GPUs, each rank on GPU
+    ``LOCAL_RANK``), and rank 0 merges the shards into ``OUT`` (the same files as one process over everything)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as td
+
+    from ._audit import audit
+    from ._report import merge, write_report
+    from .adapters import load_model
+
+    rank, world, local = dist
+    device = args.device
+    if device in ("cuda", "gpu"):
+        device = f"cuda:{local}"
+    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(device.split(":")[1]))
+    # the barrier waits for the slowest shard: a long audit must not time out there
+    td.init_process_group(backend, timeout=timedelta(days=7))
+    status = 0
+    try:
+        out = os.path.join(args.out, f"shard-{rank}-of-{world}")
+        try:
+            model = load_model(args.model, out_rep=args.out_rep, per_atom=args.per_atom)
+            report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
+                           layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
+                           limit=args.limit, device=device, batch_size=args.batch_size,
+                           batch_atoms=args.batch_atoms, hunt=args.hunt, shard=(rank, world),
+                           estimator=args.estimator, progress=rank == 0)
+            write_report(report, out)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            print(f"geolie audit (rank {rank}): error: {e}", file=sys.stderr)
+            status = 2
+        flag = torch.tensor([status], device=device if backend == "nccl" else "cpu")
+        td.all_reduce(flag, op=td.ReduceOp.MAX)  # also the barrier: every shard is finished
+        if int(flag) != 0:
+            return 2
+        if rank == 0:
+            merged = merge([os.path.join(args.out, f"shard-{r}-of-{world}") for r in range(world)], out_dir=args.out)
+            print(merged.table())
+            print(f"\nmerged {world} shards into {args.out}")
+            with open(os.path.join(args.out, "command.json"), "w") as fh:
+                json.dump(dict(vars(args), torchrun_world_size=world), fh, indent=1)
+            if args.fail_above is not None and merged.metric(args.output, args.metric) > args.fail_above:
+                status = 1
+        flag = torch.tensor([status], device=device if backend == "nccl" else "cpu")
+        td.broadcast(flag, src=0)  # every rank exits with the gate's verdict
+        return int(flag)
+    finally:
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
