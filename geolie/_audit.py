@@ -55,6 +55,67 @@ def _as_structures(structures) -> List:
     return out
 
 
+class _FileSource:
+    """Structures of a file read lazily with ``ase.io.iread`` (bounded memory whatever the file's size): one pass
+    at the start counts each structure's atoms (for totals and atom-balanced shards), later passes yield the
+    structures asked for, one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.counts = [len(at) for at in self._iread()]
+        if not self.counts:
+            raise ValueError(f"{path}: contains no structures")
+        empty = [i for i, n in enumerate(self.counts) if n == 0]
+        if empty:
+            raise ValueError(f"{path}: structure {empty[0]} is empty (no atoms)")
+
+    def _iread(self):
+        import ase.io
+
+        try:
+            if self.path.endswith((".xyz.gz", ".extxyz.gz")):
+                import gzip
+
+                with gzip.open(self.path, "rt") as fh:
+                    yield from ase.io.iread(fh, index=":", format="extxyz")
+            else:
+                yield from ase.io.iread(self.path, index=":")
+        except Exception as e:  # noqa: BLE001 - any parse failure: one clear error naming the file
+            raise ValueError(f"{self.path}: cannot be read by ase.io ({type(e).__name__}: {e}); is it truncated or "
+                             "corrupt?") from None
+
+    def iterate(self, indices):
+        from .adapters import Structure
+
+        want = sorted(set(indices))
+        k = 0
+        for i, at in enumerate(self._iread()):
+            if k == len(want):
+                return
+            if i == want[k]:
+                yield i, Structure.from_atoms(at)
+                k += 1
+
+
+class _ListSource:
+    """Structures already in memory (a list, or a bundled dataset)."""
+
+    def __init__(self, structures):
+        self.items = _as_structures(structures)
+        self.counts = [len(s.numbers) for s in self.items]
+
+    def iterate(self, indices):
+        for i in indices:
+            yield i, self.items[i]
+
+
+def _source(structures):
+    """A file path that is not a bundled dataset name is streamed; anything else is held in memory."""
+    if isinstance(structures, (str, os.PathLike)) and os.path.isfile(str(structures)):
+        return _FileSource(str(structures))
+    return _ListSource(structures)
+
+
 def _sample(m, b: int) -> Dict[str, Any]:
     """One sample's figures of an :class:`OutputMetrics`, as stored in a row."""
     return {"rep": m.rep, "source": m.source, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(),
@@ -149,30 +210,33 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
     return [dict(_row_of(i, st, rep, b, cons, finite[b]), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
 
 
-def _chunks(todo, batch_size: Optional[int], batch_atoms: int, pot) -> List[List]:
-    """The calls of an audit: ``batch_size`` structures each when given; else consecutive structures that ``pot``
-    can batch, up to ``batch_atoms`` atoms per call (one structure per call where ``pot`` is ``None`` or cannot)."""
-    if batch_size is not None:
-        return [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-    chunks: List[List] = []
+def _chunks(todo, batch_size: Optional[int], batch_atoms: int, pot):
+    """The calls of an audit, lazily from an iterator of ``(index, structure)``: ``batch_size`` structures each when
+    given; else consecutive structures that ``pot`` can batch, up to ``batch_atoms`` atoms per call (one structure
+    per call where ``pot`` is ``None`` or cannot)."""
     cur: List = []
     atoms = 0
     for item in todo:
+        if batch_size is not None:
+            cur.append(item)
+            if len(cur) == batch_size:
+                yield cur
+                cur = []
+            continue
         n = len(item[1].numbers)
         if pot is None or not pot.can_batch(item[1]):
             if cur:
-                chunks.append(cur)
-            chunks.append([item])
+                yield cur
+            yield [item]
             cur, atoms = [], 0
             continue
         if cur and atoms + n > batch_atoms:
-            chunks.append(cur)
+            yield cur
             cur, atoms = [], 0
         cur.append(item)
         atoms += n
     if cur:
-        chunks.append(cur)
-    return chunks
+        yield cur
 
 
 def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, layerwise: bool = False,
@@ -203,7 +267,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     three or six. Each row records its ``direction``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
-    split (``"xtb-md/aspirin:test"``) or a file path. Errors name the structure and the cause.
+    split (``"xtb-md/aspirin:test"``) or a file path. A file is streamed (``ase.io.iread``: one pass counts atoms,
+    the audit then reads structures as it goes): memory does not grow with the file. Errors name the structure and
+    the cause.
     """
     from tqdm import tqdm
 
@@ -219,10 +285,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     if dtype not in pot.dtypes:
         raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
                          + (f" ({pot.dtype_note})" if pot.dtype_note else ""))
-    sts = _as_structures(structures)
-    if limit is not None:
-        sts = sts[:limit]
-    mine = list(range(len(sts))) if shard is None else shard_indices([len(s.numbers) for s in sts], *shard)
+    src = _source(structures)
+    counts = src.counts if limit is None else src.counts[:limit]
+    mine = list(range(len(counts))) if shard is None else shard_indices(counts, *shard)
     done: Dict[int, Dict] = {}
     store = ResultStore(out_dir, names) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
@@ -235,7 +300,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
             store.clear()
         store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
                           "generators": list(names), "meta": run_meta,
-                          "n_structures_total": len(sts), "shard": None if shard is None else list(shard),
+                          "n_structures_total": len(counts), "shard": None if shard is None else list(shard),
                           "indices": mine})
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -245,7 +310,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         raise ValueError("layer-wise attribution needs batch_size=1")
     mine_set = set(mine)
     rows = {i: r for i, r in done.items() if i in mine_set}
-    todo = [(i, sts[i]) for i in mine if i not in done]
+    todo = src.iterate([i for i in mine if i not in done])  # lazily: a file is read as the audit goes
     chunks = _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None)
     bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     unbatchable = False
@@ -276,7 +341,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                 opts = dict(hunt) if isinstance(hunt, dict) else {}
                 opts.setdefault("seed", seed + row["index"])
                 opts.setdefault("tag", f"{row['index']}_{row['name']}")
-                res = hunt_orientation(pot, sts[row["index"]], group=group, dtype=dtype,
+                res = hunt_orientation(pot, dict(chunk)[row["index"]], group=group, dtype=dtype,
                                        out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
                 row["hunt"] = res.to_dict()
             rows[row["index"]] = row
