@@ -25,7 +25,7 @@ from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
 from ._store import ResultStore, shard_indices
-from .adapters._protocol import NotBatchableError
+from .adapters._protocol import Adapter, NotBatchableError
 
 __all__ = ["audit"]
 
@@ -124,12 +124,12 @@ def _sample(m, b: int) -> Dict[str, Any]:
             "floor_source": m.floor_source, "ad_check": m.ad_check, "norm": float(m.ynorm[b])}
 
 
-def _measure(ev, ev_ref, group, where):
+def _measure(ev, ev_ref, group, where, floors: bool = True):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GeolieADCheckWarning)
             warnings.simplefilter("always", GeolieFallbackWarning)
-            rep = measure(ev, group=group, f_ref=ev_ref, floor=ev_ref is not None or ev.method != "fd")
+            rep = measure(ev, group=group, f_ref=ev_ref, floor=floors and (ev_ref is not None or ev.method != "fd"))
     except NotBatchableError:
         raise
     except ValueError as e:
@@ -150,12 +150,14 @@ def _conservative_figures(ev, n_structures: int) -> Optional[Dict[str, List[floa
     return {k: [float(v) for v in c[k][:n_structures]] for k in c}
 
 
-def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation):
+def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation, floors=True):
     """What one call of the model yields, one structure or a batch: the evaluation, its :class:`Report` (the other
-    precision as reference when the model runs in it), the conservativeness figures and the finite errors."""
+    precision as reference when the model runs in it, unless ``floors`` is False: then only the rounding estimate,
+    to be raised to the sampled floor), the conservativeness figures and the finite errors."""
     ev = evaluate(dtype)
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    rep = _measure(ev, evaluate(other) if other in pot.dtypes else None, group, where)
+    ref = evaluate(other) if floors and other in pot.dtypes else None
+    rep = _measure(ev, ref, group, where, floors)
     cons = _conservative_figures(ev, n_structures)
     finite: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_structures)]
     if n_finite > 0:
@@ -177,12 +179,12 @@ def _row_of(i, st, rep, b: int, cons, finite) -> Dict[str, Any]:
     return row
 
 
-def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
+def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True):
     where = f"structure {index} ({st.name})"
     pot.check(st, where)
     # atoms are permuted within the structure (per-atom flags from the evaluation)
     ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
-                                     seed, 1, {})
+                                     seed, 1, {}, floors)
     row = _row_of(index, st, rep, 0, cons, finite[0])
     if layerwise:
         target = pot.layerwise_target(st, dtype)
@@ -197,7 +199,7 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed):
     return row
 
 
-def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
+def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True):
     """Rows for several molecules evaluated in one batched call: per-structure Lie derivatives, floors and finite
     errors (the batch is rotated, translated and permuted within structures at once, with the same group elements
     as a structure audited alone), the same figures as one call per structure (tested)."""
@@ -206,8 +208,43 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed):
     for i, st in chunk:
         pot.check(st, f"structure {i} ({st.name})")
     _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
-                                    group, dtype, n_finite, seed, len(chunk), {})
+                                    group, dtype, n_finite, seed, len(chunk), {}, floors)
     return [dict(_row_of(i, st, rep, b, cons, finite[b]), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
+
+
+def floor_sample_indices(n_total: int, k: int) -> List[int]:
+    """``k`` structures evenly spread over all ``n_total`` (global indices: every shard samples the same ones)."""
+    if k <= 0 or n_total <= k:
+        return list(range(n_total))
+    return sorted({int(round(v)) for v in np.linspace(0, n_total - 1, k)})
+
+
+def _sampled_floor(rows: List[Dict[str, Any]]) -> Dict[str, List[float]]:
+    """Per output and generator, the largest relative floor measured on the sampled structures."""
+    out: Dict[str, List[float]] = {}
+    for r in rows:
+        for name, o in r["outputs"].items():
+            v = [x if x == x else 0.0 for x in o["floor_rel"]]  # NaN (a zero output) adds nothing
+            out[name] = v if name not in out else [max(a, b) for a, b in zip(out[name], v)]
+    return out
+
+
+def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[str, List[float]], indices: List[int]) -> None:
+    """A structure outside the floor sample: its floor is its own rounding estimate, raised to the sample's largest
+    relative floor times its own norm; ``at_floor`` follows."""
+    from ._metrics import FLOOR_FACTOR
+
+    for name, o in row["outputs"].items():
+        rel_floor = sampled.get(name)
+        if rel_floor is None:
+            continue
+        fl = [max(f, rf * o["norm"]) for f, rf in zip(o["floor"], rel_floor)]
+        o["floor"] = fl
+        o["floor_rel"] = [f / o["norm"] if o["norm"] > 0 else float("nan") for f in fl]
+        o["at_floor"] = [a <= FLOOR_FACTOR * f for a, f in zip(o["abs"], fl)]
+        o["floor_source"] = (f"{o['floor_source']}, raised to the largest relative floor measured on the "
+                             f"{len(indices)} sampled structures")
+    row["floor_sampled"] = False
 
 
 def _chunks(todo, batch_size: Optional[int], batch_atoms: int, pot):
@@ -243,7 +280,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
           batch_size: Optional[int] = None, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
-          estimator: str = "exact", batch_atoms: int = 512) -> AuditReport:
+          estimator: str = "exact", batch_atoms: int = 512, floor_sample: Optional[int] = 8) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
@@ -258,6 +295,10 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``shard=(I, N)``: audit only shard ``I`` of ``N`` (balanced by atom count, :func:`geolie._store.shard_indices`);
     structures keep their global indices, and :func:`geolie.merge` combines the shards' folders into the report of
     one run over everything.
+    ``floor_sample``: the noise floor (the other precision's evaluation, or a second AD method) is measured on this
+    many structures, evenly spread over the data set (the same in every shard), and reused: every other structure's
+    floor is its own rounding estimate raised to the sample's largest relative floor times its norm (rows say
+    which: ``floor_sampled``). ``None`` or 0 measures it on every structure.
     ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
     rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure, also within a batch
     (:class:`geolie._groups.PerStructureDirections`), drawn from ``seed`` and the structure's index (batch-, resume-
@@ -292,7 +333,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     store = ResultStore(out_dir, names) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
                 "dtype_note": pot.dtype_note,
-                "hunt": bool(hunt), "seed": seed, "estimator": estimator}
+                "hunt": bool(hunt), "seed": seed, "estimator": estimator, "floor_sample": floor_sample or 0}
     if store is not None:
         if resume:
             done = store.resume()
@@ -308,46 +349,72 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
     if batch_size is not None and batch_size > 1 and layerwise:
         raise ValueError("layer-wise attribution needs batch_size=1")
+    if batch_size is not None and batch_size > 1 and type(pot).batch_evaluation is Adapter.batch_evaluation:
+        raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
     mine_set = set(mine)
     rows = {i: r for i, r in done.items() if i in mine_set}
-    todo = src.iterate([i for i in mine if i not in done])  # lazily: a file is read as the audit goes
-    chunks = _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None)
     bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     unbatchable = False
-    for chunk in chunks:
-        g = group
+
+    def compute(chunk, floors: bool) -> List[Dict[str, Any]]:
+        nonlocal unbatchable
+        g, draws = group, {}
         if estimator == "random":  # one draw per structure, from the seed and its index (whatever the batching)
             draws = {i: random_directions(group, torch.Generator().manual_seed(1_000_003 * seed + i)) for i, _ in chunk}
             g = draws[chunk[0][0]]
             if len(chunk) > 1:
-                counts = torch.tensor([len(st.numbers) for _, st in chunk])
+                counts_ = torch.tensor([len(st.numbers) for _, st in chunk])
                 g = PerStructureDirections(group, torch.stack([draws[i].C for i, _ in chunk]),
-                                           torch.repeat_interleave(torch.arange(len(chunk)), counts), g.generator_names)
+                                           torch.repeat_interleave(torch.arange(len(chunk)), counts_),
+                                           g.generator_names)
         new = None
         if len(chunk) > 1 and not unbatchable:
             try:
-                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed)
+                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed, floors)
             except NotBatchableError:
                 if batch_size is not None:  # the user asked for batches: say why there are none
                     raise
                 unbatchable = True  # geolie chose to batch: go one structure per call from here on
         if new is None:
-            new = [_row(pot, st, i, draws[i] if estimator == "random" else g, dtype, n_finite, layerwise, seed)
-                   for i, st in chunk]
+            new = [_row(pot, st, i, draws[i] if estimator == "random" else g, dtype, n_finite, layerwise, seed,
+                        floors) for i, st in chunk]
         for row in new:
             if estimator == "random":
                 row["direction"] = draws[row["index"]].C.tolist()
-            if hunt:
-                opts = dict(hunt) if isinstance(hunt, dict) else {}
-                opts.setdefault("seed", seed + row["index"])
-                opts.setdefault("tag", f"{row['index']}_{row['name']}")
-                res = hunt_orientation(pot, dict(chunk)[row["index"]], group=group, dtype=dtype,
-                                       out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
-                row["hunt"] = res.to_dict()
-            rows[row["index"]] = row
-            if store is not None:
-                store.append(row)
-        bar.update(len(new))
+        return new
+
+    def finish(row, st) -> None:
+        if hunt:
+            opts = dict(hunt) if isinstance(hunt, dict) else {}
+            opts.setdefault("seed", seed + row["index"])
+            opts.setdefault("tag", f"{row['index']}_{row['name']}")
+            res = hunt_orientation(pot, st, group=group, dtype=dtype,
+                                   out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
+            row["hunt"] = res.to_dict()
+        rows[row["index"]] = row
+        if store is not None:
+            store.append(row)
+        bar.update(1)
+
+    sample: List[int] = floor_sample_indices(len(counts), floor_sample) if floor_sample else []
+    sampled_floor = None
+    if sample:  # the floor sample first, one structure per call (the same in every shard and batching)
+        sample_rows = [done[i] for i in sample if i in done and done[i].get("floor_sampled")]
+        need = [i for i in sample if not (i in done and done[i].get("floor_sampled"))]
+        for i, st in src.iterate(need):
+            row = compute([(i, st)], True)[0]
+            row["floor_sampled"] = True
+            sample_rows.append(row)
+            if i in mine_set and i not in done:
+                finish(row, st)
+        sampled_floor = _sampled_floor(sample_rows)
+    skip = set(done) | set(sample)
+    todo = src.iterate([i for i in mine if i not in skip])  # lazily: a file is read as the audit goes
+    for chunk in _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None):
+        for row, (_, st) in zip(compute(chunk, not sample), chunk):
+            if sample:
+                _apply_sampled_floor(row, sampled_floor, sample)
+            finish(row, st)
     bar.close()
     rows = [rows[i] for i in sorted(rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(names), run_meta)

@@ -1,0 +1,129 @@
+"""Audit at dataset scale: structures per second of ``geolie.audit`` on bundled aspirin frames (21 atoms), by mode.
+
+Model: PyG SchNet (hidden 64, 3 interactions; geolie's neighbour search), float64. Modes, all in one run so that the
+ratios compare like with like:
+
+* ``one per call``: ``batch_size=1``, default figures (six SE(3) generators of energy and forces, float32 floors,
+  finite companions with 4 rotations/translations/permutations, inversion, repeat) — the old default;
+* ``batched (B atoms)``: the default since issue 12, consecutive molecules up to ``batch_atoms`` per call, same
+  figures, for several budgets (scaling with batch size);
+* ``batched, no finite``: the Lie derivatives and floors only;
+* ``random estimator``: one random rotation axis and translation direction per structure, with floors and finite
+  companions;
+* ``random, no finite``.
+
+For each mode: structures/s (median of ``--repeat`` runs after a warm-up) and the cost per structure as a multiple
+of one energy + forces evaluation of the same batch (measured in the same run). ``--processes`` adds one process
+with 1 and 2 threads against ``torchrun --nproc-per-node 2`` (1 thread each, gloo) on ``--n-large`` structures,
+wall time including start-up and merge. Writes ``benchmarks/results/audit_scale[_cuda].json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import device_info, result_path, timeit, write_json  # noqa: E402
+
+import geolie  # noqa: E402
+from geolie.adapters import Structure, load_model  # noqa: E402
+
+
+def _ef_per_structure(pot, sts, batch_atoms, dtype, device) -> float:
+    """Seconds per structure of one energy + forces evaluation, batched as the audit batches."""
+    from geolie._audit import _chunks
+
+    chunks = list(_chunks(list(enumerate(sts)), None, batch_atoms, pot))
+
+    def run():
+        for ch in chunks:
+            ev = pot.batch_evaluation([s for _, s in ch], dtype) if len(ch) > 1 else pot.evaluation(ch[0][1], dtype)
+            out = ev.fn(*ev.inputs)
+            del out
+
+    t = timeit(run, warmup=1, repeat=5)
+    return t["median_s"] / len(sts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=100, help="structures per timed audit")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--processes", action="store_true", help="also time one process against torchrun with two")
+    ap.add_argument("--n-large", type=int, default=600)
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = torch.float64
+    frames = geolie.data.load("xtb-md/aspirin", "all")
+    mols = frames[:args.n]
+    pot = load_model("schnet", device=args.device)
+    sts = [Structure.from_atoms(a) for a in mols]
+    modes = [("one per call", dict(batch_size=1))]
+    modes += [(f"batched ({b} atoms)", dict(batch_atoms=b)) for b in args.budgets]
+    modes += [("batched (512), no finite", dict(batch_atoms=512, n_finite=0)),
+              ("random estimator (512)", dict(batch_atoms=512, estimator="random")),
+              ("random, no finite (512)", dict(batch_atoms=512, estimator="random", n_finite=0))]
+    rows = []
+    geolie.audit(pot, mols[:8], dtype=dtype, progress=False, device=args.device)  # warm-up
+    for name, kw in modes:
+        t = timeit(lambda: geolie.audit(pot, mols, dtype=dtype, progress=False, device=args.device, **kw),
+                   warmup=0, repeat=args.repeat)
+        per = t["median_s"] / len(mols)
+        ef = _ef_per_structure(pot, sts, 1 if kw.get("batch_size") == 1 else kw.get("batch_atoms", 512), dtype,
+                               args.device)
+        row = {"mode": name, **{k: v for k, v in kw.items()}, "structures_per_s": 1.0 / per,
+               "cost_x_energy_forces": per / ef, "energy_forces_per_s": 1.0 / ef}
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    procs = []
+    if args.processes:
+        big = frames[:args.n_large]
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, "big.extxyz")
+        import ase.io
+
+        ase.io.write(path, big)
+        base = [sys.executable, "-m", "geolie.cli", "audit", "--model", "schnet", "--data", path, "--n-finite", "4",
+                "--device", args.device]
+        runs = [("1 process, 1 thread", base, "1"), ("1 process, 2 threads", base, "2"),
+                ("torchrun, 2 processes x 1 thread", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc-per-node", "2"] + base[1:], "1")]
+        for name, cmd, threads in runs:
+            out = os.path.join(tmp, "out")
+            shutil.rmtree(out, ignore_errors=True)
+            env = dict(os.environ, OMP_NUM_THREADS=threads)
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd + ["--out", out], env=env, capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+            if res.returncode != 0:
+                raise RuntimeError(f"{name} failed: {res.stderr[-2000:]}")
+            procs.append({"run": name, "structures": len(big), "seconds": dt, "structures_per_s": len(big) / dt})
+            print(procs[-1], file=sys.stderr, flush=True)
+        for p in procs:
+            p["speedup_vs_1_process_1_thread"] = procs[0]["seconds"] / p["seconds"]
+            p["speedup_vs_1_process_2_threads"] = procs[1]["seconds"] / p["seconds"]
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(result_path("audit_scale", args.device),
+               {"benchmark": "audit_scale", "env": device_info(args.device), "model": "schnet", "dtype": "float64",
+                "structures": len(mols), "atoms": 21, "rows": rows, "processes": procs})
+    print("| mode | structures/s | audit cost (x one E+F of the same batch) |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['structures_per_s']:.1f} | {r['cost_x_energy_forces']:.1f} |")
+    if procs:
+        print("\n| processes | structures/s | speed-up vs 1 process 1 thread | vs 1 process 2 threads |\n|---|---|---|---|")
+        for p in procs:
+            print(f"| {p['run']} | {p['structures_per_s']:.1f} | {p['speedup_vs_1_process_1_thread']:.2f} | "
+                  f"{p['speedup_vs_1_process_2_threads']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
