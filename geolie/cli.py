@@ -33,6 +33,9 @@ def _audit_parser(sub):
     a.add_argument("--shard", default=None,
                    help="audit one shard: I/N (I from 0; balanced by atom count) or 'slurm' (I and N from a Slurm "
                         "array job); results go to OUT/shard-I-of-N, combine them with geolie merge OUT --out DIR")
+    a.add_argument("--floor-sample", type=int, default=8,
+                   help="measure the noise floor on this many structures spread over the data and reuse it "
+                        "(default 8); 0: on every structure")
     a.add_argument("--estimator", default="exact", choices=["exact", "random"],
                    help="exact: every generator (default); random: one random rotation axis (and translation "
                         "direction) per structure, unbiased for the isotropic norm, with its standard error")
@@ -109,7 +112,7 @@ def _run_audit(args, parser) -> int:
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size, batch_atoms=args.batch_atoms,
-                       hunt=args.hunt, shard=shard, estimator=args.estimator)
+                       hunt=args.hunt, shard=shard, estimator=args.estimator, floor_sample=args.floor_sample)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +170,7 @@ def _run_audit_distributed(args, dist) -> int:
                            layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                            limit=args.limit, device=device, batch_size=args.batch_size,
                            batch_atoms=args.batch_atoms, hunt=args.hunt, shard=(rank, world),
-                           estimator=args.estimator, progress=rank == 0)
+                           estimator=args.estimator, floor_sample=args.floor_sample, progress=rank == 0)
             write_report(report, out)
         except (ValueError, TypeError, FileNotFoundError) as e:
             print(f"geolie audit (rank {rank}): error: {e}", file=sys.stderr)
