@@ -204,9 +204,8 @@ def findings(results, corr, modes, shares) -> str:
         verdict = ("learned equivariance is weaker off-distribution" if med > 1 else
                    "learned equivariance holds off-distribution")
         L.append(f"- shift/test ratio of L(F) over {len(ratios)} unconstrained models: median {med:.2f}, "
-                 f"range [{min(ratios):.2f}, {max(ratios):.2f}], above 1 for {above} of {len(ratios)}: {verdict} "
-                 "(the 300 K geometries lie inside the 500 K training distribution, yet the models are measured "
-                 "there on their own).")
+                 f"range [{min(ratios):.2f}, {max(ratios):.2f}], above 1 for {above} of {len(ratios)}: "
+                 f"{verdict}.")
     L.append("")
     grid = sorted(((r["resolution"], lie(r)) for r in md.values() if r["family"] == "grid"),
                   key=lambda t: t[0][0] * t[0][1])
