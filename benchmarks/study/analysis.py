@@ -230,7 +230,7 @@ def findings(results, corr, modes, shares) -> str:
     return "\n".join(L) + "\n"
 
 
-_MARK = {"plain": "o", "augment": "s", "penalty": "^", "equigrad": "D"}
+_MARK = {"plain": "o", "augment": "s", "augment-x5": "P", "penalty": "^", "equigrad": "D"}
 
 
 def plots(out: str, results) -> List[str]:
@@ -257,7 +257,7 @@ def plots(out: str, results) -> List[str]:
         ax.set_ylabel("relative rotational Lie derivative of forces (median)")
         h, lab = ax.get_legend_handles_labels()
         uniq = dict(zip(lab, h))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, title="o plain  s augment  ^ penalty  D equigrad",
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, title="o plain  s augment  P augment-x5  ^ penalty  D equigrad",
                   title_fontsize=7)
         fig.tight_layout()
         p = os.path.join(out, fname)
