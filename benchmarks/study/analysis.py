@@ -230,6 +230,16 @@ def findings(results, corr, modes, shares) -> str:
     return "\n".join(L) + "\n"
 
 
+def _save(fig, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 _MARK = {"plain": "o", "augment": "s", "augment-x5": "P", "penalty": "^", "equigrad": "D"}
 
 
@@ -259,11 +269,7 @@ def plots(out: str, results) -> List[str]:
         uniq = dict(zip(lab, h))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, title="o plain  s augment  P augment-x5  ^ penalty  D equigrad",
                   title_fontsize=7)
-        fig.tight_layout()
-        p = os.path.join(out, fname)
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        return p
+        return _save(fig, out, fname)
 
     if md:
         paths.append(scatter("mae", "lie_vs_error.png", "test force MAE (eV/Å)"))
@@ -279,11 +285,7 @@ def plots(out: str, results) -> List[str]:
         ax.set_xlabel("training step")
         ax.set_ylabel("L(F) on held-out frames (median)")
         ax.set_title("Lie derivative over training (colour: family, marker: mode)", fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(out, "lie_over_training.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out, "lie_over_training.png"))
         shares = layer_shares(results, top=6)
         if shares:
             big = sorted(shares, key=lambda n: -md[n]["n_parameters"])[:4]
@@ -294,11 +296,7 @@ def plots(out: str, results) -> List[str]:
                 ax.set_yticks(range(len(ks)), [k[-28:] for k in ks], fontsize=6)
                 ax.set_title(n, fontsize=8)
                 ax.set_xlabel("share of |contribution|", fontsize=7)
-            fig.tight_layout()
-            p = os.path.join(out, "lie_per_layer.png")
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, out, "lie_per_layer.png"))
         grid = sorted(((r["resolution"], lie(r)) for r in md.values() if r["family"] == "grid"),
                       key=lambda t: t[0][0] * t[0][1])
         if grid:
@@ -310,11 +308,7 @@ def plots(out: str, results) -> List[str]:
             ax.set_yscale("log")
             ax.set_xlabel("grid points")
             ax.set_ylabel("L(F) median")
-            fig.tight_layout()
-            p = os.path.join(out, "lie_vs_grid.png")
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, out, "lie_vs_grid.png"))
     return paths
 
 
