@@ -220,17 +220,24 @@ def floor_sample_indices(n_total: int, k: int) -> List[int]:
 
 
 def _sampled_floor(rows: List[Dict[str, Any]]) -> Dict[str, List[float]]:
-    """Per output and generator, the largest relative floor measured on the sampled structures."""
-    out: Dict[str, List[float]] = {}
+    """Per output and generator, the median relative floor measured on the sampled structures. The median, not the
+    largest: a floor set too high could call a real break "at floor", the one error an audit must not make; one
+    set a little low only flags noise."""
+    vals: Dict[str, List[List[float]]] = {}
     for r in rows:
         for name, o in r["outputs"].items():
-            v = [x if x == x else 0.0 for x in o["floor_rel"]]  # NaN (a zero output) adds nothing
-            out[name] = v if name not in out else [max(a, b) for a, b in zip(out[name], v)]
+            vals.setdefault(name, []).append([x if x == x else float("nan") for x in o["floor_rel"]])
+    out = {}
+    for name, v in vals.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaNs (zero outputs) gives NaN
+            med = np.nanmedian(np.array(v, dtype=np.float64), axis=0)
+        out[name] = [0.0 if m != m else float(m) for m in med]
     return out
 
 
 def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[str, List[float]], indices: List[int]) -> None:
-    """A structure outside the floor sample: its floor is its own rounding estimate, raised to the sample's largest
+    """A structure outside the floor sample: its floor is its own rounding estimate, raised to the sample's median
     relative floor times its own norm; ``at_floor`` follows."""
     from ._metrics import FLOOR_FACTOR
 
@@ -242,7 +249,7 @@ def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[str, List[float]], i
         o["floor"] = fl
         o["floor_rel"] = [f / o["norm"] if o["norm"] > 0 else float("nan") for f in fl]
         o["at_floor"] = [a <= FLOOR_FACTOR * f for a, f in zip(o["abs"], fl)]
-        o["floor_source"] = (f"{o['floor_source']}, raised to the largest relative floor measured on the "
+        o["floor_source"] = (f"{o['floor_source']}, raised to the median relative floor measured on the "
                              f"{len(indices)} sampled structures")
     row["floor_sampled"] = False
 
@@ -297,7 +304,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     one run over everything.
     ``floor_sample``: the noise floor (the other precision's evaluation, or a second AD method) is measured on this
     many structures, evenly spread over the data set (the same in every shard), and reused: every other structure's
-    floor is its own rounding estimate raised to the sample's largest relative floor times its norm (rows say
+    floor is its own rounding estimate raised to the sample's median relative floor times its norm (rows say
     which: ``floor_sampled``). ``None`` or 0 measures it on every structure.
     ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
     rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure, also within a batch
@@ -309,8 +316,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. A file is streamed (``ase.io.iread``: one pass counts atoms,
-    the audit then reads structures as it goes): memory does not grow with the file. Errors name the structure and
-    the cause.
+    the audit then reads structures as it goes): its structures are never all in memory, only the per-structure
+    rows. Errors name the structure and the cause.
     """
     from tqdm import tqdm
 
@@ -326,6 +333,14 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     if dtype not in pot.dtypes:
         raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
                          + (f" ({pot.dtype_note})" if pot.dtype_note else ""))
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_atoms < 1:
+        raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
+    if batch_size is not None and batch_size > 1 and layerwise:
+        raise ValueError("layer-wise attribution needs batch_size=1")
+    if batch_size is not None and batch_size > 1 and type(pot).batch_evaluation is Adapter.batch_evaluation:
+        raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
     src = _source(structures)
     counts = src.counts if limit is None else src.counts[:limit]
     mine = list(range(len(counts))) if shard is None else shard_indices(counts, *shard)
@@ -343,14 +358,6 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                           "generators": list(names), "meta": run_meta,
                           "n_structures_total": len(counts), "shard": None if shard is None else list(shard),
                           "indices": mine})
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if batch_atoms < 1:
-        raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
-    if batch_size is not None and batch_size > 1 and layerwise:
-        raise ValueError("layer-wise attribution needs batch_size=1")
-    if batch_size is not None and batch_size > 1 and type(pot).batch_evaluation is Adapter.batch_evaluation:
-        raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
     mine_set = set(mine)
     rows = {i: r for i, r in done.items() if i in mine_set}
     bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
