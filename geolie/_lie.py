@@ -470,7 +470,7 @@ def _fd(prob: Problem, step: Optional[float] = None) -> Tuple[List[torch.Tensor]
     phi0 = [o.detach().to(dtype) for o in check_outputs(flatten_outputs(prob.call(
         [inputs.values[i] for i in inputs.moving], inputs=inputs)), prob.leaves)]
     for k in range(K):
-        hk = h0 * (ell if k >= 3 else 1.0)
+        hk = h0 * (ell if prob.group.generator_names[k].startswith("t") else 1.0)
         D, phis_at = [], {}
         for h in (hk, hk / 2, hk / 4):
             phis = []

@@ -170,7 +170,7 @@ def _sample_slices(t: torch.Tensor, batch: Optional[torch.Tensor], n_graphs: int
     return None, t.dim() >= 2  # one sample; [N, 3]-like tensors are per-atom
 
 
-def _norms(L: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, batch, n_graphs):
+def _norms(L: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, batch, n_graphs, names=None):
     """Per (sample, generator) norms; ``L`` and ``floor`` are ``[K, *y.shape]``."""
     masks, per_atom_like = _sample_slices(y, batch, n_graphs)
     K = L.shape[0]
@@ -186,9 +186,11 @@ def _norms(L: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, batch, n_graph
     fl = torch.stack([x.double().norm(dim=1) for x in fs]).cpu().numpy()
     # a floor is one sample of the rounding (or difference) noise; the noise level is the same for every rotation
     # generator (and every translation): take the largest within each kind, so a lucky sample cannot hide it
-    fl[:, :3] = fl[:, :3].max(axis=1, keepdims=True)
-    if fl.shape[1] > 3:
-        fl[:, 3:] = fl[:, 3:].max(axis=1, keepdims=True)
+    names = list(names) if names is not None else [("r" if k < 3 else "t") for k in range(fl.shape[1])]
+    for kind in ("r", "t"):  # rotations and translations separately (``r~``/``t~`` for random directions)
+        cols = [k for k, g in enumerate(names) if g.startswith(kind)]
+        if cols:
+            fl[:, cols] = fl[:, cols].max(axis=1, keepdims=True)
     yn = np.array([float(x.double().norm()) for x in ys])
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(yn[:, None] > 0, a / yn[:, None], np.nan)
@@ -230,7 +232,8 @@ def _rounding_floor(res: LieResult, kappa: float = 16.0) -> List[torch.Tensor]:
     corr = out_correction(prob, prob.y)
     ell = length_scale(prob)
     K = prob.group.dim
-    scale = torch.tensor([1.0 if k < 3 else 1.0 / ell for k in range(K)], dtype=torch.float64)
+    scale = torch.tensor([1.0 if g.startswith("r") else 1.0 / ell for g in prob.group.generator_names],
+                         dtype=torch.float64)
     res_ = []
     for L, c, y in zip(res.values, corr, prob.y):
         s = scale.to(y).reshape((K,) + (1,) * y.dim())
@@ -299,7 +302,8 @@ def measure(
     outs: Dict[str, OutputMetrics] = {}
     n_samples = 1
     for L, y, fl, leaf in zip(res.values, res.outputs, floors, res.leaves):
-        a, rel, flo, pa, yn = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs)
+        a, rel, flo, pa, yn = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs,
+                                     group.generator_names)
         name = leaf_name(leaf.path)
         chk = None if res.ad_check is None else res.ad_check.get(leaf.path)
         outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src, chk,
@@ -310,7 +314,7 @@ def measure(
             for part, Lp in tensor2_parts(Ld, with_l1=has_antisymmetric_part(yd)).items():
                 # relative to the whole tensor (a part can vanish: a traceless stress has no l = 0), with the whole
                 # tensor's floor (an orthogonal projection does not raise the noise)
-                a, rel, flo, pa, yn = _norms(Lp, yd, fl.detach().cpu(), b, n_graphs)
+                a, rel, flo, pa, yn = _norms(Lp, yd, fl.detach().cpu(), b, n_graphs, group.generator_names)
                 pname = f"{name}[{part}]"
                 outs[pname] = OutputMetrics(pname, f"{leaf.rep.name} {part}", list(group.generator_names), a, rel,
                                             flo, yn, pa, src, chk, sources.get(name, ""))
