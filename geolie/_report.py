@@ -134,20 +134,21 @@ class AuditReport:
     def table(self) -> str:
         agg = self.aggregates()
         gens = self.generator_names
-        head = f"{'output':<10}{'stat':<8}" + "".join(f"{g:>10}" for g in gens) + f"{'iso rot':>10}{'floor':>10}"
+        nw = max([10] + [len(n) + 2 for n in agg])  # the output-name column fits the longest name
+        head = f"{'output':<{nw}}{'stat':<8}" + "".join(f"{g:>10}" for g in gens) + f"{'iso rot':>10}{'floor':>10}"
         lines = [f"geolie audit: {self.model}, {len(self.rows)} structure(s), {self.group}, {self.dtype}; relative "
                  "Lie derivative ‖L_X y‖/‖y‖", head, "-" * len(head)]
         for name, a in agg.items():
             for stat in ("median", "max"):
                 fl = a["floor_rel_median"]
-                lines.append(f"{name[:9]:<10}{stat:<8}" + "".join(f"{a[g][stat]:>10.1e}" for g in gens)
+                lines.append(f"{name:<{nw}}{stat:<8}" + "".join(f"{a[g][stat]:>10.1e}" for g in gens)
                              + f"{a['iso_rotation'][stat]:>10.1e}" + (f"{fl:>10.1e}" if stat == "median" and
                                                                       fl is not None else f"{'':>10}"))
         lines.append("")
         lines.append("where each output comes from; adjoint test of its AD derivative (max relative disagreement):")
         for name, a in agg.items():
             chk = "n/a (finite differences)" if a["ad_check_max"] is None else f"{a['ad_check_max']:.1e}"
-            lines.append(f"  {name:<10}{a['source'] or '?':<30}adjoint {chk}")
+            lines.append(f"  {name:<{nw}}{a['source'] or '?':<36}adjoint {chk}")
         cons = self.conservative_aggregates()
         if cons:
             lines.append("")

@@ -1,4 +1,4 @@
-"""The ``geolie`` command line: ``geolie demo`` and ``geolie audit``."""
+"""The ``geolie`` command line: ``geolie demo``, ``geolie audit``, ``geolie merge`` and ``geolie models``."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,9 @@ from typing import List, Optional
 def _audit_parser(sub):
     a = sub.add_parser("audit", help="audit a model's equivariance on structures; write report.json, a CSV, plots")
     a.add_argument("--model", required=True,
-                   help="short name (pair-mlp, e3nn, gaunt, cartesian-mlp, schnet, emt) or package.module:factory "
-                        "returning an nn.Module or an ASE Calculator")
+                   help="short name (pair-mlp, e3nn, gaunt, cartesian-mlp, schnet, emt, ...; see geolie models), a "
+                        "potential package's model file (mace:PATH, nequip:PATH, orb:ARCH:WEIGHTS or orb:PATH) "
+                        "or package.module:factory returning an nn.Module or an ASE Calculator")
     a.add_argument("--data", required=True,
                    help="a file ase.io reads, or a bundled dataset with optional split (xtb-md/aspirin:test, "
                         "emt-bulk:test)")
@@ -64,7 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     m.add_argument("folders", nargs="+", help="audit output folders, or folders holding shard-I-of-N subfolders")
     m.add_argument("--out", required=True, help="where the merged results, report.json and plots go")
     m.add_argument("--allow-partial", action="store_true", help="merge even when some structures are in no folder")
+    ms = sub.add_parser("models", help="list the model short names and file prefixes, the extra each needs, and "
+                        "which import now")
+    ms.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.command == "models":
+        return _list_models(args.json)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -84,6 +90,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nmerged {len(report.rows)} structure(s) into {args.out}")
         return 0
     parser.print_help()
+    return 0
+
+
+def _list_models(as_json: bool) -> int:
+    from .adapters._registry import available_models
+
+    rows = available_models()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    w = max(len(r["name"]) for r in rows)
+    print(f"{'model':<{w}}  {'kind':<10}  {'extra':<13}  importable  what")
+    for r in rows:
+        extra = f"[{r['extra']}]" if r["extra"] else "-"
+        ok = "yes" if r["importable"] else "no"
+        print(f"{r['name']:<{w}}  {r['kind']:<10}  {extra:<13}  {ok:<10}  {r['what']}")
+    print("\ninstall an extra with: pip install 'geolie[EXTRA]' (mace also needs: pip install --no-deps "
+          "mace-torch==0.3.16)")
     return 0
 
 

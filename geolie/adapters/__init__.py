@@ -7,13 +7,16 @@ from): ``adapter.evaluation(structure, dtype)``, ``adapter.batch_evaluation(stru
 
 One file per adapter family: ``_protocol`` (:class:`Structure`, :class:`Adapter`, :func:`cast_copy`),
 ``torch_module`` (torch modules), ``ase_calc`` (ASE calculators), ``pyg`` (PyG models), ``e3nn_models``,
-``pretrained`` (potentials whose weights ship in their wheels); ``_registry`` resolves model specs.
+``pretrained`` (potentials whose weights ship in their wheels), and one file per potential package whose model files
+geolie reads (``mace``, ``nequip``, ``orb``, on the shared ``_graph`` base); ``_registry`` resolves model specs
+(:data:`FILE_PACKAGES`: adding a package is one file and one line there).
 """
 from ._protocol import Adapter, Structure, cast_copy
-from ._registry import SHORT_NAMES, load_model
+from ._graph import GraphPotentialAdapter, ModelFileError
+from ._registry import FILE_PACKAGES, SHORT_NAMES, available_models, load_model
 from .ase_calc import CalculatorAdapter
 from .pyg import PyGAdapter
 from .torch_module import PointCloudAdapter, TorchAdapter
 
 __all__ = ["Adapter", "TorchAdapter", "PyGAdapter", "PointCloudAdapter", "CalculatorAdapter", "Structure", "load_model",
-           "cast_copy", "SHORT_NAMES"]
+           "cast_copy", "SHORT_NAMES", "FILE_PACKAGES", "available_models", "GraphPotentialAdapter", "ModelFileError"]

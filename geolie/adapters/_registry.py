@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,11 +23,26 @@ SHORT_NAMES: Dict[str, str] = {
     "chgnet": "geolie.adapters.pretrained:chgnet",
 }
 
+#: ``PREFIX:PATH`` model files of interatomic-potential packages: prefix -> (loader, pip extra, import name,
+#: what the file is)
+FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
+    "mace": ("geolie.adapters.mace:load", "mace", "mace", "a MACE model file (torch.save of the model)"),
+    "nequip": ("geolie.adapters.nequip:load", "nequip", "nequip",
+               "a NequIP/Allegro checkpoint (.ckpt) or package (.nequip.zip)"),
+    "orb": ("geolie.adapters.orb:load", "orb", "orb_models",
+            "an Orb model: ARCHITECTURE[:WEIGHTS.ckpt] or a torch.save of the model"),
+}
+
+#: the optional extra each short name needs ("" for none)
+EXTRAS: Dict[str, str] = {"schnet": "", "ani1x": "pretrained", "sevenn-0": "sevenn", "chgnet": "chgnet"}
+
 
 def load_model(spec: Any, *, device: Optional[str] = None, out_rep: Any = None, per_atom: Optional[bool] = None
                ) -> Adapter:
     """A :class:`Adapter` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
-    ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a ``package.module:factory`` string (the factory returns an
+    ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a model file of a potential package (``mace:PATH``,
+    ``nequip:PATH``, ``orb:ARCH:WEIGHTS`` or ``orb:PATH``; see :data:`FILE_PACKAGES`), a
+    ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
     only is a :class:`PointCloudAdapter` with an invariant output unless ``out_rep`` declares another (``per_atom``:
     its first dimension follows the points). For other torch modules ``out_rep`` declares the outputs beyond energy,
@@ -50,6 +65,11 @@ def _resolve(spec: Any) -> Adapter:
     if isinstance(spec, Adapter):
         return spec
     name = None
+    if isinstance(spec, str) and spec.split(":", 1)[0] in FILE_PACKAGES:
+        prefix, path = spec.split(":", 1)
+        loader = FILE_PACKAGES[prefix][0]
+        mod_name, attr = loader.split(":")
+        return getattr(importlib.import_module(mod_name), attr)(path)
     if isinstance(spec, str):
         name = spec
         target = SHORT_NAMES.get(spec, spec)
@@ -82,3 +102,31 @@ def _resolve(spec: Any) -> Adapter:
         return CalculatorAdapter(obj, name=name or type(obj).__name__)
     raise TypeError(f"model {spec!r}: the factory returned a {type(obj).__name__}; expected a torch.nn.Module, an "
                     "ASE Calculator or a geolie.adapters.Adapter")
+
+
+def available_models() -> List[Dict[str, Any]]:
+    """What ``geolie models`` lists: every short name and file prefix, the extra it needs and whether what it needs
+    imports now (``importable``; ``reason`` when not). Nothing is loaded or built."""
+    rows = []
+    for name, target in SHORT_NAMES.items():
+        mod = target.split(":")[0]
+        needs = {"ani1x": "torchani", "sevenn-0": "sevenn", "chgnet": "chgnet", "schnet": "torch_geometric",
+                 "gate-points": "e3nn", "emt": "ase"}.get(name, mod)
+        ok, why = _importable(needs)
+        rows.append({"name": name, "kind": "short name", "extra": EXTRAS.get(name, ""), "importable": ok,
+                     "reason": why, "what": target})
+    for prefix, (loader, extra, needs, what) in FILE_PACKAGES.items():
+        ok, why = _importable(needs)
+        rows.append({"name": f"{prefix}:PATH", "kind": "model file", "extra": extra, "importable": ok,
+                     "reason": why, "what": what})
+    return rows
+
+
+def _importable(module: str) -> Tuple[bool, str]:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        return False, str(e)
+    return (True, "") if found else (False, f"{module} is not installed")

@@ -1,0 +1,341 @@
+"""Adapters for potential packages' model files (geolie.adapters.mace, .nequip, .orb): randomly initialised models
+built with each package's own constructors, saved the way that package saves them, loaded and audited as a user
+would (``mace:PATH``, ``nequip:PATH``, ``orb:ARCH:WEIGHTS``). Each test skips when its package is not installed."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+import geolie
+from geolie.adapters import Structure, load_model
+from geolie.adapters._graph import ModelFileError
+from geolie.cli import main
+
+MOLS = [molecule("CH3CH2OH"), molecule("H2O")]
+
+
+def _crystal(symbol="Cu", a=3.6, kind="fcc"):
+    b = bulk(symbol, kind, a=a, cubic=True)
+    b.rattle(0.05, seed=1)
+    return b
+
+
+def _structures(crystal):
+    return [Structure.from_atoms(m) for m in MOLS] + [Structure.from_atoms(crystal)]
+
+
+def _assert_at_floor(rep, outputs, tol):
+    for row in rep.rows:
+        for name in outputs:
+            if name not in row["outputs"]:
+                continue
+            o = row["outputs"][name]
+            assert max(o["rel"]) <= tol, (row["name"], name, o["rel"])
+            assert all(o["at_floor"]), (row["name"], name, o["rel"], o["floor_rel"])
+
+
+# -- MACE ------------------------------------------------------------------------------------------------------------
+def _mace_model(build_dtype):
+    """A small ScaleShiftMACE, random init, built under ``build_dtype`` as torch's default dtype (MACE's training
+    sets it from --default_dtype; its coupling coefficients are computed in it)."""
+    from e3nn import o3
+    from mace.modules import interaction_classes
+    from mace.modules.models import ScaleShiftMACE
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(build_dtype)
+    try:
+        torch.manual_seed(0)
+        z = [1, 6, 7, 8, 29]
+        block = interaction_classes["RealAgnosticResidualInteractionBlock"]
+        return ScaleShiftMACE(r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2, interaction_cls=block,
+                              interaction_cls_first=block, num_interactions=2, num_elements=len(z),
+                              hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("8x0e"),
+                              atomic_energies=np.zeros(len(z)), avg_num_neighbors=8.0, atomic_numbers=z,
+                              correlation=2, gate=torch.nn.functional.silu, atomic_inter_scale=1.0,
+                              atomic_inter_shift=0.0)
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="module")
+def mace_files(tmp_path_factory):
+    pytest.importorskip("mace.modules")
+    d = tmp_path_factory.mktemp("mace")
+    files = {}
+    for dt in (torch.float64, torch.float32):
+        files[dt] = str(d / f"small_{str(dt)[6:]}.model")
+        torch.save(_mace_model(dt), files[dt])  # what mace_run_train writes: torch.save(model)
+    return files
+
+
+@pytest.fixture(scope="module")
+def mace_file(mace_files):
+    return mace_files[torch.float64]
+
+
+def test_mace_at_floor_in_float64_on_molecules_and_cells(mace_file):
+    """An exactly equivariant MACE (random init): every output at its float64 floor, about 1e-15 relative, on
+    molecules and a periodic cell (stress included); the model's own autograd forces are what is audited."""
+    pot = load_model(f"mace:{mace_file}")
+    rep = geolie.audit(pot, _structures(_crystal()), dtype=torch.float64, n_finite=1, progress=False)
+    _assert_at_floor(rep, ["energy", "forces", "stress", "node_energy"], 1e-12)
+    row = rep.rows[-1]
+    assert {"energy", "forces", "stress", "node_energy"} <= set(row["outputs"])
+    assert row["outputs"]["forces"]["source"] == "-dE/dx (model autograd)"
+    assert row["outputs"]["forces"]["ad_check"] < 1e-9  # the AD derivative agrees with the model's reverse pass
+    assert all(v < 1e-12 for v in row["finite"]["forces"].values())
+
+
+def test_mace_built_in_float32_and_cast_to_float64_is_caught(mace_files):
+    """Regression case (float32 constants): a MACE built in float32 (its coupling coefficients computed and rounded
+    in float32) and cast to float64, as MACECalculator(default_dtype="float64") does with such a file, breaks
+    rotations at ~1e-11 relative in its forces: far above the float64 floor, and the finite rotations agree. Built in
+    float64, the same model sits at the floor (previous test)."""
+    pot = load_model(f"mace:{mace_files[torch.float32]}")
+    rep = geolie.audit(pot, [Structure.from_atoms(MOLS[0])], dtype=torch.float64, n_finite=2, progress=False)
+    f = rep.rows[0]["outputs"]["forces"]
+    assert 1e-13 < max(f["rel"][:3]) < 1e-8 and not all(f["at_floor"][:3])
+    assert rep.rows[0]["finite"]["forces"]["rotation"] > 1e-13  # the finite companion sees it too
+    assert max(f["rel"][:3]) > 100 * max(f["floor_rel"][:3])
+
+
+def test_mace_float32_at_floor_and_batch_invariant(mace_file):
+    pot = load_model(f"mace:{mace_file}")
+    sts = [Structure.from_atoms(m) for m in MOLS]
+    one = geolie.audit(pot, sts, dtype=torch.float32, batch_size=1, n_finite=0, progress=False)
+    both = geolie.audit(pot, sts, dtype=torch.float32, batch_size=2, n_finite=0, floor_sample=None, progress=False)
+    assert both.rows[0].get("batched") == 2
+    for a, b in zip(one.rows, both.rows):
+        for name in ("energy", "forces"):
+            assert max(a["outputs"][name]["rel"]) < 1e-5
+            np.testing.assert_allclose(a["outputs"][name]["rel"], b["outputs"][name]["rel"], atol=1e-6)
+
+
+def test_mace_agrees_with_its_ase_calculator(mace_file):
+    """Energy, forces and stress through geolie's adapter equal MACECalculator's on the same file (float64)."""
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=mace_file, device="cpu", default_dtype="float64")
+    pot = load_model(f"mace:{mace_file}")
+    for atoms in (MOLS[0], _crystal()):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        st = Structure.from_atoms(atoms)
+        ev = pot.evaluation(st, torch.float64)
+        out = ev.fn(*ev.inputs)
+        assert abs(float(out["energy"]) - atoms.get_potential_energy()) < 1e-9
+        np.testing.assert_allclose(out["forces"].detach().numpy(), atoms.get_forces(), atol=1e-10)
+        if st.cell is not None:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(out["stress"].detach().numpy()),
+                                       atoms.get_stress(), atol=1e-10)
+
+
+def test_mace_bad_inputs_name_the_file_and_cause(mace_file, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(f"mace:{tmp_path / 'missing.model'}")
+    bad = tmp_path / "corrupt.model"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(ModelFileError, match="corrupt.model"):
+        load_model(f"mace:{bad}")
+    sd = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, sd)
+    with pytest.raises(ModelFileError, match="holds a dict"):
+        load_model(f"mace:{sd}")
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2), other)
+    with pytest.raises(ModelFileError, match="not a MACE model"):
+        load_model(f"mace:{other}")
+    pot = load_model(f"mace:{mace_file}")
+    with pytest.raises(ValueError, match="cannot handle element"):
+        geolie.audit(pot, [Structure.from_atoms(molecule("CH3Cl"))], progress=False)
+
+
+def test_cli_audits_a_mace_file_and_lists_models(mace_file, tmp_path, capsys):
+    from ase.io import write
+
+    data = tmp_path / "mols.xyz"
+    write(data, MOLS)
+    out = tmp_path / "audit"
+    rc = main(["audit", "--model", f"mace:{mace_file}", "--data", str(data), "--out", str(out), "--n-finite", "0"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["structures"]) == 2 and report["model"].startswith("mace:")
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = {r["name"]: r for r in rows}
+    assert names["mace:PATH"]["extra"] == "mace" and names["mace:PATH"]["importable"]
+    assert {"nequip:PATH", "orb:PATH", "schnet"} <= set(names)
+
+
+# -- NequIP ----------------------------------------------------------------------------------------------------------
+def _nequip_checkpoint(path, model_dtype):
+    """A NequIP checkpoint saved through NequIP's own Lightning module, as nequip-train writes them."""
+    lightning = pytest.importorskip("lightning")
+    from nequip.train import NequIPLightningModule
+    from nequip.utils import get_current_code_versions
+    from nequip.utils.global_state import set_global_state
+
+    old = torch.get_default_dtype()
+    set_global_state(allow_tf32=False)  # sets torch's default dtype to float64 for the process: restored below
+    cfg = {"_target_": "nequip.model.NequIPGNNModel", "seed": 0, "model_dtype": model_dtype, "r_max": 4.0,
+           "type_names": ["H", "C", "N", "O"], "num_layers": 2, "l_max": 2, "num_features": 8,
+           "radial_mlp_width": 16, "avg_num_neighbors": 8.0}
+    info = {"versions": get_current_code_versions(verbose=False),
+            "training_module": {"_target_": "nequip.train.NequIPLightningModule"}}
+    lm = NequIPLightningModule(model=cfg, num_datasets={"train": 1, "val": 1, "test": 0}, info_dict=info)
+    trainer = lightning.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu",
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(lm)
+    trainer.save_checkpoint(str(path))
+    torch.set_default_dtype(old)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def nequip_files(tmp_path_factory):
+    pytest.importorskip("nequip")
+    d = tmp_path_factory.mktemp("nequip")
+    return {dt: _nequip_checkpoint(d / f"nequip_{dt}.ckpt", dt) for dt in ("float64", "float32")}
+
+
+def test_nequip_at_floor_in_float64_on_molecules_and_cells(nequip_files):
+    pot = load_model(f"nequip:{nequip_files['float64']}")
+    assert torch.get_default_dtype() == torch.float32  # nequip's global state did not leak into the caller
+    rep = geolie.audit(pot, _structures(_crystal("C", 3.57, "diamond")), dtype=torch.float64, n_finite=1,
+                       progress=False)
+    _assert_at_floor(rep, ["energy", "forces", "stress", "atomic_energy"], 1e-12)
+    assert "stress" in rep.rows[-1]["outputs"]
+
+
+def test_nequip_float32_model_cast_to_float64(nequip_files):
+    """Regression case: a NequIP model built in float32 and audited as a float64 copy. NequIP casts activations to a
+    ``model_dtype`` attribute that ``.to()`` leaves alone (a naive cast fails: 'double != float'); the adapter sets
+    it, the copy computes in float64, sits at the float64 floor, and the report says the model was built in float32."""
+    pot = load_model(f"nequip:{nequip_files['float32']}")
+    rep = geolie.audit(pot, [Structure.from_atoms(MOLS[0])], dtype=torch.float64, n_finite=1, progress=False)
+    _assert_at_floor(rep, ["energy", "forces"], 1e-12)
+    assert any("model_dtype=float32" in n for n in rep.notes())
+    import copy
+
+    naive = copy.deepcopy(pot._module).to(torch.float64).train()
+    ev = pot.evaluation(Structure.from_atoms(MOLS[0]), torch.float64)
+    with pytest.raises(RuntimeError, match="dtype"):
+        pot._run(naive, ev.inputs[0].clone().requires_grad_(), None,
+                 pot._graph(ev.inputs[1], ev.inputs[0], None, None, torch.float64), False)
+
+
+def test_nequip_agrees_with_its_ase_calculator(nequip_files):
+    from nequip.integrations.ase import NequIPCalculator
+
+    path = nequip_files["float64"]
+    from geolie._torch_utils import default_dtype
+
+    # NequIP's calculator converts atoms in torch's default dtype, which NequIP's global state sets to float64
+    # (under a float32 default it computes from float32 positions): it runs under float64, geolie under the caller's
+    with default_dtype(torch.float64):
+        calc = NequIPCalculator._from_saved_model(path, device="cpu")
+    pot = load_model(f"nequip:{path}")
+    for atoms in (MOLS[0], _crystal("C", 3.57, "diamond")):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        with default_dtype(torch.float64):
+            atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress() if atoms.pbc.any() else None
+        st = Structure.from_atoms(atoms)
+        out = pot.evaluation(st, torch.float64)
+        res = out.fn(*out.inputs)
+        assert abs(float(res["energy"]) - atoms.get_potential_energy()) < 1e-9
+        np.testing.assert_allclose(res["forces"].detach().numpy(), atoms.get_forces(), atol=1e-10)
+        if st.cell is not None:
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()),
+                                       atoms.get_stress(), atol=1e-10)
+
+
+def test_nequip_rejects_another_packages_file(mace_file, tmp_path):
+    with pytest.raises(ModelFileError, match="nequip: cannot load model file"):
+        load_model(f"nequip:{mace_file}")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(f"nequip:{tmp_path / 'none.ckpt'}")
+
+
+# -- Orb -------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def orb_files(tmp_path_factory):
+    pytest.importorskip("orb_models.forcefield.pretrained")
+    from orb_models.forcefield import pretrained
+    from orb_models.forcefield.atomic_system import SystemConfig
+
+    d = tmp_path_factory.mktemp("orb")
+    files = {}
+    torch.manual_seed(0)
+    for kind in ("direct", "conservative"):
+        m = getattr(pretrained, f"orb_v3_{kind}_architecture")(
+            system_config=SystemConfig(radius=6.0, max_num_neighbors=20), latent_dim=32, base_mlp_hidden_dim=64,
+            head_mlp_hidden_dim=32, num_message_passing_steps=2)
+        files[kind] = str(d / f"orb_{kind}.pt")
+        torch.save(m, files[kind])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["direct", "conservative"])
+def test_orb_breaks_rotations_and_finite_companions_agree(orb_files, kind):
+    """Orb v3 is not built equivariant: a random-init model's rotational Lie derivatives are far above the float64
+    floor for every output, its translations are at the floor (edge vectors are differences), and the finite
+    rotations agree with the Lie derivative in order of magnitude."""
+    pot = load_model(f"orb:{orb_files[kind]}")
+    rep = geolie.audit(pot, _structures(_crystal()), dtype=torch.float64, n_finite=1, progress=False)
+    for row in rep.rows:
+        for name in ("energy", "forces") + (("stress",) if row["outputs"].get("stress") else ()):
+            o = row["outputs"][name]
+            assert min(o["rel"][:3]) > 1e-6 and not any(o["at_floor"][:3]), (name, o["rel"])
+            assert max(o["rel"][3:]) < 1e-12
+            iso = float(np.sqrt(np.mean(np.square(o["rel"][:3]))))
+            fin = row["finite"][name]["rotation"]
+            assert 0.02 < fin / iso < 50, (name, fin, iso)
+    src = rep.rows[0]["outputs"]["forces"]["source"]
+    assert src == ("model" if kind == "direct" else "-dE/dx (model autograd)")
+
+
+def test_orb_agrees_with_its_ase_calculator(orb_files):
+    from orb_models.forcefield.calculator import ORBCalculator
+
+    for kind in ("direct", "conservative"):
+        pot = load_model(f"orb:{orb_files[kind]}")
+        calc = ORBCalculator(torch.load(orb_files[kind], weights_only=False).eval(), device="cpu")
+        for atoms in (MOLS[0], _crystal()):
+            atoms = atoms.copy()
+            atoms.calc = calc
+            st = Structure.from_atoms(atoms)
+            ev = pot.evaluation(st, torch.float32)
+            res = ev.fn(*ev.inputs)
+            f = atoms.get_forces()
+            np.testing.assert_allclose(res["forces"].detach().numpy(), f, atol=2e-4 * max(1.0, np.abs(f).max()))
+            if st.cell is not None:
+                from ase.stress import full_3x3_to_voigt_6_stress
+
+                s = atoms.get_stress()
+                np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()), s,
+                                           atol=2e-4 * max(1e-3, np.abs(s).max()))
+
+
+def test_orb_state_dict_needs_its_architecture(orb_files, tmp_path):
+    from orb_models.forcefield import pretrained
+
+    m = pretrained.orb_v3_direct_architecture()  # Orb's full-size architecture, random init
+    ckpt = tmp_path / "weights.ckpt"
+    torch.save(m.state_dict(), ckpt)
+    with pytest.raises(ModelFileError, match="name its architecture"):
+        load_model(f"orb:{ckpt}")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        load_model(f"orb:orb-v9-nothing:{ckpt}")
+    pot = load_model(f"orb:orb-v3-direct-20-omat:{ckpt}")
+    assert pot.cutoff == 6.0 and not pot.conservative
+    with pytest.raises(ModelFileError, match="cannot load weights"):
+        load_model(f"orb:orb-v3-conservative-20-omat:{orb_files['direct']}")
