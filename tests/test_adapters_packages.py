@@ -179,21 +179,20 @@ def _nequip_checkpoint(path, model_dtype):
     lightning = pytest.importorskip("lightning")
     from nequip.train import NequIPLightningModule
     from nequip.utils import get_current_code_versions
-    from nequip.utils.global_state import set_global_state
 
-    old = torch.get_default_dtype()
-    set_global_state(allow_tf32=False)  # sets torch's default dtype to float64 for the process: restored below
+    from geolie.adapters.nequip import nequip_global_state
+
     cfg = {"_target_": "nequip.model.NequIPGNNModel", "seed": 0, "model_dtype": model_dtype, "r_max": 4.0,
            "type_names": ["H", "C", "N", "O"], "num_layers": 2, "l_max": 2, "num_features": 8,
            "radial_mlp_width": 16, "avg_num_neighbors": 8.0}
     info = {"versions": get_current_code_versions(verbose=False),
             "training_module": {"_target_": "nequip.train.NequIPLightningModule"}}
-    lm = NequIPLightningModule(model=cfg, num_datasets={"train": 1, "val": 1, "test": 0}, info_dict=info)
-    trainer = lightning.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu",
-                                enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(lm)
-    trainer.save_checkpoint(str(path))
-    torch.set_default_dtype(old)
+    with nequip_global_state():  # NequIP's process-wide settings, undone after (they break other tests)
+        lm = NequIPLightningModule(model=cfg, num_datasets={"train": 1, "val": 1, "test": 0}, info_dict=info)
+        trainer = lightning.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu",
+                                    enable_progress_bar=False, enable_model_summary=False)
+        trainer.strategy.connect(lm)
+        trainer.save_checkpoint(str(path))
     return str(path)
 
 
@@ -205,8 +204,13 @@ def nequip_files(tmp_path_factory):
 
 
 def test_nequip_at_floor_in_float64_on_molecules_and_cells(nequip_files):
+    import e3nn
+
+    before = (torch.get_rng_state(), dict(e3nn.get_optimization_defaults()))
     pot = load_model(f"nequip:{nequip_files['float64']}")
-    assert torch.get_default_dtype() == torch.float32  # nequip's global state did not leak into the caller
+    # nequip's global state did not leak into the caller: default dtype, RNG, e3nn's compilation defaults
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.equal(torch.get_rng_state(), before[0]) and e3nn.get_optimization_defaults() == before[1]
     rep = geolie.audit(pot, _structures(_crystal("C", 3.57, "diamond")), dtype=torch.float64, n_finite=1,
                        progress=False)
     _assert_at_floor(rep, ["energy", "forces", "stress", "atomic_energy"], 1e-12)
@@ -238,7 +242,9 @@ def test_nequip_agrees_with_its_ase_calculator(nequip_files):
 
     # NequIP's calculator converts atoms in torch's default dtype, which NequIP's global state sets to float64
     # (under a float32 default it computes from float32 positions): it runs under float64, geolie under the caller's
-    with default_dtype(torch.float64):
+    from geolie.adapters.nequip import nequip_global_state
+
+    with default_dtype(torch.float64), nequip_global_state():
         calc = NequIPCalculator._from_saved_model(path, device="cpu")
     pot = load_model(f"nequip:{path}")
     for atoms in (MOLS[0], _crystal("C", 3.57, "diamond")):

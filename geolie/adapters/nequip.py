@@ -17,6 +17,7 @@ case in the tests).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -94,18 +95,45 @@ def load(path: str) -> NequIPAdapter:
     require("nequip", "nequip")
     check_file(path, "nequip")
     from nequip.model.saved_models.load_utils import load_saved_model
-    from nequip.utils.global_state import global_state_initialized, set_global_state
 
-    # nequip builds models only after set_global_state, which also sets torch's default dtype to float64 for the
-    # whole process: geolie restores the caller's default once the model is loaded (the model does not read it)
-    old = torch.get_default_dtype()
     try:
-        if not global_state_initialized():
-            set_global_state(allow_tf32=False)
-        model = load_saved_model(path)
+        with nequip_global_state():
+            model = load_saved_model(path)
     except Exception as e:  # noqa: BLE001 - a file nequip cannot read, said with its cause
         raise ModelFileError(f"nequip: cannot load model file {path!r} (a NequIP .ckpt or .nequip.zip): "
                              f"{type(e).__name__}: {e}") from None
-    finally:
-        torch.set_default_dtype(old)
     return NequIPAdapter(model, path=path)
+
+
+@contextlib.contextmanager
+def nequip_global_state():
+    """NequIP's ``set_global_state`` inside the block, the caller's process state restored after it.
+
+    NequIP builds models only after ``set_global_state``, which changes the whole process: torch's default dtype
+    (float64), every random generator (``seed_everything(123)``), e3nn's optimisation defaults (which change how
+    e3nn modules built later are compiled: geolie's own e3nn models then fail to copy) and the TorchScript fusion
+    strategy. geolie restores all four when the block ends (the loaded model reads none of them)."""
+    import random
+
+    import numpy as np
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
+    import e3nn
+
+    saved = (torch.get_default_dtype(), torch.get_rng_state(), np.random.get_state(), random.getstate(),
+             dict(e3nn.get_optimization_defaults()))
+    fusion = None
+    try:
+        if not global_state_initialized():
+            fusion = torch.jit.set_fusion_strategy([("STATIC", 2), ("DYNAMIC", 10)])  # returns the caller's
+            torch.jit.set_fusion_strategy(fusion)
+            set_global_state(allow_tf32=False)
+        yield
+    finally:
+        torch.set_default_dtype(saved[0])
+        torch.set_rng_state(saved[1])
+        np.random.set_state(saved[2])
+        random.setstate(saved[3])
+        e3nn.set_optimization_defaults(**saved[4])
+        if fusion is not None:
+            torch.jit.set_fusion_strategy(fusion)

@@ -1,0 +1,184 @@
+"""Audit throughput for potential packages' models: geolie's exact AD through the model's own module against the
+package's ASE calculator differentiated by finite differences (geolie's ``CalculatorAdapter``), in one run.
+
+Models (random init, built with each package's constructors at a typical size, saved and loaded as a user would):
+
+* MACE, MACE-MP-0-small-like: 128x0e hidden, max_ell 3, correlation 3, 2 interactions, r_max 6 Å;
+* NequIP, its default preset: 4 layers, l_max 1, 32 features, r_max 5 Å;
+* Orb v3 direct and conservative at Orb's own size (latent 256, 5 message-passing steps; ``orb-v3-*-20-omat``).
+
+Structures: 20-atom molecules (bundled ``xtb-md/aspirin`` frames, 21 atoms; Orb and MACE/NequIP with H, C, O) and
+64-atom cells (fcc Cu 2x2x4, rattled). For each model, structure kind and dtype: structures/s of
+``geolie.audit`` with default figures but no finite companions (``n_finite=0``: the Lie derivatives, their adjoint
+test and floors) — median of ``--repeat`` runs after a warm-up — and of the calculator route through finite
+differences (float64 only), with the relative floor each reaches (median over structures, forces). Writes
+``benchmarks/results/potential_packages.json``; packages that are not installed are skipped and said so.
+
+    python benchmarks/potential_packages.py [--structures 4] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import device_info, result_path, timeit, write_json  # noqa: E402
+
+import geolie  # noqa: E402
+from geolie.adapters import CalculatorAdapter, Structure, load_model  # noqa: E402
+
+
+def _mace(d):
+    from e3nn import o3
+    from mace.calculators import MACECalculator
+    from mace.modules import interaction_classes
+    from mace.modules.models import ScaleShiftMACE
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        z = [1, 6, 7, 8, 29]
+        block = interaction_classes["RealAgnosticResidualInteractionBlock"]
+        m = ScaleShiftMACE(r_max=6.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
+                           interaction_cls_first=block, num_interactions=2, num_elements=len(z),
+                           hidden_irreps=o3.Irreps("128x0e"), MLP_irreps=o3.Irreps("16x0e"),
+                           atomic_energies=np.zeros(len(z)), avg_num_neighbors=20.0, atomic_numbers=z,
+                           correlation=3, gate=torch.nn.functional.silu, atomic_inter_scale=1.0,
+                           atomic_inter_shift=0.0)
+    finally:
+        torch.set_default_dtype(old)
+    path = os.path.join(d, "mace.model")
+    torch.save(m, path)
+    return f"mace:{path}", lambda: MACECalculator(model_paths=path, device="cpu", default_dtype="float64")
+
+
+def _nequip(d):
+    import lightning
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.train import NequIPLightningModule
+    from nequip.utils import get_current_code_versions
+
+    from geolie.adapters.nequip import nequip_global_state
+
+    cfg = {"_target_": "nequip.model.NequIPGNNModel", "seed": 0, "model_dtype": "float64", "r_max": 5.0,
+           "type_names": ["H", "C", "N", "O", "Cu"], "num_layers": 4, "l_max": 1, "num_features": 32,
+           "avg_num_neighbors": 20.0}
+    info = {"versions": get_current_code_versions(verbose=False),
+            "training_module": {"_target_": "nequip.train.NequIPLightningModule"}}
+    path = os.path.join(d, "nequip.ckpt")
+    with nequip_global_state():
+        lm = NequIPLightningModule(model=cfg, num_datasets={"train": 1, "val": 1, "test": 0}, info_dict=info)
+        tr = lightning.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu",
+                               enable_progress_bar=False, enable_model_summary=False)
+        tr.strategy.connect(lm)
+        tr.save_checkpoint(path)
+
+    def calc():
+        from geolie._torch_utils import default_dtype
+
+        with default_dtype(torch.float64), nequip_global_state():
+            return NequIPCalculator._from_saved_model(path, device="cpu")
+
+    return f"nequip:{path}", calc
+
+
+def _orb(d, kind):
+    from orb_models.forcefield import pretrained
+    from orb_models.forcefield.calculator import ORBCalculator
+
+    torch.manual_seed(0)
+    m = getattr(pretrained, f"orb_v3_{kind}_architecture")()
+    path = os.path.join(d, f"orb_{kind}.ckpt")
+    torch.save(m.state_dict(), path)
+    arch = f"orb-v3-{kind}-20-omat"
+    return f"orb:{arch}:{path}", lambda: ORBCalculator(getattr(pretrained, arch.replace("-", "_"))(
+        weights_path=path, device="cpu", precision="float64", compile=False), device="cpu")
+
+
+def _structures(n):
+    mols = [Structure.from_atoms(a, name=f"aspirin {i}") for i, a in
+            enumerate(geolie.data.load("xtb-md/aspirin", "test")[:n])]
+    from ase.build import bulk
+
+    cells = []
+    for i in range(n):
+        b = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 4))
+        b.rattle(0.05, seed=i)
+        cells.append(Structure.from_atoms(b, name=f"Cu64 {i}"))
+    return {"molecules (21 atoms)": mols, "cells (64 atoms)": cells}
+
+
+def _floor(rep):
+    return float(np.nanmedian([np.nanmedian(r["outputs"]["forces"]["floor_rel"]) for r in rep.rows]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--structures", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--packages", nargs="*", default=["mace", "nequip", "orb-direct", "orb-conservative"])
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    sets = _structures(args.structures)
+    results, skipped = [], {}
+    with tempfile.TemporaryDirectory() as d:
+        for pkg in args.packages:
+            try:
+                spec, calc = {"mace": _mace, "nequip": _nequip}[pkg](d) if pkg in ("mace", "nequip") else \
+                    _orb(d, pkg.split("-")[1])
+            except ImportError as e:
+                skipped[pkg] = f"not installed ({e})"
+                print(f"{pkg}: skipped, {skipped[pkg]}")
+                continue
+            pot = load_model(spec)
+
+            def fresh_calc(make=calc):
+                # MACE's and Orb's calculators set torch's default dtype for the whole process: restored here
+                from geolie._torch_utils import default_dtype
+
+                with default_dtype(torch.get_default_dtype()):
+                    return make()
+
+            c = fresh_calc()  # one calculator, reused (built once, as a user would)
+            ca = CalculatorAdapter(c, name=f"{pkg} calculator")
+            for kind, sts in sets.items():
+                n = len(sts)
+                for dtype in (torch.float32, torch.float64):
+                    last = {}
+
+                    def run():
+                        last["rep"] = geolie.audit(pot, sts, dtype=dtype, n_finite=0, progress=False,
+                                                   floor_sample=None)
+
+                    t = timeit(run, warmup=1, repeat=args.repeat)
+                    row = {"package": pkg, "structures": kind, "route": "geolie AD (model module)",
+                           "dtype": str(dtype)[6:], "structures_per_s": n / t["median_s"],
+                           "forces_floor_rel": _floor(last["rep"])}
+                    results.append(row)
+                    print(row)
+
+                def run_fd():
+                    last["rep"] = geolie.audit(ca, sts, dtype=torch.float64, n_finite=0, progress=False,
+                                               floor_sample=None, batch_size=1)
+
+                t = timeit(run_fd, warmup=0, repeat=1)
+                row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
+                       "dtype": "float64", "structures_per_s": n / t["median_s"],
+                       "forces_floor_rel": _floor(last["rep"])}
+                results.append(row)
+                print(row)
+    out = result_path("potential_packages")
+    write_json(out, {"device": device_info("cpu"), "threads": torch.get_num_threads(),
+                     "structures_per_set": args.structures, "repeat": args.repeat, "results": results,
+                     "skipped": skipped})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
