@@ -30,7 +30,7 @@ FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
     "nequip": ("geolie.adapters.nequip:load", "nequip", "nequip",
                "a NequIP/Allegro checkpoint (.ckpt) or package (.nequip.zip)"),
     "orb": ("geolie.adapters.orb:load", "orb", "orb_models",
-            "an Orb model: ARCHITECTURE[:WEIGHTS.ckpt] or a torch.save of the model"),
+            "an Orb model: ARCHITECTURE:WEIGHTS.ckpt (a state dict) or PATH (torch.save of the model)"),
 }
 
 #: the optional extra each short name needs ("" for none)
