@@ -24,7 +24,6 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from .. import _evaluation as ev_mod
@@ -231,10 +230,7 @@ class GraphPotentialAdapter(Adapter):
         """Several molecules in one call (one graph each, no edge across structures); per-structure outputs."""
         if not all(self.can_batch(st) for st in sts):
             raise ValueError(f"{self.name}: periodic structures are audited one per call; use batch_size=1")
-        pos = torch.as_tensor(np.concatenate([st.positions for st in sts]), dtype=dtype, device=self.device)
-        z = torch.as_tensor(np.concatenate([st.numbers for st in sts]), dtype=torch.long, device=self.device)
-        batch = torch.cat([torch.full((len(st.numbers),), k, dtype=torch.long) for k, st in enumerate(sts)]).to(
-            self.device)
+        pos, z, batch = self.batch_inputs(sts, dtype)
         return self._evaluation(pos, z, None, batch, dtype, f"batch of {len(sts)}")
 
     def layerwise_target(self, st: Structure, dtype: torch.dtype):

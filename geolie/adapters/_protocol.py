@@ -125,6 +125,15 @@ class Adapter:
         return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
                 torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
 
+    def batch_inputs(self, sts: Sequence[Structure], dtype: torch.dtype):
+        """``(pos, z, batch)`` of several structures concatenated, on this adapter's device (``batch [N]``: which
+        structure each atom belongs to)."""
+        pos = torch.as_tensor(np.concatenate([st.positions for st in sts]), dtype=dtype, device=self.device)
+        z = torch.as_tensor(np.concatenate([st.numbers for st in sts]), dtype=torch.long, device=self.device)
+        batch = torch.cat([torch.full((len(st.numbers),), k, dtype=torch.long) for k, st in enumerate(sts)]).to(
+            self.device)
+        return pos, z, batch
+
 
 class CopyCache:
     """Per-dtype copies of a module (see :func:`cast_copy`), with the notes each cast produced."""

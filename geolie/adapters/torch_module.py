@@ -25,7 +25,6 @@ import contextlib
 import inspect
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .. import _evaluation as ev_mod
@@ -203,10 +202,7 @@ class TorchAdapter(Adapter):
         if not all(self.can_batch(st) for st in sts):
             raise ValueError(f"{self.name}: batched audits need a forward(z, pos, batch), forward(z, pos, "
                              "edge_index, batch) or forward(data) module and molecules; use batch_size=1")
-        pos = torch.as_tensor(np.concatenate([st.positions for st in sts]), dtype=dtype, device=self.device)
-        z = torch.as_tensor(np.concatenate([st.numbers for st in sts]), dtype=torch.long, device=self.device)
-        batch = torch.cat([torch.full((len(st.numbers),), i, dtype=torch.long) for i, st in enumerate(sts)]).to(
-            self.device)
+        pos, z, batch = self.batch_inputs(sts, dtype)
         return self._evaluation(pos, z, None, batch, dtype, f"batch of {len(sts)}")
 
     def layerwise_target(self, st: Structure, dtype: torch.dtype):
