@@ -170,9 +170,29 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     return ev, rep, cons, finite
 
 
-def _row_of(i, st, rep, b: int, cons, finite) -> Dict[str, Any]:
+#: a model whose repeated identical calls differ by more than this many machine epsilons is called non-deterministic
+NONDETERMINISM_EPS = 1000
+
+
+def nondeterminism_notes(finite: Dict[str, Dict[str, float]], dtype: torch.dtype) -> List[str]:
+    """A note for each output whose ``repeat`` figure (the same input twice) exceeds :data:`NONDETERMINISM_EPS`
+    machine epsilons: the model draws random numbers (or reduces in a varying order) inside its call, so finite
+    errors below that level measure the randomness, and the adjoint test, which compares two calls, is bounded by it."""
+    eps = torch.finfo(dtype).eps
+    notes = []
+    for name, fams in finite.items():
+        r = fams.get("repeat")
+        if r is not None and r > NONDETERMINISM_EPS * eps:
+            notes.append(f"{name}: not deterministic, two identical calls differ by more than {NONDETERMINISM_EPS} "
+                         "machine epsilons (each row's finite 'repeat'): finite errors below that measure the model's "
+                         "randomness, and the adjoint test, comparing two calls, is limited by it")
+    return notes
+
+
+def _row_of(i, st, rep, b: int, cons, finite, dtype: torch.dtype = torch.float64) -> Dict[str, Any]:
+    notes = list(rep.notes) + nondeterminism_notes(finite, dtype)
     row: Dict[str, Any] = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
-                           "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": rep.notes}
+                           "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": notes}
     if cons is not None:
         row["conservative"] = {k: v[b] for k, v in cons.items()}
     row["finite"] = finite
@@ -185,7 +205,7 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True):
     # atoms are permuted within the structure (per-atom flags from the evaluation)
     ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
                                      seed, 1, {}, floors)
-    row = _row_of(index, st, rep, 0, cons, finite[0])
+    row = _row_of(index, st, rep, 0, cons, finite[0], dtype)
     if layerwise:
         target = pot.layerwise_target(st, dtype)
         if target is None:
@@ -209,7 +229,8 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True):
         pot.check(st, f"structure {i} ({st.name})")
     _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
                                     group, dtype, n_finite, seed, len(chunk), {}, floors)
-    return [dict(_row_of(i, st, rep, b, cons, finite[b]), batched=len(chunk)) for b, (i, st) in enumerate(chunk)]
+    return [dict(_row_of(i, st, rep, b, cons, finite[b], dtype), batched=len(chunk))
+            for b, (i, st) in enumerate(chunk)]
 
 
 def floor_sample_indices(n_total: int, k: int) -> List[int]:

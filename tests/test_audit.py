@@ -529,3 +529,35 @@ def test_floor_sample_is_reused_and_shard_invariant():
     merged = sorted((r for p in parts for r in p.rows), key=lambda r: r["index"])
     single = geolie.audit("pair-mlp", mols, n_finite=0, progress=False, floor_sample=4, batch_size=1)
     assert merged == single.rows
+
+
+class _NoisyInvariant(torch.nn.Module):
+    """E = Σ_ij |x_i − x_j|² (exactly invariant) times 1 + ``noise`` × a fresh uniform draw on every call: a model that is
+    not deterministic (as models drawing random frames per call are), with its randomness of closed-form size."""
+
+    def __init__(self, noise):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, z, pos, batch=None):
+        b = torch.zeros(len(pos), dtype=torch.long) if batch is None else batch
+        d = pos[:, None] - pos[None]
+        same = (b[:, None] == b[None]).to(pos.dtype)
+        e = torch.zeros(int(b.max()) + 1, dtype=pos.dtype).index_add(0, b, ((d * d).sum(-1) * same).sum(1))
+        return e * (1 + self.noise * torch.rand(e.shape, dtype=pos.dtype))
+
+
+def test_nondeterministic_model_is_said():
+    """Repeated identical calls that differ by more than 1000 machine epsilons put a note on the row: the finite
+    errors and the adjoint test are then bounded by the model's randomness. A deterministic model gets no note."""
+    from ase import Atoms
+
+    atoms = [Atoms("H3", positions=np.random.default_rng(0).normal(size=(3, 3)))]
+    rep = geolie.audit(_NoisyInvariant(1e-9), atoms, n_finite=1, progress=False)
+    row = rep.rows[0]
+    assert 1e-12 < row["finite"]["energy"]["repeat"] < 2e-9  # |u1 − u2| · 1e-9, |u1 − u2| < 1
+    assert any(n.startswith("energy: not deterministic") for n in row["notes"])
+    assert any("not deterministic" in n for n in rep.notes())
+    quiet = geolie.audit(_NoisyInvariant(0.0), atoms, n_finite=1, progress=False)
+    assert not any("not deterministic" in n for n in quiet.rows[0]["notes"])
+    assert max(quiet.rows[0]["outputs"]["energy"]["rel"]) < 1e-13
