@@ -170,7 +170,7 @@ def test_cli_audits_a_mace_file_and_lists_models(mace_file, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     names = {r["name"]: r for r in rows}
     assert names["mace:PATH"]["extra"] == "mace" and names["mace:PATH"]["importable"]
-    assert {"nequip:PATH", "orb:PATH", "schnet"} <= set(names)
+    assert {"nequip:PATH", "orb:PATH", "fairchem:PATH", "mattersim:PATH", "schnet"} <= set(names)
 
 
 # -- NequIP ----------------------------------------------------------------------------------------------------------
@@ -498,3 +498,79 @@ def test_fairchem_tasks_and_bad_files(fairchem_files, mace_file, tmp_path):
     bad.write_bytes(b"\x80\x02not a checkpoint")
     with pytest.raises(ModelFileError, match="corrupt.pt"):
         load_model(f"fairchem:{bad}")
+
+
+# -- MatterSim (M3GNet) ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mattersim_file(tmp_path_factory):
+    """A small M3GNet (random init) saved with MatterSim's own ``Potential.save``."""
+    pytest.importorskip("mattersim.forcefield.potential")
+    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
+    from mattersim.forcefield.potential import Potential
+
+    torch.manual_seed(0)
+    model = M3Gnet(num_blocks=2, units=16, max_l=3, max_n=3, cutoff=5.0, threebody_cutoff=4.0, device="cpu")
+    path = tmp_path_factory.mktemp("mattersim") / "m3gnet.pth"
+    Potential(model, device="cpu").save(str(path))
+    return str(path)
+
+
+def test_mattersim_invariant_at_its_float32_floor(mattersim_file):
+    """M3GNet sees edge lengths and angles only: every output at the float32 floor (measured from float32 alone, the
+    report says why float64 is not run) on molecules (MatterSim's own box) and a periodic cell with stress; the
+    finite rotations agree."""
+    import warnings
+
+    from geolie import GeolieADCheckWarning
+
+    pot = load_model(f"mattersim:{mattersim_file}")
+    assert pot.dtypes == (torch.float32,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeolieADCheckWarning)  # the adapter's AD method passes its adjoint test
+        rep = geolie.audit(pot, _structures(_crystal()), dtype=torch.float32, n_finite=1, progress=False)
+    for row in rep.rows:
+        for name, o in row["outputs"].items():
+            assert max(o["rel"]) < 1e-4 and all(o["at_floor"]), (row["name"], name, o["rel"], o["floor_rel"])
+            assert row["finite"][name]["rotation"] < 1e-4
+    assert "stress" in rep.rows[-1]["outputs"]
+    assert rep.rows[-1]["outputs"]["forces"]["source"] == "-dE/dx (model autograd)"
+    assert any("pbc_offsets.float()" in n for n in rep.notes())
+    with pytest.raises(ValueError, match="does not run in torch.float64"):
+        pot.evaluation(Structure.from_atoms(MOLS[0]), torch.float64)
+
+
+def test_mattersim_agrees_with_its_ase_calculator(mattersim_file):
+    """Energy, forces and stress equal MatterSimCalculator's on the same file (float32; MatterSim's stress is in GPa
+    from its Potential and in eV/Å³ from its calculator)."""
+    from ase.stress import full_3x3_to_voigt_6_stress
+    from ase.units import GPa
+    from mattersim.forcefield.potential import MatterSimCalculator, Potential
+
+    calc = MatterSimCalculator(potential=Potential.from_checkpoint(mattersim_file, device="cpu",
+                                                                   load_training_state=False), device="cpu")
+    pot = load_model(f"mattersim:{mattersim_file}")
+    crystal = _crystal()
+    crystal.positions[0] -= 1.0  # outside the cell: MatterSim wraps it, geolie's positions stay as given
+    for atoms in (MOLS[0], crystal):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        st = Structure.from_atoms(atoms)
+        ev = pot.evaluation(st, torch.float32)
+        res = ev.fn(*ev.inputs)
+        assert abs(float(res["energy"].detach()) - atoms.get_potential_energy()) < 1e-5
+        np.testing.assert_allclose(res["forces"].detach().numpy(), atoms.get_forces(), atol=1e-5)
+        if st.cell is not None:
+            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()) * GPa,
+                                       atoms.get_stress(), atol=1e-6)
+
+
+def test_mattersim_bad_files(mattersim_file, mace_file, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(f"mattersim:{tmp_path / 'none.pth'}")
+    with pytest.raises(ModelFileError, match="not a MatterSim model file"):
+        load_model(f"mattersim:{mace_file}")
+    ckpt = torch.load(mattersim_file, weights_only=False)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if "final" not in k}
+    torch.save(ckpt, tmp_path / "partial.pth")
+    with pytest.raises(ModelFileError, match="lacks .* weight"):
+        load_model(f"mattersim:{tmp_path / 'partial.pth'}")
