@@ -5,13 +5,16 @@ Models (random init, built with each package's constructors at a typical size, s
 
 * MACE, MACE-MP-0-small-like: 128x0e hidden, max_ell 3, correlation 3, 2 interactions, r_max 6 Å;
 * NequIP, its default preset: 4 layers, l_max 1, 32 features, r_max 5 Å;
-* Orb v3 direct and conservative at Orb's own size (latent 256, 5 message-passing steps; ``orb-v3-*-20-omat``).
+* Orb v3 direct and conservative at Orb's own size (latent 256, 5 message-passing steps; ``orb-v3-*-20-omat``);
+* fairchem, an eSEN-small-like conserving eSCN-MD (128 sphere channels, l_max 2, 4 layers, cutoff 6 Å, spectral
+  feed-forward and gate activations: exactly equivariant), saved as an inference checkpoint;
+* MatterSim, MatterSim-v1-1M's M3GNet size (4 blocks, 128 units, max_l 4, max_n 4, cutoff 5 Å), float32 only.
 
 Structures: 20-atom molecules (bundled ``xtb-md/aspirin`` frames, 21 atoms; Orb and MACE/NequIP with H, C, O) and
 64-atom cells (fcc Cu 2x2x4, rattled). For each model, structure kind and dtype: structures/s of
 ``geolie.audit`` with default figures but no finite companions (``n_finite=0``: the Lie derivatives, their adjoint
 test and floors) — median of ``--repeat`` runs after a warm-up — and of the calculator route through finite
-differences (float64 only), with the relative floor each reaches (median over structures, forces). Writes
+differences (float64 arrays; MatterSim's calculator computes them in float32), with the relative floor each reaches (median over structures, forces). Writes
 ``benchmarks/results/potential_packages.json``; packages that are not installed are skipped and said so.
 
     python benchmarks/potential_packages.py [--structures 4] [--repeat 3]
@@ -101,6 +104,52 @@ def _orb(d, kind):
         weights_path=path, device="cpu", precision="float64", compile=False), device="cpu")
 
 
+def _fairchem(d):
+    import hydra
+    from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
+    from fairchem.core.units.mlip_unit.api.inference import InferenceSettings, MLIPInferenceCheckpoint
+    from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
+
+    uma = "fairchem.core.models.uma.escn_md."
+    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=128, lmax=2, mmax=2,
+                    otf_graph=True, max_neighbors=300, cutoff=6.0, edge_channels=128, num_distance_basis=64,
+                    direct_forces=False, regress_forces=True, regress_stress=True, num_layers=4,
+                    hidden_channels=128, dataset_mapping={"omat": "omat"}, use_dataset_embedding=True,
+                    always_use_pbc=False, ff_type="spectral", act_type="gate")
+    cfg = dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone,
+               heads={"efs": dict(module=uma + "MLP_EFS_Head")}, pass_through_head_outputs=True)
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(cfg)
+    norm = dict(_target_="fairchem.core.modules.normalization.normalizer.Normalizer", mean=0.0, rmsd=1.0)
+    tasks = [dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.Task", name=p, level=lv, property=p,
+                  datasets=["omat"], normalizer=norm,
+                  out_spec=dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.OutputSpec", dim=dim,
+                                dtype="float32"))
+             for p, lv, dim in (("energy", "system", [1]), ("forces", "atom", [3]), ("stress", "system", [1, 9]))]
+    path = os.path.join(d, "esen.pt")
+    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=model.state_dict(),
+                                       ema_state_dict=torch.optim.swa_utils.AveragedModel(model).state_dict(),
+                                       tasks_config=tasks), path)
+    return f"fairchem:{path}", lambda: FAIRChemCalculator(MLIPPredictUnit(path, "cpu", inference_settings=(
+        InferenceSettings(activation_checkpointing=False, base_precision_dtype=torch.float64))), task_name="omat")
+
+
+def _mattersim(d):
+    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
+    from mattersim.forcefield.potential import MatterSimCalculator, Potential
+
+    torch.manual_seed(0)
+    path = os.path.join(d, "mattersim.pth")
+    Potential(M3Gnet(num_blocks=4, units=128, max_l=4, max_n=4, cutoff=5.0, threebody_cutoff=4.0, device="cpu"),
+              device="cpu").save(path)
+    return f"mattersim:{path}", lambda: MatterSimCalculator(potential=Potential.from_checkpoint(
+        path, device="cpu", load_training_state=False), device="cpu")
+
+
+BUILDERS = {"mace": _mace, "nequip": _nequip, "orb-direct": lambda d: _orb(d, "direct"),
+            "orb-conservative": lambda d: _orb(d, "conservative"), "fairchem": _fairchem, "mattersim": _mattersim}
+
+
 def _structures(n):
     mols = [Structure.from_atoms(a, name=f"aspirin {i}") for i, a in
             enumerate(geolie.data.load("xtb-md/aspirin", "test")[:n])]
@@ -122,7 +171,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--structures", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--packages", nargs="*", default=["mace", "nequip", "orb-direct", "orb-conservative"])
+    ap.add_argument("--packages", nargs="*", default=list(BUILDERS))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     sets = _structures(args.structures)
@@ -130,8 +179,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for pkg in args.packages:
             try:
-                spec, calc = {"mace": _mace, "nequip": _nequip}[pkg](d) if pkg in ("mace", "nequip") else \
-                    _orb(d, pkg.split("-")[1])
+                spec, calc = BUILDERS[pkg](d)
             except ImportError as e:
                 skipped[pkg] = f"not installed ({e})"
                 print(f"{pkg}: skipped, {skipped[pkg]}")
@@ -149,8 +197,8 @@ def main():
             ca = CalculatorAdapter(c, name=f"{pkg} calculator")
             for kind, sts in sets.items():
                 n = len(sts)
-                for dtype in (torch.float32, torch.float64):
-                    last = {}
+                last = {}
+                for dtype in pot.dtypes:
 
                     def run():
                         last["rep"] = geolie.audit(pot, sts, dtype=dtype, n_finite=0, progress=False,
@@ -163,13 +211,15 @@ def main():
                     results.append(row)
                     print(row)
 
+                fd_dtype = torch.float64  # what an ASE calculator returns (MatterSim's computed in float32)
+
                 def run_fd():
-                    last["rep"] = geolie.audit(ca, sts, dtype=torch.float64, n_finite=0, progress=False,
+                    last["rep"] = geolie.audit(ca, sts, dtype=fd_dtype, n_finite=0, progress=False,
                                                floor_sample=None, batch_size=1)
 
                 t = timeit(run_fd, warmup=0, repeat=1)
                 row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
-                       "dtype": "float64", "structures_per_s": n / t["median_s"],
+                       "dtype": str(fd_dtype)[6:], "structures_per_s": n / t["median_s"],
                        "forces_floor_rel": _floor(last["rep"])}
                 results.append(row)
                 print(row)

@@ -174,17 +174,18 @@ def test_cli_audits_a_mace_file_and_lists_models(mace_file, tmp_path, capsys):
 
 
 # -- NequIP ----------------------------------------------------------------------------------------------------------
-def _nequip_checkpoint(path, model_dtype):
-    """A NequIP checkpoint saved through NequIP's own Lightning module, as nequip-train writes them."""
+def _nequip_checkpoint(path, model_dtype, cfg=None):
+    """A NequIP checkpoint saved through NequIP's own Lightning module, as nequip-train writes them (``cfg``: another
+    model of the NequIP framework, Allegro)."""
     lightning = pytest.importorskip("lightning")
     from nequip.train import NequIPLightningModule
     from nequip.utils import get_current_code_versions
 
     from geolie.adapters.nequip import nequip_global_state
 
-    cfg = {"_target_": "nequip.model.NequIPGNNModel", "seed": 0, "model_dtype": model_dtype, "r_max": 4.0,
-           "type_names": ["H", "C", "N", "O"], "num_layers": 2, "l_max": 2, "num_features": 8,
-           "radial_mlp_width": 16, "avg_num_neighbors": 8.0}
+    cfg = cfg or {"_target_": "nequip.model.NequIPGNNModel", "seed": 0, "model_dtype": model_dtype, "r_max": 4.0,
+                  "type_names": ["H", "C", "N", "O"], "num_layers": 2, "l_max": 2, "num_features": 8,
+                  "radial_mlp_width": 16, "avg_num_neighbors": 8.0}
     info = {"versions": get_current_code_versions(verbose=False),
             "training_module": {"_target_": "nequip.train.NequIPLightningModule"}}
     with nequip_global_state():  # NequIP's process-wide settings, undone after (they break other tests)
@@ -262,6 +263,21 @@ def test_nequip_agrees_with_its_ase_calculator(nequip_files):
 
             np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()),
                                        atoms.get_stress(), atol=1e-10)
+
+
+def test_allegro_checkpoint_at_floor_in_float64(tmp_path):
+    """Allegro (nequip-allegro 0.8, a model of the NequIP framework) loads through ``nequip:`` and sits at the float64
+    floor (measured 1e-16) for energy, forces, per-atom energies and stress on molecules and a cell."""
+    pytest.importorskip("allegro.model")
+    cfg = {"_target_": "allegro.model.AllegroModel", "seed": 0, "model_dtype": "float64", "r_max": 4.0,
+           "type_names": ["H", "C", "N", "O", "Cu"], "l_max": 2, "num_layers": 2, "num_scalar_features": 16,
+           "num_tensor_features": 4, "allegro_mlp_hidden_layers_width": 16, "readout_mlp_hidden_layers_width": 16,
+           "radial_chemical_embed": {"_target_": "allegro.nn.TwoBodyBesselScalarEmbed", "num_bessels": 8},
+           "avg_num_neighbors": 8.0}
+    pot = load_model(f"nequip:{_nequip_checkpoint(tmp_path / 'allegro.ckpt', 'float64', cfg)}")
+    rep = geolie.audit(pot, _structures(_crystal()), dtype=torch.float64, n_finite=1, progress=False)
+    _assert_at_floor(rep, ["energy", "forces", "stress", "atomic_energy"], 1e-12)
+    assert "stress" in rep.rows[-1]["outputs"]
 
 
 def test_nequip_rejects_another_packages_file(mace_file, tmp_path):
