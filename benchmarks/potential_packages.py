@@ -6,8 +6,9 @@ Models (random init, built with each package's constructors at a typical size, s
 * MACE, MACE-MP-0-small-like: 128x0e hidden, max_ell 3, correlation 3, 2 interactions, r_max 6 Å;
 * NequIP, its default preset: 4 layers, l_max 1, 32 features, r_max 5 Å;
 * Orb v3 direct and conservative at Orb's own size (latent 256, 5 message-passing steps; ``orb-v3-*-20-omat``);
-* fairchem, an eSEN-small-like conserving eSCN-MD (128 sphere channels, l_max 2, 4 layers, cutoff 6 Å, spectral
-  feed-forward and gate activations: exactly equivariant), saved as an inference checkpoint;
+* fairchem, a conserving eSCN-MD (the UMA/eSEN backbone) at half eSEN-small's size to fit a CPU run (64 sphere
+  channels, l_max 2, 2 layers, cutoff 6 Å, spectral feed-forward and gate activations: exactly equivariant), saved as
+  an inference checkpoint;
 * MatterSim, MatterSim-v1-1M's M3GNet size (4 blocks, 128 units, max_l 4, max_n 4, cutoff 5 Å), float32 only.
 
 Structures: 20-atom molecules (bundled ``xtb-md/aspirin`` frames, 21 atoms; Orb and MACE/NequIP with H, C, O) and
@@ -17,7 +18,7 @@ test and floors) — median of ``--repeat`` runs after a warm-up — and of the 
 differences (float64 arrays; MatterSim's calculator computes them in float32), with the relative floor each reaches (median over structures, forces). Writes
 ``benchmarks/results/potential_packages.json``; packages that are not installed are skipped and said so.
 
-    python benchmarks/potential_packages.py [--structures 4] [--repeat 3]
+    python benchmarks/potential_packages.py [--structures 4] [--repeat 3] [--packages mace nequip ...]
 """
 from __future__ import annotations
 
@@ -111,10 +112,10 @@ def _fairchem(d):
     from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
 
     uma = "fairchem.core.models.uma.escn_md."
-    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=128, lmax=2, mmax=2,
-                    otf_graph=True, max_neighbors=300, cutoff=6.0, edge_channels=128, num_distance_basis=64,
-                    direct_forces=False, regress_forces=True, regress_stress=True, num_layers=4,
-                    hidden_channels=128, dataset_mapping={"omat": "omat"}, use_dataset_embedding=True,
+    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=64, lmax=2, mmax=2,
+                    otf_graph=True, max_neighbors=300, cutoff=6.0, edge_channels=64, num_distance_basis=64,
+                    direct_forces=False, regress_forces=True, regress_stress=True, num_layers=2,
+                    hidden_channels=64, dataset_mapping={"omat": "omat"}, use_dataset_embedding=True,
                     always_use_pbc=False, ff_type="spectral", act_type="gate")
     cfg = dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone,
                heads={"efs": dict(module=uma + "MLP_EFS_Head")}, pass_through_head_outputs=True)
@@ -176,6 +177,12 @@ def main():
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     sets = _structures(args.structures)
     results, skipped = [], {}
+    out = result_path("potential_packages")
+
+    def save():  # after every row: a long run never loses what it finished
+        write_json(out, {"device": device_info("cpu"), "threads": torch.get_num_threads(),
+                         "structures_per_set": args.structures, "repeat": args.repeat, "results": results,
+                         "skipped": skipped})
     with tempfile.TemporaryDirectory() as d:
         for pkg in args.packages:
             try:
@@ -209,7 +216,8 @@ def main():
                            "dtype": str(dtype)[6:], "structures_per_s": n / t["median_s"],
                            "forces_floor_rel": _floor(last["rep"])}
                     results.append(row)
-                    print(row)
+                    save()
+                    print(row, flush=True)
 
                 fd_dtype = torch.float64  # what an ASE calculator returns (MatterSim's computed in float32)
 
@@ -222,11 +230,9 @@ def main():
                        "dtype": str(fd_dtype)[6:], "structures_per_s": n / t["median_s"],
                        "forces_floor_rel": _floor(last["rep"])}
                 results.append(row)
-                print(row)
-    out = result_path("potential_packages")
-    write_json(out, {"device": device_info("cpu"), "threads": torch.get_num_threads(),
-                     "structures_per_set": args.structures, "repeat": args.repeat, "results": results,
-                     "skipped": skipped})
+                save()
+                print(row, flush=True)
+    save()
     print(f"wrote {out}")
 
 

@@ -114,6 +114,36 @@ def test_mace_float32_at_floor_and_batch_invariant(mace_file):
             np.testing.assert_allclose(a["outputs"][name]["rel"], b["outputs"][name]["rel"], atol=1e-6)
 
 
+def test_mace_cuequivariance_path_at_floor_and_equal(mace_file, tmp_path):
+    """Regression case (the cuEquivariance path): the same MACE converted by MACE's own ``convert_e3nn_cueq`` (its
+    tensor products then run through cuequivariance-torch; on a CPU its pure-torch implementation, the CUDA kernels
+    need a GPU) sits at the float64 floor and returns the e3nn model's outputs to 1e-12."""
+    pytest.importorskip("cuequivariance_torch")
+    import warnings
+
+    from mace.cli.convert_e3nn_cueq import run
+
+    from geolie._torch_utils import default_dtype
+
+    with default_dtype(torch.get_default_dtype()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cuequivariance_ops_torch is not available" on a CPU machine
+        model = run(mace_file, device="cpu", return_model=True)
+    assert any(type(m).__module__.startswith("cuequivariance_torch") for m in model.modules())
+    path = tmp_path / "cueq.model"
+    torch.save(model, path)
+    cueq, e3nn_ = load_model(f"mace:{path}"), load_model(f"mace:{mace_file}")
+    sts = _structures(_crystal())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = geolie.audit(cueq, sts, dtype=torch.float64, n_finite=1, progress=False)
+        _assert_at_floor(rep, ["energy", "forces", "stress", "node_energy"], 1e-12)
+        for st in sts:
+            a, b = (p.evaluation(st, torch.float64) for p in (cueq, e3nn_))
+            ya, yb = a.fn(*a.inputs), b.fn(*b.inputs)
+            for k in yb:
+                np.testing.assert_allclose(ya[k].detach().numpy(), yb[k].detach().numpy(), atol=1e-12)
+
+
 def test_mace_agrees_with_its_ase_calculator(mace_file):
     """Energy, forces and stress through geolie's adapter equal MACECalculator's on the same file (float64)."""
     from mace.calculators import MACECalculator
