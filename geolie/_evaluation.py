@@ -22,7 +22,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Evaluation"]
+__all__ = ["Evaluation", "stacked_batch", "NotStackable"]
+
+
+class NotStackable(ValueError):
+    """Raised by an ``Evaluation.stack`` function whose model did not return one result per stacked copy (it ignores
+    its batch argument): the caller evaluates the copies one at a time instead."""
 
 GEOLIE_FORCES = "-dE/dx (geolie)"
 GEOLIE_STRESS = "strain derivative (geolie)"
@@ -50,6 +55,12 @@ class Evaluation:
     sources: Dict[str, str] = field(default_factory=dict)
     method: str = "auto"
     notes: List[str] = field(default_factory=list)
+    #: ``stack(K)`` -> ``fn_K(pos_K, z_K)``: the same model on ``K`` copies of these structures in one call, for
+    #: adapters that batch molecules (``None`` otherwise). Inputs are concatenated along their first dimension (``K``
+    #: blocks of ``N`` atoms, each copy moved differently), outputs come back the same way (per-atom ones in ``K``
+    #: blocks of ``N`` rows, per-structure ones in ``K`` blocks of :attr:`n_structures`). The finite checks evaluate
+    #: all their group elements in one such call (:func:`geolie.finite_equivariance_error`).
+    stack: Optional[Callable[[int], Callable[..., Dict[str, torch.Tensor]]]] = None
 
     def __post_init__(self):
         if len(self.inputs) != len(self.in_rep):
@@ -69,3 +80,12 @@ class Evaluation:
     def has_model_forces(self) -> bool:
         """Energy and forces both returned, the forces not computed by geolie: conservativeness is a question."""
         return "energy" in self.out_rep and "forces" in self.out_rep and self.sources.get("forces") != GEOLIE_FORCES
+
+
+def stacked_batch(batch: Optional[torch.Tensor], n_atoms: int, k: int, device=None) -> torch.Tensor:
+    """The ``batch`` vector of ``k`` copies of a structure set (``batch [N]``, or one structure when ``None``): copy
+    ``c``'s structures are numbered after copy ``c − 1``'s."""
+    if batch is None:
+        return torch.arange(k, device=device).repeat_interleave(n_atoms)
+    n_struct = int(batch.max()) + 1
+    return torch.cat([batch + c * n_struct for c in range(k)])

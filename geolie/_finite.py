@@ -12,6 +12,10 @@ For a group element ``g`` the error of an output is ``e(g) = ‖f(g·x) − ρ_o
   ``out_rep``); with ``batch``, within each structure;
 * ``repeat``: the same input twice (determinism): the floor under which nothing is measurable.
 
+All these group elements are evaluated in one call when ``f`` is an :class:`geolie.Evaluation` that can stack
+copies of its structures (``Evaluation.stack``: adapters that batch molecules), in chunks of at most ``stack_atoms``
+atoms: the same numbers as one call per group element (tested), at the cost of one larger call.
+
 Rank-2 outputs are also reported by irreducible part, ``name[l=0]``, ``name[l=2]`` (and ``name[l=1]`` when not
 symmetric to rounding), relative to the whole tensor's norm (a part can vanish).
 
@@ -29,6 +33,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ._evaluation import NotStackable
 from ._groups import SE3, as_group
 from ._io import Centers, check_outputs, flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._reps import PointRep, Tensor2Rep, has_antisymmetric_part, tensor2_parts
@@ -87,6 +92,7 @@ def finite_equivariance_error(
     generator: Optional[torch.Generator] = None,
     wrap: Optional[bool] = None,
     problem: Optional[Any] = None,
+    stack_atoms: int = 4096,
 ) -> FiniteReport:
     """Errors of ``f`` under finite group elements (see the module docstring for the families and definitions).
 
@@ -96,13 +102,18 @@ def finite_equivariance_error(
     ``wrap``: translate periodic structures' atoms back into the cell after a finite translation (atoms that cross a
     cell face are replaced by their periodic image, ``x - floor(x C⁻¹) C``): a periodic model must not see the
     difference. On by default when an input has the ``"cell"`` representation.
+    ``stack_atoms``: with an :class:`geolie.Evaluation` that stacks (``Evaluation.stack``), the group elements are
+    evaluated together, at most this many atoms per call (0: one call per group element).
     Returns a :class:`FiniteReport`.
     """
     from ._evaluation import Evaluation
 
+    stack = None
     if isinstance(f, Evaluation):
         ev = f
         f, x, in_rep, out_rep, batch = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch
+        if ev.stack is not None and stack_atoms > 0 and all(ev.per_atom_inputs):
+            stack = ev.stack
         if permutation is not None and permutation.get("inputs") is None:
             permutation = {"inputs": ev.per_atom_inputs, "outputs": ev.per_atom}
     group = as_group(group)
@@ -186,19 +197,21 @@ def finite_equivariance_error(
                 vals[i] = vals[i] - torch.floor(frac) @ cell
         exp = [lf.rep.act(y, R.to(y), None if t is None else t.to(y), centers.for_tensor(y, lf.rep, lf.path))
                for y, lf in zip(y0, leaves)]
-        return call(vals), exp
+        return vals, exp
 
-    record("repeat", call(list(inputs.values)), y0)
+    # every group element's inputs and expected outputs first (the same random draws, in the same order, as one call
+    # per element), then the calls: one per element, or stacked
+    trials = [("repeat", list(inputs.values), y0)]
     R = group.random(n, generator) if not group.has_translations else group.random(n, generator, box=box)[0]
     for k in range(n):
-        record("rotation", *transform(R[k], None))
+        trials.append(("rotation", *transform(R[k], None)))
     if group.has_translations:
         _, T = group.random(n, generator, box=box)
         eye = torch.eye(3, dtype=torch.float64)
         for k in range(n):
-            record("translation", *transform(eye, T[k]))
+            trials.append(("translation", *transform(eye, T[k])))
     if parity:
-        record("inversion", *transform(-torch.eye(3, dtype=torch.float64), None))
+        trials.append(("inversion", *transform(-torch.eye(3, dtype=torch.float64), None)))
     if permutation is not None:
         pin = _flags(permutation.get("inputs"), len(inputs.values), "inputs")
         pout = _flags(permutation.get("outputs"), len(leaves), "outputs") if not isinstance(
@@ -219,10 +232,44 @@ def finite_equivariance_error(
                     p[ids] = ids[torch.randperm(len(ids), generator=generator)]
             p = p.to(inputs.values[pin.index(True)].device)
             vals = [v[p] if flag else v for v, flag in zip(inputs.values, pin)]
-            outs = call(vals)
             exp = [y[p.to(y.device)] if flag else y for y, flag in zip(y0, pout)]
-            record("permutation", outs, exp)
+            trials.append(("permutation", vals, exp))
+    outs = _evaluate_trials(call, stack, [vals for _, vals, _ in trials], y0, stack_atoms)
+    for (family, _, exp), o in zip(trials, outs):
+        record(family, o, exp)
     for nm in errors:
         for fam in errors[nm].values():
             fam["n"] = len(fam["abs"])
     return FiniteReport(errors)
+
+
+def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):
+    """Outputs (flattened leaves) of every trial's inputs: one call each, or ``stack``ed ``K`` at a time (at most
+    ``stack_atoms`` atoms per call), split back into ``K`` outputs shaped like ``y0``. A stacked call whose outputs do
+    not hold ``K`` copies of ``y0`` (a model that ignores its batch argument) is not used: one call each instead."""
+    if stack is None or len(trials) < 2:
+        return [call(v) for v in trials]
+    n_atoms = int(trials[0][0].shape[0])
+    per = max(1, stack_atoms // max(n_atoms, 1))
+    fns: Dict[int, Any] = {}
+    outs = []
+    for start in range(0, len(trials), per):
+        chunk = trials[start:start + per]
+        k = len(chunk)
+        if k == 1:
+            outs.append(call(chunk[0]))
+            continue
+        if k not in fns:
+            fns[k] = stack(k)
+        vals = [torch.cat([t[i] for t in chunk]) for i in range(len(chunk[0]))]
+        try:
+            with torch.enable_grad():
+                big = [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(fns[k](*vals))]
+        except NotStackable:
+            return outs + [call(v) for v in trials[start:]]
+        if len(big) != len(y0) or any(not isinstance(b, torch.Tensor) or b.numel() != k * y.numel()
+                                      for b, y in zip(big, y0)):
+            return outs + [call(v) for v in trials[start:]]
+        parts = [b.reshape(k, *y.shape) for b, y in zip(big, y0)]
+        outs += [[p[c] for p in parts] for c in range(k)]
+    return outs

@@ -355,6 +355,21 @@ def test_orb_breaks_rotations_and_finite_companions_agree(orb_files, kind):
     assert src == ("model" if kind == "direct" else "-dE/dx (model autograd)")
 
 
+def test_graph_adapter_stacked_finite_checks_equal_one_call_each(orb_files):
+    """The finite checks' group elements in one stacked call (copies of a batch of molecules, one graph per copy)
+    give the numbers of one call per element, per structure, on a model that breaks rotations (Orb direct)."""
+    pot = load_model(f"orb:{orb_files['direct']}")
+    ev = pot.batch_evaluation([Structure.from_atoms(m) for m in MOLS], torch.float64)
+    kw = dict(n=2, parity=True, permutation={})
+    one = geolie.finite_equivariance_error(ev, generator=torch.Generator().manual_seed(0), stack_atoms=0, **kw)
+    stacked = geolie.finite_equivariance_error(ev, generator=torch.Generator().manual_seed(0), **kw)
+    assert one.errors["forces"]["rotation"]["max_rel"] > 1e-4
+    for name, fams in one.errors.items():
+        for fam, v in fams.items():
+            np.testing.assert_allclose(stacked.errors[name][fam]["per_sample_max_rel"], v["per_sample_max_rel"],
+                                       rtol=1e-8, atol=1e-14)
+
+
 def test_orb_agrees_with_its_ase_calculator(orb_files):
     from orb_models.forcefield.calculator import ORBCalculator
 

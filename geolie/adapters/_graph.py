@@ -12,8 +12,9 @@ the same treatment, so that a package's file only says how to call its model:
 * the positions handed to the model are connected to autograd without dropping a forward-mode tangent
   (:func:`geolie.adapters.with_autograd`), and the model's force computation runs with ``create_graph`` (the
   package's "training" switch): forward-over-reverse through the model's own forces, exact;
-* molecules are batched (several structures per call, one graph each, no edge across structures); periodic
-  structures go one per call (a cell per call);
+* molecules are batched (several structures per call, one graph each, no edge across structures), the finite
+  checks' rotated, translated and permuted copies too (``Evaluation.stack``); periodic structures go one per call
+  (a cell per call);
 * outputs are reported as the model returns them, with where each came from (``Evaluation.sources``).
 
 A package file subclasses the adapter and implements :meth:`GraphPotentialAdapter._run`.
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _evaluation as ev_mod
-from .._evaluation import Evaluation
+from .._evaluation import Evaluation, stacked_batch
 from ._protocol import Adapter, CopyCache, Structure, with_autograd
 
 #: where the model's autograd stress comes from (reported in ``Evaluation.sources``)
@@ -213,13 +214,25 @@ class GraphPotentialAdapter(Adapter):
                 res[k] = v.to(p.dtype)
             return res
 
+        def stack(k: int):  # k copies of these molecules as one batch, one graph per copy built from its positions
+            bk = stacked_batch(batch, pos.shape[0], k, self.device)
+
+            def fn_k(p, zz):
+                out = self._run(m, with_autograd(p), None, self._graph(zz, p, None, bk, dtype), False)
+                res = {key: out[key] for key in keys}
+                res["energy"] = res["energy"].reshape(k * n_struct)
+                return {key: v.to(p.dtype) for key, v in res.items()}
+
+            return fn_k
+
         x = (pos, z, cell) if periodic else (pos, z)
         in_rep = ("point", None, "cell") if periodic else ("point", None)
         src = self.sources()
         return Evaluation(fn, x, in_rep, {k: self.OUTPUTS[k][0] for k in keys}, batch=batch,
                           per_atom={k: self.OUTPUTS[k][1] for k in keys},
                           sources={k: src.get(k, ev_mod.MODEL) for k in keys}, method=self.method,
-                          notes=list(cast_notes) + self.notes(dtype) + ([self.dtype_note] if self.dtype_note else []))
+                          notes=list(cast_notes) + self.notes(dtype) + ([self.dtype_note] if self.dtype_note else []),
+                          stack=None if periodic else stack)
 
     def evaluation(self, st: Structure, dtype: torch.dtype) -> Evaluation:
         pos, z = self.inputs(st, dtype)

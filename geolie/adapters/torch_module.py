@@ -29,7 +29,7 @@ import torch
 
 from .. import _evaluation as ev_mod
 from .._conservative import conservative
-from .._evaluation import Evaluation
+from .._evaluation import Evaluation, NotStackable, stacked_batch
 from ._protocol import Adapter, CopyCache, NotBatchableError, Structure, with_autograd
 
 KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
@@ -111,7 +111,16 @@ class TorchAdapter(Adapter):
         if kind == "edges":
             from ..neighbors import radius_graph
 
-            edges = radius_graph(base_pos, self.cutoff, batch)
+            base = base_pos.detach()
+            edges = radius_graph(base, self.cutoff, batch)
+
+            def edges_for(pos):
+                # the base geometry's list at (and infinitesimally near) it; finite moves (a permutation reorders the
+                # atoms) get their own, as the model would build it
+                p = pos.detach()
+                if p.shape == base.shape and float((p - base).abs().max()) <= 1e-3:
+                    return edges
+                return radius_graph(p, self.cutoff, batch)
         b = batch if batch is not None else torch.zeros(n_atoms_total, dtype=torch.long, device=base_pos.device)
 
         def call(pos, z, cell=None):
@@ -121,7 +130,7 @@ class TorchAdapter(Adapter):
                 if kind == "zpbc":
                     return m(z, pos, b, cell)
                 if kind == "edges":
-                    return m(z, pos, edges, batch)
+                    return m(z, pos, edges_for(pos), batch)
                 if kind == "data":
                     from torch_geometric.data import Data
 
@@ -186,8 +195,32 @@ class TorchAdapter(Adapter):
             fn = _augmented(call, keys, out0, periodic, n_struct, batch is not None)
         x = (pos, z, cell) if periodic else (pos, z)
         in_rep = ("point", None, "cell") if periodic else ("point", None)
+        stack = None
+        if not periodic and self.kind in ("zpb", "zpbc", "edges", "data"):
+            stack = self._stacker(m, pos.shape[0], batch, n_struct, keys, out0)
         return Evaluation(fn, x, in_rep, reps, batch=batch, per_atom=per_atom, sources=sources, method=self.method,
-                          notes=list(notes) + ([self.dtype_note] if self.dtype_note else []))
+                          notes=list(notes) + ([self.dtype_note] if self.dtype_note else []), stack=stack)
+
+    def _stacker(self, m, n_atoms: int, batch, n_struct: int, keys, out0):
+        """``Evaluation.stack`` for molecules: ``K`` copies as one batch of ``K · n_struct`` structures (a neighbour
+        list, for ``forward(z, pos, edge_index, batch)`` modules, built from the copies' own positions)."""
+
+        def stack(k: int):
+            bk = stacked_batch(batch, n_atoms, k, self.device)
+            n_k = k * n_struct
+
+            def call_k(p, zz, cell=None):
+                out = self._caller(m, p.shape[0], bk, p, False)(p, zz)
+                e = as_output_dict(out).get("energy")
+                if isinstance(e, torch.Tensor) and e.numel() != n_k:
+                    raise NotStackable(f"{self.name}: {e.numel()} energies for {n_k} stacked structures")
+                return out
+
+            if set(out0) == {"energy"}:
+                return conservative(lambda p, zz: as_output_dict(call_k(p, zz))["energy"].reshape(-1), as_dict=True)
+            return _augmented(call_k, keys, out0, False, n_k, True)
+
+        return stack
 
     def evaluation(self, st: Structure, dtype: torch.dtype) -> Evaluation:
         pos, z = self.inputs(st, dtype)
