@@ -15,7 +15,8 @@ Structures: 20-atom molecules (bundled ``xtb-md/aspirin`` frames, 21 atoms; Orb 
 64-atom cells (fcc Cu 2x2x4, rattled). For each model, structure kind and dtype: structures/s of
 ``geolie.audit`` with default figures but no finite companions (``n_finite=0``: the Lie derivatives, their adjoint
 test and floors) — median of ``--repeat`` runs after a warm-up — and of the calculator route through finite
-differences (float64 arrays; MatterSim's calculator computes them in float32), with the relative floor each reaches (median over structures, forces). Writes
+differences (float64 arrays; MatterSim's calculator computes them in float32), under the default dtype each
+package's loader leaves in a user's process (:data:`CALC_DEFAULT_DTYPE`), with the relative floor each reaches (median over structures, forces). Writes
 ``benchmarks/results/potential_packages.json``; packages that are not installed are skipped and said so.
 
     python benchmarks/potential_packages.py [--structures 4] [--repeat 3] [--packages mace nequip ...]
@@ -147,6 +148,12 @@ def _mattersim(d):
         path, device="cpu", load_training_state=False), device="cpu")
 
 
+#: torch's default dtype each package's calculator runs under, as a user's process has it after loading it: NequIP's
+#: and Orb's float64 loaders set float64 for the whole process (Orb's float64 calculator fails on molecules without
+#: it, NequIP's converts positions in it); MatterSim's Potential builds its strain in it and fails under float64
+CALC_DEFAULT_DTYPE = {"mattersim": torch.float32}
+
+
 BUILDERS = {"mace": _mace, "nequip": _nequip, "orb-direct": lambda d: _orb(d, "direct"),
             "orb-conservative": lambda d: _orb(d, "conservative"), "fairchem": _fairchem, "mattersim": _mattersim}
 
@@ -173,11 +180,18 @@ def main():
     ap.add_argument("--structures", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--packages", nargs="*", default=list(BUILDERS))
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the results file's rows of packages not run now (a run continued package by package)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     sets = _structures(args.structures)
     results, skipped = [], {}
     out = result_path("potential_packages")
+    if args.keep and os.path.exists(out):
+        import json
+
+        with open(out) as fh:
+            results = [r for r in json.load(fh)["results"] if r["package"] not in args.packages]
 
     def save():  # after every row: a long run never loses what it finished
         write_json(out, {"device": device_info("cpu"), "threads": torch.get_num_threads(),
@@ -222,10 +236,22 @@ def main():
                 fd_dtype = torch.float64  # what an ASE calculator returns (MatterSim's computed in float32)
 
                 def run_fd():
-                    last["rep"] = geolie.audit(ca, sts, dtype=fd_dtype, n_finite=0, progress=False,
-                                               floor_sample=None, batch_size=1)
+                    from geolie._torch_utils import default_dtype
 
-                t = timeit(run_fd, warmup=0, repeat=1)
+                    with default_dtype(CALC_DEFAULT_DTYPE.get(pkg, torch.float64)):
+                        last["rep"] = geolie.audit(ca, sts, dtype=fd_dtype, n_finite=0, progress=False,
+                                                   floor_sample=None, batch_size=1)
+
+                try:
+                    t = timeit(run_fd, warmup=0, repeat=1)
+                except Exception as e:  # noqa: BLE001 - a calculator that fails is a result, said in the row
+                    row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
+                           "dtype": str(fd_dtype)[6:], "structures_per_s": None, "forces_floor_rel": None,
+                           "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    results.append(row)
+                    save()
+                    print(row, flush=True)
+                    continue
                 row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
                        "dtype": str(fd_dtype)[6:], "structures_per_s": n / t["median_s"],
                        "forces_floor_rel": _floor(last["rep"])}

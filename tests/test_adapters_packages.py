@@ -36,6 +36,31 @@ def _assert_at_floor(rep, outputs, tol):
             assert all(o["at_floor"]), (row["name"], name, o["rel"], o["floor_rel"])
 
 
+def _assert_matches_calculator(pot, calc, structures, dtype=torch.float64, tol=1e-10, stress=True,
+                               stress_unit=1.0, calc_context=None):
+    """The adapter's energy, forces and (for cells, when ``stress``) stress on each of ``structures`` equal the
+    package's ASE calculator's on the same file (``stress_unit``: the adapter's stress unit in eV/Å³;
+    ``calc_context``: a context the calculator runs in)."""
+    import contextlib
+
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        with calc_context() if calc_context else contextlib.nullcontext():
+            e, f = atoms.get_potential_energy(), atoms.get_forces()
+            s = atoms.get_stress() if atoms.pbc.any() and stress else None
+        st = Structure.from_atoms(atoms)
+        ev = pot.evaluation(st, dtype)
+        res = ev.fn(*ev.inputs)
+        assert abs(float(res["energy"].detach()) - e) < 10 * tol * max(1.0, abs(e))
+        np.testing.assert_allclose(res["forces"].detach().numpy(), f, atol=tol * max(1.0, np.abs(f).max()))
+        if s is not None:
+            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()) * stress_unit, s,
+                                       atol=tol)
+
+
 # -- MACE ------------------------------------------------------------------------------------------------------------
 def _mace_model(build_dtype):
     """A small ScaleShiftMACE, random init, built under ``build_dtype`` as torch's default dtype (MACE's training
@@ -149,20 +174,7 @@ def test_mace_agrees_with_its_ase_calculator(mace_file):
     from mace.calculators import MACECalculator
 
     calc = MACECalculator(model_paths=mace_file, device="cpu", default_dtype="float64")
-    pot = load_model(f"mace:{mace_file}")
-    for atoms in (MOLS[0], _crystal()):
-        atoms = atoms.copy()
-        atoms.calc = calc
-        st = Structure.from_atoms(atoms)
-        ev = pot.evaluation(st, torch.float64)
-        out = ev.fn(*ev.inputs)
-        assert abs(float(out["energy"]) - atoms.get_potential_energy()) < 1e-9
-        np.testing.assert_allclose(out["forces"].detach().numpy(), atoms.get_forces(), atol=1e-10)
-        if st.cell is not None:
-            from ase.stress import full_3x3_to_voigt_6_stress
-
-            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(out["stress"].detach().numpy()),
-                                       atoms.get_stress(), atol=1e-10)
+    _assert_matches_calculator(load_model(f"mace:{mace_file}"), calc, (MOLS[0], _crystal()))
 
 
 def test_mace_bad_inputs_name_the_file_and_cause(mace_file, tmp_path):
@@ -268,31 +280,16 @@ def test_nequip_float32_model_cast_to_float64(nequip_files):
 def test_nequip_agrees_with_its_ase_calculator(nequip_files):
     from nequip.integrations.ase import NequIPCalculator
 
-    path = nequip_files["float64"]
     from geolie._torch_utils import default_dtype
-
-    # NequIP's calculator converts atoms in torch's default dtype, which NequIP's global state sets to float64
-    # (under a float32 default it computes from float32 positions): it runs under float64, geolie under the caller's
     from geolie.adapters.nequip import nequip_global_state
 
+    path = nequip_files["float64"]
+    # NequIP's calculator converts atoms in torch's default dtype, which NequIP's global state sets to float64
+    # (under a float32 default it computes from float32 positions): it runs under float64, geolie under the caller's
     with default_dtype(torch.float64), nequip_global_state():
         calc = NequIPCalculator._from_saved_model(path, device="cpu")
-    pot = load_model(f"nequip:{path}")
-    for atoms in (MOLS[0], _crystal("C", 3.57, "diamond")):
-        atoms = atoms.copy()
-        atoms.calc = calc
-        with default_dtype(torch.float64):
-            atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress() if atoms.pbc.any() else None
-        st = Structure.from_atoms(atoms)
-        out = pot.evaluation(st, torch.float64)
-        res = out.fn(*out.inputs)
-        assert abs(float(res["energy"]) - atoms.get_potential_energy()) < 1e-9
-        np.testing.assert_allclose(res["forces"].detach().numpy(), atoms.get_forces(), atol=1e-10)
-        if st.cell is not None:
-            from ase.stress import full_3x3_to_voigt_6_stress
-
-            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()),
-                                       atoms.get_stress(), atol=1e-10)
+    _assert_matches_calculator(load_model(f"nequip:{path}"), calc, (MOLS[0], _crystal("C", 3.57, "diamond")),
+                               calc_context=lambda: default_dtype(torch.float64))
 
 
 def test_allegro_checkpoint_at_floor_in_float64(tmp_path):
@@ -517,25 +514,12 @@ def test_fairchem_agrees_with_its_ase_calculator(fairchem_files):
     from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
     from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
     from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
-    from ase.stress import full_3x3_to_voigt_6_stress
-
     for kind in ("grid", "direct"):
         path = fairchem_files[kind]
         unit = MLIPPredictUnit(path, "cpu", inference_settings=InferenceSettings(
             activation_checkpointing=False, base_precision_dtype=torch.float64))
-        calc = FAIRChemCalculator(unit, task_name="omat")
-        pot = load_model(f"fairchem:{path}")
-        for atoms in (MOLS[0], _crystal()):
-            atoms = atoms.copy()
-            atoms.calc = calc
-            st = Structure.from_atoms(atoms)
-            ev = pot.evaluation(st, torch.float64)
-            res = ev.fn(*ev.inputs)
-            assert abs(float(res["energy"].detach()) - atoms.get_potential_energy()) < 1e-9
-            np.testing.assert_allclose(res["forces"].detach().numpy(), atoms.get_forces(), atol=1e-10)
-            if st.cell is not None and kind != "direct":
-                np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()),
-                                           atoms.get_stress(), atol=1e-10)
+        _assert_matches_calculator(load_model(f"fairchem:{path}"), FAIRChemCalculator(unit, task_name="omat"),
+                                   (MOLS[0], _crystal()), stress=kind != "direct")
 
 
 def test_fairchem_tasks_and_bad_files(fairchem_files, mace_file, tmp_path):
@@ -603,26 +587,15 @@ def test_mattersim_invariant_at_its_float32_floor(mattersim_file):
 def test_mattersim_agrees_with_its_ase_calculator(mattersim_file):
     """Energy, forces and stress equal MatterSimCalculator's on the same file (float32; MatterSim's stress is in GPa
     from its Potential and in eV/Å³ from its calculator)."""
-    from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa
     from mattersim.forcefield.potential import MatterSimCalculator, Potential
 
     calc = MatterSimCalculator(potential=Potential.from_checkpoint(mattersim_file, device="cpu",
                                                                    load_training_state=False), device="cpu")
-    pot = load_model(f"mattersim:{mattersim_file}")
     crystal = _crystal()
     crystal.positions[0] -= 1.0  # outside the cell: MatterSim wraps it, geolie's positions stay as given
-    for atoms in (MOLS[0], crystal):
-        atoms = atoms.copy()
-        atoms.calc = calc
-        st = Structure.from_atoms(atoms)
-        ev = pot.evaluation(st, torch.float32)
-        res = ev.fn(*ev.inputs)
-        assert abs(float(res["energy"].detach()) - atoms.get_potential_energy()) < 1e-5
-        np.testing.assert_allclose(res["forces"].detach().numpy(), atoms.get_forces(), atol=1e-5)
-        if st.cell is not None:
-            np.testing.assert_allclose(full_3x3_to_voigt_6_stress(res["stress"].detach().numpy()) * GPa,
-                                       atoms.get_stress(), atol=1e-6)
+    _assert_matches_calculator(load_model(f"mattersim:{mattersim_file}"), calc, (MOLS[0], crystal),
+                               dtype=torch.float32, tol=1e-5, stress_unit=GPa)
 
 
 def test_mattersim_bad_files(mattersim_file, mace_file, tmp_path):
