@@ -102,9 +102,9 @@ class _AnisotropicPerStructure(torch.nn.Module):
     """E_b = Σ_{i∈b} (a·x_i + x_iᵀ A x_i) with A anisotropic: breaks rotations and translations, per structure (a
     batch of structures gives each its own energy)."""
 
-    def __init__(self, ignore_batch=False):
+    def __init__(self, ignore_batch=False, mix=False):
         super().__init__()
-        self.ignore_batch = ignore_batch
+        self.ignore_batch, self.mix = ignore_batch, mix
         self.register_buffer("A", torch.tensor([[1.0, 0.2, 0.0], [0.2, 0.5, 0.1], [0.0, 0.1, 2.0]],
                                                dtype=torch.float64))
         self.register_buffer("a", torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64))
@@ -113,7 +113,8 @@ class _AnisotropicPerStructure(torch.nn.Module):
         per_atom = pos @ self.a.to(pos) + ((pos @ self.A.to(pos)) * pos).sum(-1)
         if batch is None or self.ignore_batch:
             return per_atom.sum()[None]
-        return torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add(0, batch, per_atom)
+        e = torch.zeros(int(batch.max()) + 1, dtype=pos.dtype).index_add(0, batch, per_atom)
+        return e + 0.1 * pos.sum() ** 2 if self.mix else e  # mix: every structure sees all atoms of the batch
 
 
 class _EdgeModel(torch.nn.Module):
@@ -161,6 +162,15 @@ def test_stacked_finite_checks_equal_one_call_per_group_element(batched):
         if not batched:
             for fam, v in fams.items():
                 np.testing.assert_allclose(got.errors[name][fam]["abs"], v["abs"], rtol=1e-10, atol=1e-13)
+    # a model whose structures in a batch interact: its stacked copies would too; the unmoved copy's outputs differ
+    # from the unstacked ones, so the checks go one call per element, with the same numbers as stack_atoms=0
+    mixing = load_model(_AnisotropicPerStructure(mix=True))
+    ev3 = mixing.batch_evaluation(sts, torch.float64) if batched else mixing.evaluation(sts[0], torch.float64)
+    one = geolie.finite_equivariance_error(ev3, **{**kw, "generator": torch.Generator().manual_seed(1)}, stack_atoms=0)
+    got = geolie.finite_equivariance_error(ev3, **{**kw, "generator": torch.Generator().manual_seed(1)})
+    for name, fams in one.errors.items():
+        for fam, v in fams.items():
+            np.testing.assert_allclose(got.errors[name][fam]["abs"], v["abs"], rtol=1e-12, atol=1e-14)
 
 
 def test_stacked_edge_model_builds_each_copys_neighbour_list():
