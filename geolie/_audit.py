@@ -150,10 +150,12 @@ def _conservative_figures(ev, n_structures: int) -> Optional[Dict[str, List[floa
     return {k: [float(v) for v in c[k][:n_structures]] for k in c}
 
 
-def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation, floors=True):
+def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation, floors=True,
+             stack_atoms=512):
     """What one call of the model yields, one structure or a batch: the evaluation, its :class:`Report` (the other
     precision as reference when the model runs in it, unless ``floors`` is False: then only the rounding estimate,
-    to be raised to the sampled floor), the conservativeness figures and the finite errors."""
+    to be raised to the sampled floor), the conservativeness figures and the finite errors (their group elements
+    stacked into calls of at most ``stack_atoms`` atoms, the audit's batch budget: a model's memory is sized by it)."""
     ev = evaluate(dtype)
     other = torch.float32 if dtype == torch.float64 else torch.float64
     ref = evaluate(other) if floors and other in pot.dtypes else None
@@ -162,7 +164,8 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     finite: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_structures)]
     if n_finite > 0:
         fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
-                                        generator=torch.Generator().manual_seed(seed), problem=rep.problem)
+                                        generator=torch.Generator().manual_seed(seed), problem=rep.problem,
+                                        stack_atoms=stack_atoms)
         # each structure's own errors (a batch's per-structure rows; the batch's own figure where there is one)
         finite = [{name: {fam: v.get("per_sample_max_rel", [v["max_rel"]] * n_structures)[b]
                           for fam, v in fams.items()} for name, fams in fin.errors.items()}
@@ -199,12 +202,12 @@ def _row_of(i, st, rep, b: int, cons, finite, dtype: torch.dtype = torch.float64
     return row
 
 
-def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True):
+def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True, stack_atoms=512):
     where = f"structure {index} ({st.name})"
     pot.check(st, where)
     # atoms are permuted within the structure (per-atom flags from the evaluation)
     ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
-                                     seed, 1, {}, floors)
+                                     seed, 1, {}, floors, stack_atoms)
     row = _row_of(index, st, rep, 0, cons, finite[0], dtype)
     if layerwise:
         target = pot.layerwise_target(st, dtype)
@@ -219,7 +222,7 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True):
     return row
 
 
-def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True):
+def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True, stack_atoms=512):
     """Rows for several molecules evaluated in one batched call: per-structure Lie derivatives, floors and finite
     errors (the batch is rotated, translated and permuted within structures at once, with the same group elements
     as a structure audited alone), the same figures as one call per structure (tested)."""
@@ -228,7 +231,7 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True):
     for i, st in chunk:
         pot.check(st, f"structure {i} ({st.name})")
     _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
-                                    group, dtype, n_finite, seed, len(chunk), {}, floors)
+                                    group, dtype, n_finite, seed, len(chunk), {}, floors, stack_atoms)
     return [dict(_row_of(i, st, rep, b, cons, finite[b], dtype), batched=len(chunk))
             for b, (i, st) in enumerate(chunk)]
 
@@ -313,7 +316,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
     group elements for every structure, drawn from ``seed``); 0 skips them.
-    Batching: by default (``batch_size=None``) consecutive molecules share one call up to ``batch_atoms`` atoms, for
+    Batching: by default (``batch_size=None``) consecutive molecules share one call up to ``batch_atoms`` atoms (the
+    finite companions' group elements are stacked into calls of the same budget, :func:`geolie.finite_equivariance_error`), for
     adapters that can batch them (torch models with a ``batch`` argument; periodic cells, layer-wise attribution and
     hunts go one by one); ``batch_size=N`` takes N molecules per call instead, ``batch_size=1`` none. Every
     per-structure figure (Lie derivatives, floors, finite errors, conservativeness) is the same whatever the
@@ -398,14 +402,14 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         new = None
         if len(chunk) > 1 and not unbatchable:
             try:
-                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed, floors)
+                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed, floors, batch_atoms)
             except NotBatchableError:
                 if batch_size is not None:  # the user asked for batches: say why there are none
                     raise
                 unbatchable = True  # geolie chose to batch: go one structure per call from here on
         if new is None:
             new = [_row(pot, st, i, draws[i] if estimator == "random" else g, dtype, n_finite, layerwise, seed,
-                        floors) for i, st in chunk]
+                        floors, batch_atoms) for i, st in chunk]
         for row in new:
             if estimator == "random":
                 row["direction"] = draws[row["index"]].C.tolist()

@@ -14,7 +14,7 @@ For a group element ``g`` the error of an output is ``e(g) = ‖f(g·x) − ρ_o
 
 All these group elements are evaluated in one call when ``f`` is an :class:`geolie.Evaluation` that can stack
 copies of its structures (``Evaluation.stack``: adapters that batch molecules), in chunks of at most ``stack_atoms``
-atoms: the same numbers as one call per group element (tested), at the cost of one larger call.
+atoms (the audit uses its batch budget, so that a model's memory never sees more atoms per call than it chose): the same numbers as one call per group element (tested), at the cost of one larger call.
 
 Rank-2 outputs are also reported by irreducible part, ``name[l=0]``, ``name[l=2]`` (and ``name[l=1]`` when not
 symmetric to rounding), relative to the whole tensor's norm (a part can vanish).
@@ -92,7 +92,7 @@ def finite_equivariance_error(
     generator: Optional[torch.Generator] = None,
     wrap: Optional[bool] = None,
     problem: Optional[Any] = None,
-    stack_atoms: int = 4096,
+    stack_atoms: int = 512,
 ) -> FiniteReport:
     """Errors of ``f`` under finite group elements (see the module docstring for the families and definitions).
 
