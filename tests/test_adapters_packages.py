@@ -61,6 +61,20 @@ def _assert_matches_calculator(pot, calc, structures, dtype=torch.float64, tol=1
                                        atol=tol)
 
 
+def _assert_rejects_bad_files(prefix, tmp_path):
+    """A missing file, a corrupt one and a plain state dict: a ModelFileError naming the file and the cause."""
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(f"{prefix}:{tmp_path / 'missing.pt'}")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(ModelFileError, match="corrupt.pt"):
+        load_model(f"{prefix}:{bad}")
+    sd = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, sd)
+    with pytest.raises(ModelFileError, match="holds a dict"):
+        load_model(f"{prefix}:{sd}")
+
+
 # -- MACE ------------------------------------------------------------------------------------------------------------
 def _mace_model(build_dtype):
     """A small ScaleShiftMACE, random init, built under ``build_dtype`` as torch's default dtype (MACE's training
@@ -178,16 +192,7 @@ def test_mace_agrees_with_its_ase_calculator(mace_file):
 
 
 def test_mace_bad_inputs_name_the_file_and_cause(mace_file, tmp_path):
-    with pytest.raises(ModelFileError, match="does not exist"):
-        load_model(f"mace:{tmp_path / 'missing.model'}")
-    bad = tmp_path / "corrupt.model"
-    bad.write_bytes(b"not a pickle at all")
-    with pytest.raises(ModelFileError, match="corrupt.model"):
-        load_model(f"mace:{bad}")
-    sd = tmp_path / "weights.pt"
-    torch.save({"w": torch.zeros(2)}, sd)
-    with pytest.raises(ModelFileError, match="holds a dict"):
-        load_model(f"mace:{sd}")
+    _assert_rejects_bad_files("mace", tmp_path)
     other = tmp_path / "other.pt"
     torch.save(torch.nn.Linear(2, 2), other)
     with pytest.raises(ModelFileError, match="not a MACE model"):
@@ -531,18 +536,9 @@ def test_fairchem_tasks_and_bad_files(fairchem_files, mace_file, tmp_path):
     assert pot.task == "omol" and pot.name.startswith("fairchem:omol:")
     rep = geolie.audit(pot, [Structure.from_atoms(MOLS[1])], dtype=torch.float64, n_finite=0, progress=False)
     assert any("spin multiplicity 1" in n for n in rep.notes())
-    with pytest.raises(ModelFileError, match="does not exist"):
-        load_model(f"fairchem:{tmp_path / 'none.pt'}")
     with pytest.raises(ModelFileError, match="not a fairchem inference checkpoint"):
         load_model(f"fairchem:{mace_file}")
-    sd = tmp_path / "weights.pt"
-    torch.save({"w": torch.zeros(2)}, sd)
-    with pytest.raises(ModelFileError, match="holds a dict"):
-        load_model(f"fairchem:{sd}")
-    bad = tmp_path / "corrupt.pt"
-    bad.write_bytes(b"\x80\x02not a checkpoint")
-    with pytest.raises(ModelFileError, match="corrupt.pt"):
-        load_model(f"fairchem:{bad}")
+    _assert_rejects_bad_files("fairchem", tmp_path)
 
 
 # -- MatterSim (M3GNet) ----------------------------------------------------------------------------------------------
@@ -599,8 +595,7 @@ def test_mattersim_agrees_with_its_ase_calculator(mattersim_file):
 
 
 def test_mattersim_bad_files(mattersim_file, mace_file, tmp_path):
-    with pytest.raises(ModelFileError, match="does not exist"):
-        load_model(f"mattersim:{tmp_path / 'none.pth'}")
+    _assert_rejects_bad_files("mattersim", tmp_path)
     with pytest.raises(ModelFileError, match="not a MatterSim model file"):
         load_model(f"mattersim:{mace_file}")
     ckpt = torch.load(mattersim_file, weights_only=False)
