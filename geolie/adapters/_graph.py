@@ -113,6 +113,19 @@ def build_graph(z: torch.Tensor, pos: torch.Tensor, cell: Optional[torch.Tensor]
                  int(b.max()) + 1 if n else 1, c is not None)
 
 
+def atoms_per_structure(z: torch.Tensor, pos: torch.Tensor, cell: Optional[torch.Tensor],
+                        batch: Optional[torch.Tensor]) -> list:
+    """ASE ``Atoms`` of each structure (``batch`` says which atom is whose; positions as given, in float64; the cell's
+    rows and periodic boundaries when a cell is given), for packages that build their graph from ASE objects."""
+    import numpy as np
+    from ase import Atoms
+
+    zs, ps = z.detach().cpu().numpy(), pos.detach().cpu().double().numpy()
+    b = np.zeros(len(zs), dtype=int) if batch is None else batch.detach().cpu().numpy()
+    c = None if cell is None else cell.detach().cpu().double().numpy().reshape(3, 3)
+    return [Atoms(numbers=zs[b == k], positions=ps[b == k], cell=c, pbc=c is not None) for k in range(int(b.max()) + 1)]
+
+
 def near(pos: torch.Tensor, z: torch.Tensor, cell: Optional[torch.Tensor], p0: torch.Tensor, z0: torch.Tensor,
          c0: Optional[torch.Tensor], tol: float = 1e-3) -> bool:
     """At (or infinitesimally near) the geometry a graph was built for: same atoms in the same order, positions and

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import _evaluation as ev_mod
-from ._graph import MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, build_graph, check_file, require, torch_load
+from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure, build_graph,
+                     check_file, require, torch_load)
 from ._protocol import with_autograd
 
 
@@ -164,10 +165,11 @@ class FairchemAdapter(GraphPotentialAdapter):
                                     f"at most {self.max_neighbors}: geolie audits the full radius graph")
         ptr = g.ptr.cpu()
         items = []
-        for k in range(g.n_structures):
+        unit = self._cache.get(self.device, torch.float32)[0]
+        for k, at in enumerate(atoms_per_structure(z, pos, cell, batch)):
             a, b = int(ptr[k]), int(ptr[k + 1])
             sel = (g.i >= a) & (g.i < b)
-            at = self._atoms(z[a:b], pos[a:b], cell)
+            unit.validate_atoms_data(at, self.task)  # fairchem's defaults for charge and spin
             d = AtomicData.from_ase(at, task_name=self.task, r_edges=False, r_data_keys=["spin", "charge"],
                                     target_dtype=dtype)
             d.edge_index = torch.stack([g.j[sel] - a, g.i[sel] - a]).cpu()
@@ -175,16 +177,6 @@ class FairchemAdapter(GraphPotentialAdapter):
             d.nedges = torch.tensor([int(sel.sum())], dtype=torch.long)
             items.append(d)
         return atomicdata_list_to_batch(items).to(self.device)
-
-    def _atoms(self, z, pos, cell):
-        from ase import Atoms
-
-        at = Atoms(numbers=z.detach().cpu().numpy(), positions=pos.detach().cpu().double().numpy(),
-                   cell=None if cell is None else cell.detach().cpu().double().numpy().reshape(3, 3),
-                   pbc=cell is not None)
-        unit = self._cache.get(self.device, torch.float32)[0]
-        unit.validate_atoms_data(at, self.task)  # fairchem's defaults for charge and spin
-        return at
 
     def _run(self, unit, pos, cell, data, stress: bool) -> Dict[str, torch.Tensor]:
         key = (str(self.device), pos.dtype)

@@ -31,11 +31,11 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 from .. import _evaluation as ev_mod
-from ._graph import MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, require, torch_load
+from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure, require,
+                     torch_load)
 
 FLOAT64_NOTE = ("MatterSim runs in float32 only: M3Gnet.forward casts the lattice offsets to float32 "
                 "(pbc_offsets.float()), so a float64 copy fails")
@@ -80,17 +80,10 @@ class MatterSimAdapter(GraphPotentialAdapter):
     def _graph(self, z, pos, cell, batch, dtype):
         import warnings
 
-        from ase import Atoms
         from mattersim.datasets.utils.build import build_dataloader
         from mattersim.forcefield.potential import batch_to_dict
 
-        zs, ps = z.detach().cpu().numpy(), pos.detach().cpu().double().numpy()
-        b = np.zeros(len(zs), dtype=int) if batch is None else batch.detach().cpu().numpy()
-        atoms = []
-        for k in range(int(b.max()) + 1):
-            sel = b == k
-            atoms.append(Atoms(numbers=zs[sel], positions=ps[sel], pbc=cell is not None,
-                               cell=None if cell is None else cell.detach().cpu().double().numpy().reshape(3, 3)))
+        atoms = atoms_per_structure(z, pos, cell, batch)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="No PBC detected")  # molecules: MatterSim's box, said in docs
             loader = build_dataloader(atoms, model_type="m3gnet", cutoff=self.cutoff,

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 from .. import _evaluation as ev_mod
 from .._torch_utils import default_dtype
-from ._graph import MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, check_file, require, torch_load
+from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure, check_file,
+                     require, torch_load)
 
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -81,19 +81,12 @@ class OrbAdapter(GraphPotentialAdapter):
                 f"{self.system_config.max_num_neighbors} neighbours"]
 
     def _graph(self, z, pos, cell, batch, dtype):
-        from ase import Atoms
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
         from orb_models.forcefield.base import batch_graphs
 
-        zs, ps = z.detach().cpu().numpy(), pos.detach().cpu().double().numpy()
-        b = np.zeros(len(zs), dtype=int) if batch is None else batch.detach().cpu().numpy()
-        graphs = []
-        for k in range(int(b.max()) + 1):
-            sel = b == k
-            at = Atoms(numbers=zs[sel], positions=ps[sel], cell=None if cell is None else
-                       cell.detach().cpu().double().numpy().reshape(3, 3), pbc=cell is not None)
-            graphs.append(ase_atoms_to_atom_graphs(at, self.system_config, wrap=False,
-                                                   output_dtype=dtype, graph_construction_dtype=torch.float64))
+        graphs = [ase_atoms_to_atom_graphs(at, self.system_config, wrap=False, output_dtype=dtype,
+                                           graph_construction_dtype=torch.float64)
+                  for at in atoms_per_structure(z, pos, cell, batch)]
         g = graphs[0] if len(graphs) == 1 else batch_graphs(graphs)
         return g.to(self.device)
 
