@@ -14,7 +14,8 @@ For a group element ``g`` the error of an output is ``e(g) = ‖f(g·x) − ρ_o
 
 All these group elements are evaluated in one call when ``f`` is an :class:`geolie.Evaluation` that can stack
 copies of its structures (``Evaluation.stack``: adapters that batch molecules), in chunks of at most ``stack_atoms``
-atoms (the audit uses its batch budget, so that a model's memory never sees more atoms per call than it chose): the same numbers as one call per group element (tested), at the cost of one larger call.
+atoms (the audit uses its batch budget, so that a model never sees more atoms per call than in its other passes):
+the same numbers as one call per group element (tested), at the cost of one larger call.
 
 Rank-2 outputs are also reported by irreducible part, ``name[l=0]``, ``name[l=2]`` (and ``name[l=1]`` when not
 symmetric to rounding), relative to the whole tensor's norm (a part can vanish).

@@ -45,7 +45,8 @@ def load_model(spec: Any, *, device: Optional[str] = None, out_rep: Any = None, 
                ) -> Adapter:
     """A :class:`Adapter` from a short name (``pair-mlp``, ``e3nn``, ``cartesian-mlp``, ``gaunt``, ``schnet``,
     ``emt``, ``ani1x``, ``sevenn-0``, ``chgnet``), a model file of a potential package (``mace:PATH``,
-    ``nequip:PATH``, ``orb:ARCH:WEIGHTS`` or ``orb:PATH``, ``fairchem:[TASK:]PATH``, ``mattersim:PATH``; see :data:`FILE_PACKAGES`), a
+    ``nequip:PATH``, ``orb:ARCH:WEIGHTS`` or ``orb:PATH``, ``fairchem:[TASK:]PATH``, ``mattersim:PATH``; see
+    :data:`FILE_PACKAGES`), a
     ``package.module:factory`` string (the factory returns an
     ``nn.Module`` or an ASE ``Calculator``), or such an object directly. A module whose ``forward`` takes positions
     only is a :class:`PointCloudAdapter` with an invariant output unless ``out_rep`` declares another (``per_atom``:

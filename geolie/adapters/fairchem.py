@@ -186,7 +186,8 @@ class FairchemAdapter(GraphPotentialAdapter):
             self._ready.add(key)
         model = unit.model.module
         for head in model.output_heads.values():
-            head.training = True  # the heads' autograd.grad keeps its graph; their submodules and the backbone stay eval
+            # the heads' autograd.grad keeps its graph; their submodules and the backbone stay in eval mode
+            head.training = True
         d = data.clone()
         d.pos = pos
         if cell is not None:

@@ -4,8 +4,8 @@ A MatterSim model file is what ``Potential.save`` writes (and what MatterSim pub
 a dict with ``model_name`` (``"m3gnet"``), ``model_args`` (the ``M3Gnet`` constructor's arguments), ``model`` (its
 state dict) and the training state. geolie builds ``M3Gnet(**model_args)``, loads the weights as
 ``Potential.from_checkpoint`` does (without its download-by-name shortcut) and wraps it in MatterSim's ``Potential``,
-whose ``forward`` computes ``forces = −∂E/∂pos`` and ``stress = (1/V) ∂E/∂ε`` (in GPa, as MatterSim returns it;
-MatterSim's calculator converts to eV/Å³ with the same factor) with ``torch.autograd.grad``; the model is put in
+whose ``forward`` computes ``forces = −∂E/∂pos`` and ``stress = (1/V) ∂E/∂ε`` (in GPa, as MatterSim returns
+it; MatterSim's calculator converts to eV/Å³ with the same factor) with ``torch.autograd.grad``; the model is put in
 training mode (M3GNet has no dropout) so that it keeps its graph (``create_graph``): forward-over-reverse, exact.
 
 The graph is MatterSim's own (its converter: the two-body radius graph and the three-body triplets within
