@@ -317,7 +317,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
     group elements for every structure, drawn from ``seed``); 0 skips them.
     Batching: by default (``batch_size=None``) consecutive molecules share one call up to ``batch_atoms`` atoms (the
-    finite companions' group elements are stacked into calls of the same budget, :func:`geolie.finite_equivariance_error`), for
+    finite companions' group elements are stacked into calls of the same budget,
+    :func:`geolie.finite_equivariance_error`), for
     adapters that can batch them (torch models with a ``batch`` argument; periodic cells, layer-wise attribution and
     hunts go one by one); ``batch_size=N`` takes N molecules per call instead, ``batch_size=1`` none. Every
     per-structure figure (Lie derivatives, floors, finite errors, conservativeness) is the same whatever the

@@ -248,41 +248,45 @@ def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):
     """Outputs (flattened leaves) of every trial's inputs: one call each, or ``stack``ed ``K`` at a time (at most
     ``stack_atoms`` atoms per call), split back into ``K`` outputs shaped like ``y0``.
 
-    The first trial is the unmoved input (``repeat``): its stacked copy must give the unstacked outputs, to within
-    ``STACK_TOL`` machine epsilons relative. A model that lets stacked copies interact (it takes a batch argument but
-    sums over all atoms, or ignores it), returns non-finite values or fails on the larger call fails this check and is
-    evaluated one call per trial instead: stacking never changes a figure by more than rounding."""
-    if stack is None or len(trials) < 2:
+    The first trial (``repeat``, the unmoved input) is always one plain call: determinism is measured as one call per
+    element would measure it. The first stacked call also carries an unmoved copy, whose outputs must reproduce the
+    unstacked ones to within ``STACK_TOL`` machine epsilons relative; a model that lets stacked copies interact (it
+    takes a batch argument but sums over all atoms, or ignores it), is not deterministic, returns non-finite values or
+    fails on the larger call fails this check and is evaluated one call per trial instead: stacking never changes a
+    figure by more than rounding."""
+    if stack is None or len(trials) < 3:
         return [call(v) for v in trials]
+    outs: List[Any] = [call(trials[0])]
+    rest = trials[1:]
     n_atoms = int(trials[0][0].shape[0])
     per = max(1, stack_atoms // max(n_atoms, 1))
     fns: Dict[int, Any] = {}
-    outs: List[Any] = []
-    for start in range(0, len(trials), per):
-        chunk = trials[start:start + per]
+    start = 0
+    while start < len(rest):
+        check = start == 0  # the first stacked call carries the unmoved copy
+        chunk = ([trials[0]] if check else []) + rest[start:start + per - (1 if check else 0)]
         k = len(chunk)
-        if k == 1:
-            outs.append(call(chunk[0]))
-            continue
         parts = None
-        try:
-            if k not in fns:
-                fns[k] = stack(k)
-            vals = [torch.cat([t[i] for t in chunk]) for i in range(len(chunk[0]))]
-            with torch.enable_grad():
-                big = [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(fns[k](*vals))]
-            if len(big) == len(y0) and all(isinstance(b, torch.Tensor) and b.numel() == k * y.numel()
-                                           for b, y in zip(big, y0)):
-                parts = [b.reshape(k, *y.shape) for b, y in zip(big, y0)]
-        except NotStackable:
-            parts = None
-        except Exception:  # noqa: BLE001 - a model failing on the larger call: one call per trial says its own error
-            parts = None
-        if parts is not None and start == 0 and not _same_as_unstacked([p[0] for p in parts], y0):
+        if k > 1:
+            try:
+                if k not in fns:
+                    fns[k] = stack(k)
+                vals = [torch.cat([t[i] for t in chunk]) for i in range(len(chunk[0]))]
+                with torch.enable_grad():
+                    big = [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(fns[k](*vals))]
+                if len(big) == len(y0) and all(isinstance(b, torch.Tensor) and b.numel() == k * y.numel()
+                                               for b, y in zip(big, y0)):
+                    parts = [b.reshape(k, *y.shape) for b, y in zip(big, y0)]
+            except NotStackable:
+                parts = None
+            except Exception:  # noqa: BLE001 - a model failing on the larger call: one call per trial says its error
+                parts = None
+        if parts is not None and check and not _same_as_unstacked([p[0] for p in parts], y0):
             parts = None
         if parts is None:
-            return outs + [call(v) for v in trials[start:]]
-        outs += [[p[c] for p in parts] for c in range(k)]
+            return outs + [call(v) for v in rest[start:]]
+        outs += [[p[c] for p in parts] for c in range(1 if check else 0, k)]
+        start += k - (1 if check else 0)
     return outs
 
 

@@ -123,7 +123,8 @@ def atoms_per_structure(z: torch.Tensor, pos: torch.Tensor, cell: Optional[torch
     zs, ps = z.detach().cpu().numpy(), pos.detach().cpu().double().numpy()
     b = np.zeros(len(zs), dtype=int) if batch is None else batch.detach().cpu().numpy()
     c = None if cell is None else cell.detach().cpu().double().numpy().reshape(3, 3)
-    return [Atoms(numbers=zs[b == k], positions=ps[b == k], cell=c, pbc=c is not None) for k in range(int(b.max()) + 1)]
+    return [Atoms(numbers=zs[b == k], positions=ps[b == k], cell=c, pbc=c is not None)
+            for k in range(int(b.max()) + 1)]
 
 
 def near(pos: torch.Tensor, z: torch.Tensor, cell: Optional[torch.Tensor], p0: torch.Tensor, z0: torch.Tensor,
