@@ -106,8 +106,8 @@ def _list_models(as_json: bool) -> int:
         extra = f"[{r['extra']}]" if r["extra"] else "-"
         ok = "yes" if r["importable"] else "no"
         print(f"{r['name']:<{w}}  {r['kind']:<10}  {extra:<13}  {ok:<10}  {r['what']}")
-    print("\ninstall an extra with: pip install 'geolie[EXTRA]' (mace also needs: pip install --no-deps "
-          "mace-torch==0.3.16)")
+    print("\ninstall an extra with: pip install 'geolie[EXTRA]' (then, without their pins: mace: pip install "
+          "--no-deps mace-torch==0.3.16; mattersim: pip install --no-deps mattersim==1.2.3)")
     return 0
 
 
