@@ -22,7 +22,9 @@ are ``−∂E/∂pos`` and stress the virial from the position and cell gradient
 forward-over-reverse, exact. The backbone stays in eval mode (UMA's mixture of experts drops experts and
 compositions at random in training mode). A direct model's forces come from their own head (not ``−∇E``).
 ``predict`` runs direct models under ``torch.no_grad``; geolie calls the same model without it. The task's charge and
-spin are fairchem's defaults (``omol``: charge 0, spin multiplicity 1; others 0).
+spin are fairchem's defaults (``omol``: charge 0, spin multiplicity 1; others 0). Layer-wise attribution is not
+offered: the backbone's features are spherical-harmonic coefficients in fairchem's own layout, which geolie does not
+read (inferred as plain tensors they would look broken where they are equivariant).
 """
 from __future__ import annotations
 
@@ -177,6 +179,12 @@ class FairchemAdapter(GraphPotentialAdapter):
             d.nedges = torch.tensor([int(sel.sum())], dtype=torch.long)
             items.append(d)
         return atomicdata_list_to_batch(items).to(self.device)
+
+    def layerwise_target(self, st, dtype):
+        """``None``: fairchem's modules pass spherical-harmonic coefficients in its own layout (``[N, (l+1)², C]``, its
+        own real basis and order), which geolie does not read; inferring them as plain tensors would call equivariant
+        features broken. No layer-wise attribution rather than a wrong one."""
+        return None
 
     def _run(self, unit, pos, cell, data, stress: bool) -> Dict[str, torch.Tensor]:
         key = (str(self.device), pos.dtype)
