@@ -455,7 +455,16 @@ def fairchem_files(tmp_path_factory):
             "grid": _fairchem_checkpoint(d / "esen_grid.pt", ff_type="grid"),
             "s2": _fairchem_checkpoint(d / "esen_s2.pt", act_type="s2"),
             "direct": _fairchem_checkpoint(d / "esen_direct.pt", direct=True),
-            "multi": _fairchem_checkpoint(d / "uma_like.pt", datasets=("omat", "omol"))}
+            "multi": _fairchem_checkpoint(d / "uma_like.pt", datasets=("omat", "omol")),
+            "no-stress-task": _without_stress_task(_fairchem_checkpoint(d / "no_stress.pt"))}
+
+
+def _without_stress_task(path):
+    """The checkpoint without its stress task, as UMA's files come: fairchem adds an autograd stress task at load."""
+    ckpt = torch.load(path, weights_only=False)
+    ckpt.tasks_config = [t for t in ckpt.tasks_config if t["property"] != "stress"]
+    torch.save(ckpt, path)
+    return path
 
 
 def test_fairchem_spectral_gate_at_floor_in_float64(fairchem_files):
@@ -517,11 +526,11 @@ def test_fairchem_s2_activation_is_random_and_said(fairchem_files):
 
 def test_fairchem_agrees_with_its_ase_calculator(fairchem_files):
     """Energy, forces and stress through geolie's adapter equal FAIRChemCalculator's on the same file (float64),
-    conserving and direct."""
+    conserving and direct, and for a file without a stress task (fairchem's default autograd stress task)."""
     from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
     from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
     from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
-    for kind in ("grid", "direct"):
+    for kind in ("grid", "direct", "no-stress-task"):
         path = fairchem_files[kind]
         unit = MLIPPredictUnit(path, "cpu", inference_settings=InferenceSettings(
             activation_checkpointing=False, base_precision_dtype=torch.float64))

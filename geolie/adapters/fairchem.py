@@ -121,7 +121,7 @@ class FairchemAdapter(GraphPotentialAdapter):
 
         settings = InferenceSettings(tf32=False, activation_checkpointing=False, merge_mole=False, compile=False,
                                      external_graph_gen=True, base_precision_dtype=dtype, execution_mode="general",
-                                     auto_add_default_untrained_tasks=False)
+                                     auto_add_default_untrained_tasks=True)  # fairchem's default: UMA's autograd stress
         with _quiet_and_seedless():
             try:
                 return MLIPPredictUnit(path, device=device, inference_settings=settings)
