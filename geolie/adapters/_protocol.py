@@ -136,17 +136,20 @@ class Adapter:
 
 
 class CopyCache:
-    """Per-dtype copies of a module (see :func:`cast_copy`), with the notes each cast produced."""
+    """Per-(device, dtype) copies of a module (see :func:`cast_copy`), with the notes each cast produced; ``build``
+    (``(device, dtype) -> (copy, notes)``) replaces the cast for models a package must rebuild in each dtype."""
 
-    def __init__(self, module: torch.nn.Module, prepare: Optional[Callable[[torch.nn.Module], Any]] = None):
+    def __init__(self, module: torch.nn.Module, prepare: Optional[Callable[[torch.nn.Module], Any]] = None,
+                 build: Optional[Callable[[Any, torch.dtype], Tuple[Any, List[str]]]] = None):
         self.module = module
         self.prepare = prepare
+        self.build = build or (lambda device, dtype: cast_copy(self.module, device, dtype))
         self.copies: Dict[Tuple[str, torch.dtype], Tuple[torch.nn.Module, List[str]]] = {}
 
     def get(self, device, dtype) -> Tuple[torch.nn.Module, List[str]]:
         key = (str(device), dtype)
         if key not in self.copies:
-            m, notes = cast_copy(self.module, device, dtype)
+            m, notes = self.build(device, dtype)
             if self.prepare is not None:
                 m = self.prepare(m) or m
             self.copies[key] = (m, notes)

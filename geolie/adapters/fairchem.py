@@ -38,7 +38,7 @@ import torch
 from .. import _evaluation as ev_mod
 from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure, build_graph,
                      check_file, require, torch_load)
-from ._protocol import with_autograd
+from ._protocol import CopyCache, with_autograd
 
 
 @contextlib.contextmanager
@@ -62,20 +62,6 @@ def _quiet_and_seedless():
         root.setLevel(level)
 
 
-class _UnitCache:
-    """One ``MLIPPredictUnit`` per (device, dtype), built by fairchem from the file in that dtype."""
-
-    def __init__(self, adapter: "FairchemAdapter"):
-        self.adapter = adapter
-        self.units: Dict[tuple, tuple] = {}
-
-    def get(self, device, dtype):
-        key = (str(device), dtype)
-        if key not in self.units:
-            self.units[key] = (self.adapter._unit(device, dtype), [])
-        return self.units[key]
-
-
 class FairchemAdapter(GraphPotentialAdapter):
     """A fairchem inference checkpoint (UMA, eSEN) on one of its tasks; see the module docstring."""
 
@@ -84,7 +70,6 @@ class FairchemAdapter(GraphPotentialAdapter):
     OUTPUTS = {"energy": ("scalar", False), "forces": ("vector", True), "stress": ("stress", False)}
 
     def __init__(self, path: str, task: Optional[str] = None, name: str = ""):
-        self.path = path
         unit = self._load_unit(path, "cpu", torch.float32)
         backbone = unit.model.module.backbone
         datasets = sorted(unit.dataset_to_tasks)
@@ -109,8 +94,9 @@ class FairchemAdapter(GraphPotentialAdapter):
                          cutoff=float(backbone.cutoff), elements=None)
         n_el = int(getattr(backbone, "max_num_elements", 0) or 0)
         self.elements = tuple(range(1, n_el)) if n_el else None
-        self._cache = _UnitCache(self)
-        self._cache.units[("cpu", torch.float32)] = (unit, [])
+        # one MLIPPredictUnit per (device, dtype), built by fairchem from the file in that dtype (not cast)
+        self._cache = CopyCache(unit.model.module, build=lambda device, dtype: (self._unit(device, dtype), []))
+        self._cache.copies[("cpu", torch.float32)] = (unit, [])
         self._ready = set()
 
     # -- loading ------------------------------------------------------------------------------------------------
