@@ -12,7 +12,8 @@ def _audit_parser(sub):
     a = sub.add_parser("audit", help="audit a model's equivariance on structures; write report.json, a CSV, plots")
     a.add_argument("--model", required=True,
                    help="short name (pair-mlp, e3nn, gaunt, cartesian-mlp, schnet, emt, ...; see geolie models), a "
-                        "potential package's model file (mace:PATH, nequip:PATH, orb:ARCH:WEIGHTS or orb:PATH) "
+                        "potential package's model file (mace:PATH, nequip:PATH, orb:ARCH:WEIGHTS or orb:PATH, "
+                        "fairchem:[TASK:]PATH, mattersim:PATH) "
                         "or package.module:factory returning an nn.Module or an ASE Calculator")
     a.add_argument("--data", required=True,
                    help="a file ase.io reads, or a bundled dataset with optional split (xtb-md/aspirin:test, "
