@@ -197,6 +197,13 @@ def main():
         write_json(out, {"device": device_info("cpu"), "threads": torch.get_num_threads(),
                          "structures_per_set": args.structures, "repeat": args.repeat, "results": results,
                          "skipped": skipped})
+
+    def record(pkg, kind, route, dtype, rate, floor, **extra):  # one result row, saved at once
+        row = {"package": pkg, "structures": kind, "route": route, "dtype": str(dtype)[6:],
+               "structures_per_s": rate, "forces_floor_rel": floor, **extra}
+        results.append(row)
+        save()
+        print(row, flush=True)
     with tempfile.TemporaryDirectory() as d:
         for pkg in args.packages:
             try:
@@ -226,12 +233,7 @@ def main():
                                                    floor_sample=None)
 
                     t = timeit(run, warmup=1, repeat=args.repeat)
-                    row = {"package": pkg, "structures": kind, "route": "geolie AD (model module)",
-                           "dtype": str(dtype)[6:], "structures_per_s": n / t["median_s"],
-                           "forces_floor_rel": _floor(last["rep"])}
-                    results.append(row)
-                    save()
-                    print(row, flush=True)
+                    record(pkg, kind, "geolie AD (model module)", dtype, n / t["median_s"], _floor(last["rep"]))
 
                 fd_dtype = torch.float64  # what an ASE calculator returns (MatterSim's computed in float32)
 
@@ -245,19 +247,11 @@ def main():
                 try:
                     t = timeit(run_fd, warmup=0, repeat=1)
                 except Exception as e:  # noqa: BLE001 - a calculator that fails is a result, said in the row
-                    row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
-                           "dtype": str(fd_dtype)[6:], "structures_per_s": None, "forces_floor_rel": None,
-                           "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                    results.append(row)
-                    save()
-                    print(row, flush=True)
+                    record(pkg, kind, "ASE calculator, finite differences", fd_dtype, None, None,
+                           error=f"{type(e).__name__}: {str(e)[:200]}")
                     continue
-                row = {"package": pkg, "structures": kind, "route": "ASE calculator, finite differences",
-                       "dtype": str(fd_dtype)[6:], "structures_per_s": n / t["median_s"],
-                       "forces_floor_rel": _floor(last["rep"])}
-                results.append(row)
-                save()
-                print(row, flush=True)
+                record(pkg, kind, "ASE calculator, finite differences", fd_dtype, n / t["median_s"],
+                       _floor(last["rep"]))
     save()
     print(f"wrote {out}")
 
