@@ -24,7 +24,7 @@ from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
-from ._store import ResultStore, shard_indices
+from ._store import ResultStore, RowFile, shard_indices
 from .adapters._protocol import Adapter, NotBatchableError
 
 __all__ = ["audit"]
@@ -342,8 +342,10 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
     (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
     split (``"xtb-md/aspirin:test"``) or a file path. A file is streamed (``ase.io.iread``: one pass counts atoms,
-    the audit then reads structures as it goes): its structures are never all in memory, only the per-structure
-    rows. Errors name the structure and the cause.
+    the audit then reads structures as it goes): its structures are never all in memory. With ``out_dir`` the rows
+    are not held either: each call's rows are appended to ``results.jsonl`` and the report reads them from there
+    (:class:`geolie._store.RowFile`), so memory grows by a few hundred bytes of indices per structure, not by the
+    rows (2 to 6 KB each); without it the rows are returned in memory. Errors name the structure and the cause.
     """
     from tqdm import tqdm
 
@@ -370,7 +372,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     src = _source(structures)
     counts = src.counts if limit is None else src.counts[:limit]
     mine = list(range(len(counts))) if shard is None else shard_indices(counts, *shard)
-    done: Dict[int, Dict] = {}
+    done = RowFile.empty()  # rows from an earlier run (resume), on disk
     store = ResultStore(out_dir, names) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
                 "dtype_note": pot.dtype_note,
@@ -385,8 +387,10 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                           "n_structures_total": len(counts), "shard": None if shard is None else list(shard),
                           "indices": mine})
     mine_set = set(mine)
-    rows = {i: r for i, r in done.items() if i in mine_set}
-    bar = tqdm(total=len(mine), initial=len(rows), desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
+    done_set = set(done.indices.tolist())
+    n_done = len(done_set & mine_set)
+    rows: Dict[int, Dict] = {}  # without out_dir: the rows, in memory (with it, they stay on disk)
+    bar = tqdm(total=len(mine), initial=n_done, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     unbatchable = False
 
     def compute(chunk, floors: bool) -> List[Dict[str, Any]]:
@@ -416,38 +420,44 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                 row["direction"] = draws[row["index"]].C.tolist()
         return new
 
-    def finish(row, st) -> None:
-        if hunt:
-            opts = dict(hunt) if isinstance(hunt, dict) else {}
-            opts.setdefault("seed", seed + row["index"])
-            opts.setdefault("tag", f"{row['index']}_{row['name']}")
-            res = hunt_orientation(pot, st, group=group, dtype=dtype,
-                                   out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
-            row["hunt"] = res.to_dict()
-        rows[row["index"]] = row
+    def finish(new_rows, sts) -> None:
+        """A call's rows, finished (hunts) and stored together (a batch's rows are computed together anyway)."""
+        for row, st in zip(new_rows, sts):
+            if hunt:
+                opts = dict(hunt) if isinstance(hunt, dict) else {}
+                opts.setdefault("seed", seed + row["index"])
+                opts.setdefault("tag", f"{row['index']}_{row['name']}")
+                res = hunt_orientation(pot, st, group=group, dtype=dtype,
+                                       out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
+                row["hunt"] = res.to_dict()
+            if store is None:
+                rows[row["index"]] = row
         if store is not None:
-            store.append(row)
-        bar.update(1)
+            store.extend(new_rows)
+        bar.update(len(new_rows))
 
     sample: List[int] = floor_sample_indices(len(counts), floor_sample) if floor_sample else []
     sampled_floor = None
     if sample:  # the floor sample first, one structure per call (the same in every shard and batching)
-        sample_rows = [done[i] for i in sample if i in done and done[i].get("floor_sampled")]
-        need = [i for i in sample if not (i in done and done[i].get("floor_sampled"))]
+        kept = [done.row(i) for i in sample if i in done_set]
+        sample_rows = [r for r in kept if r.get("floor_sampled")]
+        have = {r["index"] for r in sample_rows}
+        need = [i for i in sample if i not in have]
         for i, st in src.iterate(need):
             row = compute([(i, st)], True)[0]
             row["floor_sampled"] = True
             sample_rows.append(row)
-            if i in mine_set and i not in done:
-                finish(row, st)
+            if i in mine_set and i not in done_set:
+                finish([row], [st])
         sampled_floor = _sampled_floor(sample_rows)
-    skip = set(done) | set(sample)
+    skip = done_set | set(sample)
     todo = src.iterate([i for i in mine if i not in skip])  # lazily: a file is read as the audit goes
     for chunk in _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None):
-        for row, (_, st) in zip(compute(chunk, not sample), chunk):
+        new = compute(chunk, not sample)
+        for row in new:
             if sample:
                 _apply_sampled_floor(row, sampled_floor, sample)
-            finish(row, st)
+        finish(new, [st for _, st in chunk])
     bar.close()
-    rows = [rows[i] for i in sorted(rows)]
-    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), rows, list(names), run_meta)
+    kept_rows = store.rows(keep=mine) if store is not None else [rows[i] for i in sorted(rows)]
+    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names), run_meta)

@@ -10,66 +10,135 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from array import array
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._metrics import aggregate, iso_rotation
+from ._store import ResultStore, RowFile
 
 __all__ = ["AuditReport", "write_report", "merge"]
 
 
+class _Summary:
+    """What the report derives from its rows, gathered in one pass over them (rows on disk are read once): per output
+    the relative Lie derivatives and relative floors (8 bytes a figure), the finite errors' maxima, the first source,
+    the worst adjoint test; the distinct notes, the conservativeness figures, the hunt and layer-wise summaries."""
+
+    KINDS = ("rel", "floor_rel")
+
+    def __init__(self, rows: Sequence[Dict[str, Any]], n_gen: int):
+        self.n_gen = n_gen
+        self.outputs: List[str] = []
+        self.vals: Dict[Tuple[str, str], array] = {}
+        self.finite: Dict[str, Dict[str, float]] = {}
+        self.source: Dict[str, str] = {}
+        self.checks: Dict[str, Optional[float]] = {}
+        self.notes: List[str] = []
+        seen_notes = set()
+        self.cons: Dict[str, List[float]] = {}
+        self.hunt: Dict[str, Dict[str, Any]] = {}
+        self.layerwise: Dict[str, List[float]] = {}
+        for r in rows:
+            for name, o in r.get("outputs", {}).items():
+                if name not in self.source:
+                    self.outputs.append(name)
+                    self.source[name] = o.get("source", "")
+                    self.checks[name] = None
+                for kind in self.KINDS:
+                    if o.get(kind) is not None:
+                        self.vals.setdefault((name, kind), array("d")).extend(o[kind])
+                c = o.get("ad_check")
+                if c is not None:
+                    self.checks[name] = c if self.checks[name] is None else max(self.checks[name], c)
+            for name, fams in r.get("finite", {}).items():
+                acc = self.finite.setdefault(name, {})
+                for fam, v in fams.items():
+                    m = acc.get(fam)
+                    acc[fam] = v if m is None or v != v or v > m else m  # NaN wins, as np.max
+            for n in r.get("notes", []):
+                if n not in seen_notes:
+                    seen_notes.add(n)
+                    self.notes.append(n)
+            for k, v in (r.get("conservative") or {}).items():
+                self.cons.setdefault(k, []).append(v)
+            self._hunt(r)
+            for name, v in (r.get("layerwise") or {}).items():
+                if name != "__total__":
+                    self.layerwise.setdefault(name, []).append(
+                        float(np.sqrt(np.mean(np.square(v["contribution"][:3])))))
+
+    def _hunt(self, r) -> None:
+        for name, h in ((r.get("hunt") or {}).get("outputs") or {}).items():
+            s = self.hunt.setdefault(name, {"worst_error": -1.0, "structure": None, "random_error": 0.0,
+                                            "above_floor": 0, "discontinuous": 0, "n": 0})
+            s["n"] += 1
+            s["random_error"] = max(s["random_error"], h["random_error"])
+            s["above_floor"] += not h["at_floor"]
+            s["discontinuous"] += h["discontinuous"] is not None
+            if h["worst_error"] > s["worst_error"]:
+                s.update(worst_error=h["worst_error"], structure=r["index"], rotation=h["rotation"],
+                         axis_angle=h["axis_angle"], found_by=h["found_by"])
+
+    def values(self, output: str, kind: str) -> np.ndarray:
+        return np.frombuffer(self.vals.get((output, kind), array("d")), dtype=np.float64).reshape(-1, self.n_gen)
+
+
 @dataclass
 class AuditReport:
-    """Per-structure rows and aggregates; ``metric(output, kind)`` gives the value a gate compares."""
+    """Per-structure rows and aggregates; ``metric(output, kind)`` gives the value a gate compares.
+
+    ``rows``: a list, or the :class:`geolie._store.RowFile` of an output folder (an audit with ``out_dir`` keeps its
+    rows on disk: memory does not grow with them). The aggregates come from one pass over the rows, kept until the
+    rows change."""
 
     model: str
     group: str
     dtype: str
-    rows: List[Dict[str, Any]]
+    rows: Sequence[Dict[str, Any]]
     generator_names: List[str]
     meta: Dict[str, Any] = field(default_factory=dict)
+    _cache: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def _summary(self) -> _Summary:
+        key = (id(self.rows), len(self.rows), len(self.generator_names))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _Summary(self.rows, len(self.generator_names)))
+        return self._cache[1]
 
     @property
     def outputs(self) -> List[str]:
-        names: List[str] = []
-        for r in self.rows:
-            for k in r.get("outputs", {}):
-                if k not in names:
-                    names.append(k)
-        return names
+        return list(self._summary().outputs)
 
     def values(self, output: str, kind: str = "rel", generators: Optional[Sequence[str]] = None) -> np.ndarray:
-        """``[structures, generators]`` array of ``abs``, ``rel``, ``per_atom`` or ``floor`` for ``output``."""
+        """``[structures, generators]`` array of ``abs``, ``rel``, ``per_atom``, ``floor`` or ``floor_rel`` for
+        ``output`` (structures without it left out)."""
         gens = list(generators or self.generator_names)
         idx = [self.generator_names.index(g) for g in gens]
-        vals = []
+        if kind in _Summary.KINDS:
+            return self._summary().values(output, kind)[:, idx].copy()
+        vals = array("d")
         for r in self.rows:
             o = r.get("outputs", {}).get(output)
             if o is None or o.get(kind) is None:
                 continue
-            vals.append([o[kind][i] for i in idx])
-        return np.array(vals, dtype=np.float64).reshape(-1, len(idx))
+            vals.extend(o[kind][i] for i in idx)
+        return np.frombuffer(vals, dtype=np.float64).reshape(-1, len(idx)).copy()
 
     def aggregates(self) -> Dict[str, Any]:
+        s = self._summary()
         out = {}
-        for name in self.outputs:
-            rel = self.values(name, "rel")
+        for name in s.outputs:
+            rel = s.values(name, "rel")
             iso = iso_rotation(rel, self.generator_names) if rel.size else rel
             out[name] = {g: aggregate(rel[:, k]) for k, g in enumerate(self.generator_names)}
             out[name]["iso_rotation"] = aggregate(iso)
             out[name]["iso_rotation_rms"] = self._rms_with_error(name, iso)
-            out[name]["floor_rel_median"] = float(np.nanmedian(self.values(name, "floor_rel"))) if rel.size else None
-            fin: Dict[str, List[float]] = {}
-            for r in self.rows:
-                for fam, v in r.get("finite", {}).get(name, {}).items():
-                    fin.setdefault(fam, []).append(v)
-            out[name]["finite_max_rel"] = {fam: float(np.max(v)) for fam, v in fin.items()}
-            out[name]["source"] = next((r["outputs"][name].get("source", "") for r in self.rows
-                                        if name in r.get("outputs", {})), "")
-            checks = [r["outputs"][name].get("ad_check") for r in self.rows if name in r.get("outputs", {})]
-            checks = [c for c in checks if c is not None]
-            out[name]["ad_check_max"] = float(max(checks)) if checks else None
+            out[name]["floor_rel_median"] = float(np.nanmedian(s.values(name, "floor_rel"))) if rel.size else None
+            out[name]["finite_max_rel"] = {fam: float(v) for fam, v in s.finite.get(name, {}).items()}
+            out[name]["source"] = s.source[name]
+            out[name]["ad_check_max"] = None if s.checks[name] is None else float(s.checks[name])
         return out
 
     def _rms_with_error(self, name: str, iso: np.ndarray) -> Dict[str, float]:
@@ -87,35 +156,17 @@ class AuditReport:
 
     def conservative_aggregates(self) -> Dict[str, Dict[str, float]]:
         """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces)."""
-        keys = ("force_gap_rel", "jacobian_asym_rel")
-        vals = {k: [r["conservative"][k] for r in self.rows if r.get("conservative")] for k in keys}
-        return {k: aggregate(v) for k, v in vals.items() if v}
+        cons = self._summary().cons
+        return {k: aggregate(cons[k]) for k in ("force_gap_rel", "jacobian_asym_rel") if cons.get(k)}
 
     def hunt_summary(self) -> Dict[str, Dict[str, Any]]:
         """Per output, over structures audited with ``hunt``: the worst orientation's error and where, the largest
         random-rotation error, how many structures are above their floor and which jump (discontinuities)."""
-        out: Dict[str, Dict[str, Any]] = {}
-        for r in self.rows:
-            for name, h in ((r.get("hunt") or {}).get("outputs") or {}).items():
-                s = out.setdefault(name, {"worst_error": -1.0, "structure": None, "random_error": 0.0,
-                                          "above_floor": 0, "discontinuous": 0, "n": 0})
-                s["n"] += 1
-                s["random_error"] = max(s["random_error"], h["random_error"])
-                s["above_floor"] += not h["at_floor"]
-                s["discontinuous"] += h["discontinuous"] is not None
-                if h["worst_error"] > s["worst_error"]:
-                    s.update(worst_error=h["worst_error"], structure=r["index"], rotation=h["rotation"],
-                             axis_angle=h["axis_angle"], found_by=h["found_by"])
-        return out
+        return {k: dict(v) for k, v in self._summary().hunt.items()}
 
     def notes(self) -> List[str]:
         """Distinct notes of all rows (precision limits, AD methods that failed their check, fallbacks)."""
-        seen: List[str] = []
-        for r in self.rows:
-            for n in r.get("notes", []):
-                if n not in seen:
-                    seen.append(n)
-        return seen
+        return list(self._summary().notes)
 
     def metric(self, output: Optional[str] = None, kind: str = "rel") -> float:
         """Max over structures and generators (and outputs, when ``output`` is None) of ``kind``."""
@@ -124,12 +175,16 @@ class AuditReport:
         vals = [v for v in vals if v.size]
         return float(max(np.nanmax(v) for v in vals)) if vals else 0.0
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
-                "n_structures": len(self.rows), "aggregates": self.aggregates(),
-                "conservative": self.conservative_aggregates(), "hunt": self.hunt_summary(), "notes": self.notes(),
-                "meta": self.meta,
-                "structures": self.rows}
+    def to_dict(self, structures: bool = True) -> Dict[str, Any]:
+        """The report as ``report.json`` holds it; ``structures=False`` leaves the rows out (rows on disk are read
+        into memory for ``True``)."""
+        d = {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
+             "n_structures": len(self.rows), "aggregates": self.aggregates(),
+             "conservative": self.conservative_aggregates(), "hunt": self.hunt_summary(), "notes": self.notes(),
+             "meta": self.meta}
+        if structures:
+            d["structures"] = list(self.rows)
+        return d
 
     def table(self) -> str:
         agg = self.aggregates()
@@ -189,13 +244,8 @@ class AuditReport:
         return "\n".join(lines)
 
     def layerwise_summary(self) -> Dict[str, float]:
-        acc: Dict[str, List[float]] = {}
-        for r in self.rows:
-            for name, v in (r.get("layerwise") or {}).items():
-                if name == "__total__":
-                    continue
-                acc.setdefault(name, []).append(float(np.sqrt(np.mean(np.square(v["contribution"][:3])))))
-        return {k: float(np.mean(v)) for k, v in acc.items()}
+        """Per layer, the mean over structures of its RMS contribution to the rotations' Lie derivative."""
+        return {k: float(np.mean(v)) for k, v in self._summary().layerwise.items()}
 
     def plots(self, folder: str) -> List[str]:
         """PNG plots in ``folder``: per output, the distribution of per-structure relative norms per generator;
@@ -216,8 +266,9 @@ class AuditReport:
             ax.set_xticks(range(1, len(self.generator_names) + 1), self.generator_names)
             ax.set_yscale("log")
             fl = self.values(name, "floor_rel")
-            if fl.size:
-                ax.axhline(float(np.nanmedian(fl)), color="grey", ls="--", label="noise floor (median)")
+            fl_med = float(np.nanmedian(fl)) if fl.size and not np.isnan(fl).all() else float("nan")
+            if fl_med > 0:  # a zero floor (exact arithmetic) has no place on the log axis
+                ax.axhline(fl_med, color="grey", ls="--", label="noise floor (median)")
                 ax.legend()
             ax.set_ylabel("‖L_X y‖ / ‖y‖ (exact zeros drawn at 1e-18)")
             ax.set_title(f"{self.model}: {name}, {len(rel)} structures")
@@ -245,8 +296,14 @@ def write_report(report: AuditReport, out_dir: str) -> List[str]:
     """``report.json`` and the plots in ``out_dir``; returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
     p = os.path.join(out_dir, "report.json")
-    with open(p, "w") as fh:
-        json.dump(report.to_dict(), fh, indent=1)
+    head = json.dumps(report.to_dict(structures=False), indent=1)
+    rows = report.rows
+    with open(p, "wb") as fh:  # the rows are streamed, one per line: rows on disk are copied, not held
+        fh.write(head[:-2].encode() + b',\n "structures": [')
+        lines = rows.lines() if isinstance(rows, RowFile) else ((json.dumps(r) + "\n").encode() for r in rows)
+        for k, line in enumerate(lines):
+            fh.write((b",\n  " if k else b"\n  ") + line.rstrip(b"\n"))
+        fh.write(b"\n ]\n}\n")
     return [p] + report.plots(out_dir)
 
 
@@ -272,12 +329,10 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
 
     Errors name the folder: different models, groups, dtypes or data sets; one structure with different results in
     two folders; structures that no folder holds (unless ``allow_partial``)."""
-    from ._store import ResultStore
-
     paths = _audit_folders(folders)
-    rows: Dict[int, Dict[str, Any]] = {}
     first: Optional[Dict[str, Any]] = None
     key = ("model", "group", "dtype", "generators", "n_structures_total")
+    parts: List[RowFile] = []
     for p in paths:
         store = ResultStore(p, [])
         meta = store.read_meta()
@@ -292,23 +347,40 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
             if opts != {k: v for k, v in first["meta"].items() if k not in how}:
                 raise ValueError(f"merge: {p} was audited with other options ({meta['meta']}) than {paths[0]} "
                                  f"({first['meta']})")
-        for i, r in store.load().items():
-            if i in rows and rows[i] != r:
-                raise ValueError(f"merge: structure {i} has different results in two folders (the second: {p})")
-            rows[i] = r
+        parts.append(store.rows())
     assert first is not None
-    missing = sorted(set(range(first["n_structures_total"])) - set(rows))
-    if missing and not allow_partial:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"merge: {len(missing)} structure(s) in no folder ({shown}): a shard is missing or not "
+    merged = _combine(parts, paths)
+    missing = np.setdiff1d(np.arange(first["n_structures_total"]), merged.indices)
+    if missing.size and not allow_partial:
+        shown = ", ".join(map(str, missing[:10].tolist())) + (" ..." if missing.size > 10 else "")
+        raise ValueError(f"merge: {missing.size} structure(s) in no folder ({shown}): a shard is missing or not "
                          "finished (resume it), or pass allow_partial=True")
-    report = AuditReport(first["model"], first["group"], first["dtype"], [rows[i] for i in sorted(rows)],
+    if out_dir:
+        out = ResultStore(out_dir, list(first["generators"]))
+        out.write_from(merged)
+        out.write_meta(dict(first, shard=None, indices=merged.indices.tolist()))
+        merged = out.rows()
+    report = AuditReport(first["model"], first["group"], first["dtype"], merged,
                          list(first["generators"]), dict(first["meta"], merged_from=paths))
     if out_dir:
-        out = ResultStore(out_dir, report.generator_names)
-        out.clear()
-        for r in report.rows:
-            out.append(r)
-        out.write_meta(dict(first, shard=None, indices=sorted(rows)))
         write_report(report, out_dir)
     return report
+
+
+def _combine(parts: List[RowFile], folders: List[str]) -> RowFile:
+    """The rows of several folders by structure index, without reading them, except where one index is in two
+    folders: those rows must be equal (else an error names the second folder)."""
+    idx = np.concatenate([p.indices for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    fid = np.concatenate([np.full(len(p), k, dtype=np.int32) for k, p in enumerate(parts)]) if parts else idx
+    off = np.concatenate([p._off for p in parts]) if parts else idx
+    order = np.argsort(idx, kind="stable")  # equal indices keep the folders' order
+    idx, fid, off = idx[order], fid[order], off[order]
+    everything = RowFile([p.paths[0] for p in parts], idx, fid, off)
+    dup = np.nonzero(idx[1:] == idx[:-1])[0]
+    for j in dup:  # compared as stored (JSON text: NaN equals NaN there)
+        if everything.line(int(j)) != everything.line(int(j) + 1):
+            raise ValueError(f"merge: structure {idx[j]} has different results in two folders (the second: "
+                             f"{folders[fid[j + 1]]})")
+    keep = np.ones(len(idx), dtype=bool)
+    keep[dup + 1] = False
+    return RowFile(everything.paths, idx[keep], fid[keep], off[keep])

@@ -3,17 +3,148 @@
 that an interruption loses at most the structure in progress; :meth:`ResultStore.resume` reads back what is there,
 drops a line cut by an interruption, and rewrites both files from the rows it kept (the CSV always matches the
 JSONL). One store per output folder: shards of a larger audit each write their own.
+
+Rows stay on disk: :class:`RowFile` is the sequence of a folder's rows in structure-index order, read when used. It
+holds, per row, its index, its file and where its line starts (20 bytes), not the row (2 to 6 KB of JSON), so an
+audit, a resume and a merge keep memory bounded by that however many structures they cover.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from collections import abc
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ._metrics import iso_rotation
 
-__all__ = ["ResultStore", "shard_indices", "parse_shard"]
+__all__ = ["ResultStore", "RowFile", "shard_indices", "parse_shard"]
+
+_PREFIX = b'{"index": '  # every row starts with its index (``_audit._row_of`` builds it first)
+
+
+def _scan(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(indices, offsets)`` of the complete rows of a ``results.jsonl``, in file order. A line without its final
+    newline was cut by an interruption and is left out; so is a line that is not a row."""
+    idx: List[int] = []
+    off: List[int] = []
+    if os.path.exists(path):
+        with open(path, "rb") as fh:
+            pos = 0
+            for line in fh:
+                start, pos = pos, pos + len(line)
+                if not line.endswith(b"\n") or not line.strip():
+                    continue
+                i = None
+                if line.startswith(_PREFIX):
+                    head = line[len(_PREFIX):len(_PREFIX) + 24].split(b",", 1)[0]
+                    i = int(head) if head.isdigit() else None
+                if i is None:
+                    try:
+                        i = int(json.loads(line)["index"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                idx.append(i)
+                off.append(start)
+    return np.asarray(idx, dtype=np.int64), np.asarray(off, dtype=np.int64)
+
+
+class RowFile(abc.Sequence):
+    """Audit rows (dicts) kept in ``results.jsonl`` files and read when used, in increasing structure index; one row
+    per index. ``len``, iteration, ``rows[k]`` (the k-th row), ``row(index)`` and ``has(index)`` (by structure index)
+    and ``indices`` work without holding the rows: about 20 bytes per row (index, file, offset) against 2 to 6 KB for
+    the row itself. Rows are parsed each time they are read."""
+
+    def __init__(self, paths: Sequence[str], indices: np.ndarray, files: np.ndarray, offsets: np.ndarray):
+        self.paths = list(paths)
+        self._idx = np.asarray(indices, dtype=np.int64)
+        self._fid = np.asarray(files, dtype=np.int32)
+        self._off = np.asarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def scan(cls, path: str, keep: Optional[Sequence[int]] = None) -> "RowFile":
+        """The rows of one ``results.jsonl``: where an index occurs twice the later line counts (as when appending
+        after a resume); ``keep``: only these structure indices."""
+        idx, off = _scan(path)
+        order = np.argsort(idx, kind="stable")
+        idx, off = idx[order], off[order]
+        last = np.ones(len(idx), dtype=bool)
+        last[:-1] = idx[:-1] != idx[1:]  # the last of equal indices is the latest line (stable sort)
+        idx, off = idx[last], off[last]
+        if keep is not None:
+            sel = np.isin(idx, np.asarray(list(keep), dtype=np.int64))
+            idx, off = idx[sel], off[sel]
+        return cls([path], idx, np.zeros(len(idx), dtype=np.int32), off)
+
+    @classmethod
+    def empty(cls) -> "RowFile":
+        z = np.zeros(0, dtype=np.int64)
+        return cls([], z, z.astype(np.int32), z)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The structure indices held, increasing."""
+        return self._idx
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def _line(self, fh, k: int) -> bytes:
+        fh.seek(int(self._off[k]))
+        return fh.readline()
+
+    def _parse(self, line: bytes, k: int) -> Dict[str, Any]:
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{self.paths[self._fid[k]]}: row of structure {self._idx[k]} at byte {self._off[k]} is "
+                             f"not valid JSON any more ({e}): the file changed after it was read") from None
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"row {k} of {len(self)}")
+        return self._parse(self.line(k), k)
+
+    def line(self, k: int) -> bytes:
+        """The k-th row's JSON line as stored."""
+        with open(self.paths[self._fid[k]], "rb") as fh:
+            return self._line(fh, k)
+
+    def has(self, index: int) -> bool:
+        k = int(np.searchsorted(self._idx, index))
+        return k < len(self._idx) and int(self._idx[k]) == index
+
+    def row(self, index: int) -> Dict[str, Any]:
+        """The row of structure ``index``."""
+        if not self.has(index):
+            raise KeyError(f"structure {index} has no row here")
+        return self[int(np.searchsorted(self._idx, index))]
+
+    def lines(self) -> Iterator[bytes]:
+        """The rows' JSON lines as stored (with their newline), in order: for copying without parsing."""
+        handles: Dict[int, Any] = {}
+        try:
+            for k in range(len(self)):
+                f = int(self._fid[k])
+                if f not in handles:
+                    handles[f] = open(self.paths[f], "rb")
+                yield self._line(handles[f], k)
+        finally:
+            for fh in handles.values():
+                fh.close()
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for k, line in enumerate(self.lines()):
+            yield self._parse(line, k)
+
+    def __repr__(self) -> str:
+        return f"RowFile({len(self)} rows in {self.paths})"
 
 
 class ResultStore:
@@ -33,20 +164,10 @@ class ResultStore:
             if os.path.exists(p):
                 os.remove(p)
 
-    def load(self) -> Dict[int, Dict[str, Any]]:
-        """The rows stored, by structure index (read only; a line cut by an interruption is skipped)."""
-        done: Dict[int, Dict[str, Any]] = {}
-        if os.path.exists(self.jsonl):
-            with open(self.jsonl) as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line:
-                        try:
-                            r = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue  # a line cut by an interruption: that structure is computed again
-                        done[r["index"]] = r
-        return done
+    def rows(self, keep: Optional[Sequence[int]] = None) -> RowFile:
+        """The rows stored, in index order, read from disk when used (a line cut by an interruption is skipped:
+        that structure is computed again)."""
+        return RowFile.scan(self.jsonl, keep)
 
     @property
     def meta_path(self) -> str:
@@ -64,36 +185,56 @@ class ResultStore:
         with open(self.meta_path) as fh:
             return json.load(fh)
 
-    def resume(self) -> Dict[int, Dict[str, Any]]:
-        """The rows already stored, by structure index; both files are rewritten without any partial line."""
-        done = self.load()
-        self.clear()
-        for r in sorted(done.values(), key=lambda r: r["index"]):
-            self.append(r)
-        return done
+    def resume(self) -> RowFile:
+        """The rows already stored, in index order; both files are rewritten (row by row, through temporary files
+        that replace them) in index order without any partial line."""
+        self.write_from(self.rows())
+        return self.rows()
+
+    def write_from(self, rows: RowFile) -> None:
+        """Replace both files by ``rows`` (copied line by line; the CSV derived from each)."""
+        tmp_j, tmp_c = self.jsonl + ".tmp", self.csv + ".tmp"
+        with open(tmp_j, "wb") as fj, open(tmp_c, "w", newline="") as fc:
+            w = csv.writer(fc)
+            _csv_header(w, self.generator_names)
+            for k, line in enumerate(rows.lines()):
+                fj.write(line)
+                _csv_rows(w, rows._parse(line, k), self.generator_names)
+        os.replace(tmp_j, self.jsonl)
+        os.replace(tmp_c, self.csv)
 
     def append(self, row: Dict[str, Any]) -> None:
+        self.extend([row])
+
+    def extend(self, rows: Sequence[Dict[str, Any]]) -> None:
+        """Append rows (each file opened once; every line is written whole, with its newline last)."""
         with open(self.jsonl, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        _append_csv(self.csv, row, self.generator_names)
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        new = not os.path.exists(self.csv)
+        with open(self.csv, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                _csv_header(w, self.generator_names)
+            for r in rows:
+                _csv_rows(w, r, self.generator_names)
 
 
-def _append_csv(path, row, gens):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as fh:
-        w = csv.writer(fh)
-        if new:
-            w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
-                       + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
-                       + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel"])
-        cons = row.get("conservative") or {}
-        fallback = " | ".join(n for n in row.get("notes", []) if "adjoint test" in n or "finite differences used" in n)
-        for name, o in row["outputs"].items():
-            iso = float(iso_rotation(o["rel"], gens))
-            w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
-                       + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
-                       + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
-                          else ["", ""]))
+def _csv_header(w, gens) -> None:
+    w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
+               + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
+               + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel"])
+
+
+def _csv_rows(w, row, gens) -> None:
+    """One CSV line per output of ``row``."""
+    cons = row.get("conservative") or {}
+    fallback = " | ".join(n for n in row.get("notes", []) if "adjoint test" in n or "finite differences used" in n)
+    for name, o in row["outputs"].items():
+        iso = float(iso_rotation(o["rel"], gens))
+        w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
+                   + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
+                   + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
+                      else ["", ""]))
 
 
 def shard_indices(atom_counts: Sequence[int], shard: int, n_shards: int) -> List[int]:
