@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--processes", action="store_true", help="also time one process against torchrun with two")
-    ap.add_argument("--n-large", type=int, default=600)
+    ap.add_argument("--n-large", type=int, default=2400, help="structures of the process runs (frames cycled)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.float64
@@ -86,7 +86,7 @@ def main(argv=None):
         print(row, file=sys.stderr, flush=True)
     procs = []
     if args.processes:
-        big = frames[:args.n_large]
+        big = [frames[k % len(frames)] for k in range(args.n_large)]  # cycled past the bundled frames
         tmp = tempfile.mkdtemp()
         path = os.path.join(tmp, "big.extxyz")
         import ase.io

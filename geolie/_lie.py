@@ -18,11 +18,21 @@ Methods
 -------
 * ``"hvp"``: for ``f = geolie.conservative(energy_fn)`` of positions: energy and forces are computed once with
   their graph kept, and since the Jacobian of the forces is the (symmetric) Hessian,
-  ``J_F v = -∇(∇E·v)`` costs one backward pass per generator; ``J_E v = ∇E·v`` is free.
+  ``J_F v = -∇(∇E·v)`` costs one backward pass per generator (``"hvp-loop"``); ``J_E v = ∇E·v`` is free. Or all
+  generators in one batched backward pass (``"hvp-batched"``: ``torch.autograd.grad(..., is_grads_batched=True)``,
+  a vmap over the backward graph: fewer, larger kernels). Which of the two ``"hvp"`` runs is chosen by measurement
+  per device and call size: :data:`HVP_BATCHED_UP_TO` holds, per device type, the largest call (atoms) for which
+  ``benchmarks/lie_derivative.py`` and the audit measured the batched pass faster (CPU: 48 atoms; molecules one
+  per call gain 1.25-1.5x, batches of hundreds of atoms lose as much); on a device type it does not name, the first
+  problem per device, dtype and size class (atoms rounded up to a power of two) runs both, timed, and the faster is
+  kept for the process (both pass the adjoint test; their values agree to the floor). A batched pass that fails
+  (an op without a batching rule, out of memory) leaves the loop.
 * ``"jvp"``: forward-mode AD. One ``torch.autograd.forward_ad`` pass per generator (``"jvp-loop"``), which also
   runs through ``torch.autograd.grad(..., create_graph=True)`` inside the model (forces): forward-over-reverse;
   if that fails, all generators in one ``torch.func.vmap(torch.func.jvp)`` call (``"jvp-vmap"``). The loop comes
-  first because it was faster on every model measured on the CPU (``benchmarks/lie_derivative.py``).
+  first because ``vmap`` cannot run models that call ``torch.autograd.grad`` or ``requires_grad_`` themselves (how
+  MACE, NequIP and most potentials compute forces); where both run, the vmap was 1.5-4x faster on the CPU
+  (``benchmarks/lie_derivative.py``).
 * ``"double-backward"``: the trick of Gruver et al.'s lie-deriv (``grad`` of ``grad`` with a dummy cotangent),
   one generator at a time; kept as a fallback for ops without forward-mode formulas and for benchmarks.
 * ``"fd"``: central differences of the *finite* group action with two Richardson extrapolations (steps
@@ -54,6 +64,7 @@ method is :attr:`LieResult.ad_check`. The check costs one reverse pass per outpu
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -68,9 +79,16 @@ from ._io import (
     Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
 )
 
-__all__ = ["lie_derivative", "lie_result", "LieResult"]
+__all__ = ["lie_derivative", "lie_result", "LieResult", "HVP_BATCHED_UP_TO", "hvp_choice"]
 
-METHODS = ("auto", "hvp", "jvp", "jvp-vmap", "jvp-loop", "double-backward", "fd")
+METHODS = ("auto", "hvp", "hvp-loop", "hvp-batched", "jvp", "jvp-vmap", "jvp-loop", "double-backward", "fd")
+
+#: per device type, the largest call (in atoms) for which ``"hvp"`` takes the batched pass, as measured
+#: (``benchmarks/lie_derivative.py``, 2-core CPU, float32: batched 0.5-0.7x the loop's time at 10 atoms, 0.8-1.0x at
+#: 30, 1.05-1.3x at 100; audit of 21-atom aspirin one per call 1.25x faster, of 500-atom batches 1.1-1.3x slower);
+#: device types not named here are measured at run time (:func:`hvp_choice`)
+HVP_BATCHED_UP_TO: Dict[str, int] = {"cpu": 48}
+_HVP_MEASURED: Dict[Tuple[str, str, int], str] = {}
 
 
 class GeolieFallbackWarning(UserWarning):
@@ -108,6 +126,7 @@ class Problem:
     base_inputs: List[torch.Tensor] = field(default_factory=list)
     base_raw: List[Any] = field(default_factory=list)
     probes: Optional[Tuple[List[torch.Tensor], List[List[torch.Tensor]], List[torch.Tensor]]] = None
+    hvp_variant: str = "loop"  # the variant "hvp" ran: "loop" or "batched"
 
     def call(self, moving_values: Optional[List[torch.Tensor]] = None, inputs=None):
         vals = list((inputs or self.inputs).values)
@@ -147,7 +166,7 @@ def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> Problem
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
     prob = Problem(f, inputs, group, Centers(inputs, about, batch), batch=batch)
-    out = _hvp_base(prob, batch) if method in ("auto", "hvp") else None
+    out = _hvp_base(prob, batch) if method in ("auto", "hvp", "hvp-loop", "hvp-batched") else None
     if out is None:
         # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
         # them, cannot be differentiated by AD (a silent zero would look equivariant)
@@ -234,16 +253,26 @@ def _jvp_double_backward(prob, primals, tangents):
     return [torch.stack([per_k[k][j] for k in range(K)]) for j in range(len(per_k[0]))]
 
 
-def _jvp_hvp(prob: Problem, tangents):
-    """Conservative fields: ``J_F v = -H v = -∇(∇E·v)`` (the Hessian is symmetric), one backward per generator
-    through the graph of the forces, which is built once; ``J_E v = ∇E·v`` (per structure with ``batch``)."""
+def _jvp_hvp(prob: Problem, tangents, batched: bool = False):
+    """Conservative fields: ``J_F v = -H v = -∇(∇E·v)`` (the Hessian is symmetric), through the graph of the forces,
+    which is built once: one backward pass per generator, or all in one batched pass (``batched``); ``J_E v = ∇E·v``
+    (per structure with ``batch``)."""
     p, e, g = prob.hvp_state
     v = tangents[0]
+    if batched:
+        if not g.requires_grad:
+            hs = [None] * v.shape[0]
+        else:
+            H = torch.autograd.grad(g, p, grad_outputs=v.to(g.dtype), retain_graph=True, is_grads_batched=True,
+                                    allow_unused=True)[0]
+            hs = [None] * v.shape[0] if H is None else list(H)
     dE, dF = [], []
     for k in range(v.shape[0]):
         gv = g * v[k]
         s = gv.sum()
-        if s.requires_grad:
+        if batched:
+            h = hs[k]
+        elif s.requires_grad:
             h = torch.autograd.grad(s, p, retain_graph=True, allow_unused=True)[0]
         else:
             h = None
@@ -254,6 +283,57 @@ def _jvp_hvp(prob: Problem, tangents):
             b = torch.as_tensor(prob.batch, device=p.device).long()
             dE.append(segment_sum(gv.detach().sum(-1), b, e.shape[0]))
     return [torch.stack(dE), torch.stack(dF)]
+
+
+def _size_class(n_atoms: int) -> int:
+    return 1 << max(0, int(n_atoms) - 1).bit_length()
+
+
+def hvp_choice(device: torch.device, dtype: torch.dtype, n_atoms: int) -> Optional[str]:
+    """The ``"hvp"`` variant (``"loop"`` or ``"batched"``) for a call of ``n_atoms`` atoms on ``device`` in ``dtype``:
+    from :data:`HVP_BATCHED_UP_TO` for its device type, else the one measured in this process for its size class,
+    else ``None`` (not measured yet)."""
+    limit = HVP_BATCHED_UP_TO.get(device.type)
+    if limit is not None:
+        return "batched" if n_atoms <= limit else "loop"
+    return _HVP_MEASURED.get((str(device), str(dtype), _size_class(n_atoms)))
+
+
+def _timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def _jvp_hvp_chosen(prob: Problem, tangents):
+    """``"hvp"``: the variant chosen for the device (measured on the first problem where not known)."""
+    p = prob.hvp_state[0]
+    choice = hvp_choice(p.device, p.dtype, p.shape[0])
+    if choice is None:
+        runs: Dict[str, Tuple[float, Any]] = {}
+        failed = set()
+        for _ in range(2):  # twice each, alternating: the first call of either pays the warm-up
+            for variant in ("loop", "batched"):
+                if variant in failed:
+                    continue
+                try:
+                    t, out = _timed(lambda: _jvp_hvp(prob, tangents, variant == "batched"), p.device)
+                except Exception:  # noqa: BLE001 - this variant does not run here (no batching rule, memory)
+                    failed.add(variant)
+                    runs.pop(variant, None)
+                    continue
+                runs[variant] = min(runs.get(variant, (t, out)), (t, out), key=lambda r: r[0])
+        choice = min(runs, key=lambda k: runs[k][0]) if runs else "loop"
+        _HVP_MEASURED[(str(p.device), str(p.dtype), _size_class(p.shape[0]))] = choice
+        if choice in runs:
+            prob.hvp_variant = choice
+            return runs[choice][1]
+    prob.hvp_variant = choice
+    return _jvp_hvp(prob, tangents, choice == "batched")
 
 
 def _adjoint_probes(prob: Problem, primals):
@@ -342,6 +422,8 @@ def _ad(prob: Problem, method: str, chunk_size=None):
                          "(float32 arithmetic inside?), and its floor is at least of that order")
         corr = out_correction(prob, prob.y)
         vals = [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)]
+        if name == "hvp" and prob.hvp_variant == "batched":
+            name = "hvp-batched"
         return vals, name, {leaf.path: c for leaf, c in zip(prob.leaves, checks)}, notes
     raise _ADFailed("; ".join(errors + notes), check_failed=bool(notes), notes=notes)
 
@@ -354,7 +436,9 @@ def _with_probe(prob: Problem, tangents: List[torch.Tensor]) -> List[torch.Tenso
 def _strategy(name: str, prob: Problem, primals, chunk_size) -> Callable:
     """``run(tangents) -> per-output J·tangents`` for one AD strategy."""
     return {
-        "hvp": lambda ts: _jvp_hvp(prob, ts),
+        "hvp": lambda ts: _jvp_hvp_chosen(prob, ts),
+        "hvp-loop": lambda ts: _jvp_hvp(prob, ts),
+        "hvp-batched": lambda ts: _jvp_hvp(prob, ts, batched=True),
         "jvp-loop": lambda ts: _jvp_forward_ad(prob, primals, ts),
         "jvp-vmap": lambda ts: _jvp_vmap(prob, primals, ts, chunk_size),
         "double-backward": lambda ts: _jvp_double_backward(prob, primals, ts),
@@ -363,11 +447,11 @@ def _strategy(name: str, prob: Problem, primals, chunk_size) -> Callable:
 
 def _strategies(prob, method, primals, chunk_size, errors):
     names = []
-    if method in ("auto", "hvp"):
+    if method in ("auto", "hvp", "hvp-loop", "hvp-batched"):
         if prob.hvp_state is not None:
-            names.append("hvp")
-        elif method == "hvp":
-            errors.append("hvp: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
+            names.append("hvp" if method == "auto" else method)
+        elif method != "auto":
+            errors.append(f"{method}: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
                           "(or one per structure and `batch`)")
     if method in ("jvp", "auto", "jvp-loop"):
         names.append("jvp-loop")
@@ -391,7 +475,7 @@ def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]
     K = tangents[0].shape[0]
     ext = _with_probe(prob, tangents)
     for name, run in _strategies(prob, "auto", primals, None, []):
-        if name == res.method or (name == "jvp-vmap" and res.method == "jvp-loop"):
+        if _family(name) == _family(res.method):  # another variant of the same AD: not a second opinion
             continue
         try:
             jv = run(ext)
@@ -402,6 +486,11 @@ def second_opinion(res: "LieResult") -> Optional[Tuple[List[torch.Tensor], str]]
             corr = out_correction(prob, prob.y)
             return [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)], name
     return None
+
+
+def _family(method: str) -> str:
+    """``hvp``, ``jvp``, ``double-backward`` or ``fd``: variants of one family give the same arithmetic."""
+    return method.split("-")[0] if method.startswith(("hvp", "jvp")) else method
 
 
 class _ADFailed(RuntimeError):
@@ -586,7 +675,7 @@ def lie_derivative(
     out_rep: representation(s) of the output, with the same structure (tensor / tuple / dict). Every dict key
         must be declared.
     method: ``"auto"``, ``"hvp"``, ``"jvp"``, ``"double-backward"`` or ``"fd"`` (see the module docstring);
-        ``"jvp-vmap"`` and ``"jvp-loop"`` force one of the two jvp strategies (for benchmarks).
+        ``"jvp-vmap"`` and ``"jvp-loop"``, ``"hvp-loop"`` and ``"hvp-batched"`` force one variant (for benchmarks).
     about: ``"origin"``, or ``"centroid"`` to rotate each structure about its own centroid (per graph when
         ``batch`` is given), the usual meaning for models that are not translation invariant.
     batch: structure index of each row of the first point input (PyG's ``batch``), for ``about="centroid"``.

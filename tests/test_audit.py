@@ -593,3 +593,19 @@ def test_nondeterministic_model_is_said():
     quiet = geolie.audit(_NoisyInvariant(0.0), atoms, n_finite=1, progress=False)
     assert not any("not deterministic" in n for n in quiet.rows[0]["notes"])
     assert max(quiet.rows[0]["outputs"]["energy"]["rel"]) < 1e-13
+
+
+def test_audit_with_batched_hvp_equals_the_loop(monkeypatch):
+    """The audit's rows are the same (to the floor) whichever HVP variant the device uses; rows name it."""
+    from geolie import _lie
+
+    data = geolie.data.load("xtb-md/ethanol", "test")[:4]
+    monkeypatch.setattr(_lie, "HVP_BATCHED_UP_TO", {"cpu": 0})
+    loop = geolie.audit("pair-mlp", data, n_finite=0, progress=False)
+    monkeypatch.setattr(_lie, "HVP_BATCHED_UP_TO", {"cpu": 10 ** 9})
+    batched = geolie.audit("pair-mlp", data, n_finite=0, progress=False)
+    assert {r["method"] for r in loop.rows} == {"hvp"} and {r["method"] for r in batched.rows} == {"hvp-batched"}
+    for a, b in zip(loop.rows, batched.rows):
+        for name in ("energy", "forces"):
+            np.testing.assert_allclose(a["outputs"][name]["abs"], b["outputs"][name]["abs"], rtol=1e-9,
+                                       atol=1e-3 * max(a["outputs"][name]["floor"]))

@@ -344,15 +344,65 @@ def test_hvp_path_matches_forward_mode(batched, dtype):
     ef = geolie.conservative(lambda p: m(z, p, batch) if batched else m(z, p)[0])
     x = cloud(dtype=dtype)
     res = geolie.lie_result(ef, x, out_rep=("scalar", "vector"), batch=batch)
-    assert res.method == "hvp"
-    for method in ("jvp-loop", "jvp-vmap", "double-backward"):
-        other = lie_derivative(ef, x, out_rep=("scalar", "vector"), method=method)
+    assert res.method == "hvp-batched"  # 7 atoms on the CPU: the batched pass (HVP_BATCHED_UP_TO)
+    for method in ("jvp-loop", "jvp-vmap", "double-backward", "hvp-loop", "hvp-batched"):
+        other = lie_derivative(ef, x, out_rep=("scalar", "vector"), method=method, batch=batch)
         for a, b in zip(res.values, other):
             assert a.shape == b.shape
             assert rel_err(a, b) <= 10 * TOL[dtype], method
     assert scale_of(res.values[1][:3]) > 1e-4  # a real, nonzero derivative was compared
     with pytest.raises(RuntimeError, match="hvp: needs f = geolie.conservative"):
         lie_derivative(lambda p: ef(p), x, out_rep=("scalar", "vector"), method="hvp")
+
+
+def test_hvp_variant_chosen_by_measurement_per_device(monkeypatch):
+    """Where no choice is recorded for the device type, the first problem times both HVP variants (twice each,
+    alternating) and the faster is kept for the process; a batched pass that fails leaves the loop; a second opinion
+    never comes from the same family (it would repeat the same arithmetic: a false zero floor)."""
+    from geolie import _lie
+    from geolie.models import CartesianMLPPotential
+
+    m = CartesianMLPPotential(anisotropy=0.5).double()
+    ef = geolie.conservative(lambda p: m(torch.tensor([1, 6, 8, 1, 6, 1, 7]), p)[0])
+    x = cloud()
+    ref = lie_derivative(ef, x, out_rep=("scalar", "vector"), method="hvp-loop")
+    orig = _lie._jvp_hvp
+    calls = []
+
+    def spy(prob, ts, batched=False):
+        calls.append(batched)
+        return orig(prob, ts, batched)
+
+    monkeypatch.setattr(_lie, "_jvp_hvp", spy)
+    monkeypatch.setattr(_lie, "HVP_BATCHED_UP_TO", {})
+    for faster, method in (("batched", "hvp-batched"), ("loop", "hvp")):
+        monkeypatch.setattr(_lie, "_HVP_MEASURED", {})
+        monkeypatch.setattr(_lie, "_timed", lambda fn, dev, f=faster: (
+            (0.1 if (len(calls) % 2 == 0) == (f == "loop") else 1.0), fn()))
+        calls.clear()
+        res = geolie.lie_result(ef, x, out_rep=("scalar", "vector"))
+        assert calls == [False, True, False, True] and res.method == method
+        assert _lie.hvp_choice(x.device, x.dtype, 7) == faster == _lie.hvp_choice(x.device, x.dtype, 5)
+        assert _lie.hvp_choice(x.device, x.dtype, 9) is None  # another size class: not measured yet
+        for a, b in zip(res.values, ref):
+            assert rel_err(a, b) <= 1e-12
+        calls.clear()
+        again = geolie.lie_result(ef, x, out_rep=("scalar", "vector"))  # measured once: the choice is reused
+        assert calls == [faster == "batched"] and again.method == method
+        second = _lie.second_opinion(res)
+        assert second is not None and not second[1].startswith("hvp")
+
+    def no_batching(prob, ts, batched=False):
+        if batched:
+            raise RuntimeError("no batching rule")
+        return orig(prob, ts)
+
+    monkeypatch.setattr(_lie, "_jvp_hvp", no_batching)
+    monkeypatch.setattr(_lie, "_HVP_MEASURED", {})
+    res = geolie.lie_result(ef, x, out_rep=("scalar", "vector"))
+    assert res.method == "hvp" and _lie.hvp_choice(x.device, x.dtype, 7) == "loop"
+    monkeypatch.undo()
+    assert _lie.hvp_choice(x.device, x.dtype, 48) == "batched" and _lie.hvp_choice(x.device, x.dtype, 49) == "loop"
 
 
 def test_hvp_path_with_dict_outputs():
@@ -364,6 +414,6 @@ def test_hvp_path_with_dict_outputs():
     x = cloud()
     spec = {"energy": None, "forces": "vector"}
     res = geolie.lie_result(ef, (x, z), in_rep=("point", None), out_rep=spec)
-    assert res.method == "hvp"
+    assert res.method.startswith("hvp")
     ref = lie_derivative(ef, (x, z), in_rep=("point", None), out_rep=spec, method="jvp-loop")
     assert rel_err(res.structured()["forces"], ref["forces"]) < 1e-12
