@@ -127,6 +127,8 @@ class Problem:
     base_raw: List[Any] = field(default_factory=list)
     probes: Optional[Tuple[List[torch.Tensor], List[List[torch.Tensor]], List[torch.Tensor]]] = None
     hvp_variant: str = "loop"  # the variant "hvp" ran: "loop" or "batched"
+    jvp_variant: str = "loop"  # the variant "jvp" ran: "loop" or "vmap"
+    jvp_ran: set = field(default_factory=set)  # forward-mode variants already run (or failed) for this problem
 
     def call(self, moving_values: Optional[List[torch.Tensor]] = None, inputs=None):
         vals = list((inputs or self.inputs).values)
@@ -309,31 +311,77 @@ def _timed(fn, device: torch.device):
     return time.perf_counter() - t0, out
 
 
+def _measure_variants(runs: Dict[str, Callable[[], Any]], device: torch.device):
+    """Time each variant twice, alternating (the first call of either pays the warm-up); one that raises is out.
+    Returns ``(fastest or None, its output, {failed variant: error})``."""
+    best: Dict[str, Tuple[float, Any]] = {}
+    failed: Dict[str, Exception] = {}
+    for rnd in range(2):
+        for name, fn in runs.items():
+            if name in failed:
+                continue
+            try:
+                t, out = _timed(fn, device)
+            except Exception as e:  # noqa: BLE001 - this variant does not run here (no batching rule, memory)
+                failed[name] = e
+                best.pop(name, None)
+                continue
+            if name not in best or t < best[name][0]:
+                best[name] = (t, out)
+        if len(best) <= 1:
+            break  # nothing to compare
+    if not best:
+        return None, None, failed
+    choice = min(best, key=lambda k: best[k][0])
+    return choice, best[choice][1], failed
+
+
 def _jvp_hvp_chosen(prob: Problem, tangents):
-    """``"hvp"``: the variant chosen for the device (measured on the first problem where not known)."""
+    """``"hvp"``: the variant chosen for the device and call size (measured on the first problem where not known)."""
     p = prob.hvp_state[0]
     choice = hvp_choice(p.device, p.dtype, p.shape[0])
     if choice is None:
-        runs: Dict[str, Tuple[float, Any]] = {}
-        failed = set()
-        for _ in range(2):  # twice each, alternating: the first call of either pays the warm-up
-            for variant in ("loop", "batched"):
-                if variant in failed:
-                    continue
-                try:
-                    t, out = _timed(lambda: _jvp_hvp(prob, tangents, variant == "batched"), p.device)
-                except Exception:  # noqa: BLE001 - this variant does not run here (no batching rule, memory)
-                    failed.add(variant)
-                    runs.pop(variant, None)
-                    continue
-                runs[variant] = min(runs.get(variant, (t, out)), (t, out), key=lambda r: r[0])
-        choice = min(runs, key=lambda k: runs[k][0]) if runs else "loop"
-        _HVP_MEASURED[(str(p.device), str(p.dtype), _size_class(p.shape[0]))] = choice
-        if choice in runs:
+        runs = {v: (lambda v=v: _jvp_hvp(prob, tangents, v == "batched")) for v in ("loop", "batched")}
+        choice, out, _ = _measure_variants(runs, p.device)
+        _HVP_MEASURED[(str(p.device), str(p.dtype), _size_class(p.shape[0]))] = choice or "loop"
+        if choice is not None:
             prob.hvp_variant = choice
-            return runs[choice][1]
+            return out
+        choice = "loop"
     prob.hvp_variant = choice
     return _jvp_hvp(prob, tangents, choice == "batched")
+
+
+#: forward mode's variant (``"loop"`` or ``"vmap"``) per device, dtype, size class and function code, measured
+_JVP_MEASURED: Dict[Tuple[str, str, int, Any], str] = {}
+
+
+def _jvp_key(prob: Problem, primals) -> Tuple[str, str, int, Any]:
+    x = primals[0]
+    code = getattr(prob.f, "__code__", None) or type(prob.f)
+    return str(x.device), str(x.dtype), _size_class(x.shape[0] if x.dim() else 1), code
+
+
+def _jvp_chosen(prob: Problem, primals, tangents, chunk_size=None):
+    """``"jvp"``: forward mode, by the faster of the loop and the vmap for this device, dtype, call size and function
+    (measured on the first such problem: ``vmap`` cannot run models that call ``torch.autograd.grad`` themselves, and
+    is 1.7-4x faster where it runs). A variant that raises is left to the explicit fallbacks."""
+    runs = {"loop": lambda: _jvp_forward_ad(prob, primals, tangents),
+            "vmap": lambda: _jvp_vmap(prob, primals, tangents, chunk_size)}
+    key = _jvp_key(prob, primals)
+    choice = _JVP_MEASURED.get(key)
+    if choice is None:
+        choice, out, failed = _measure_variants(runs, primals[0].device)
+        prob.jvp_ran.update(f"jvp-{v}" for v in failed)
+        if choice is None:
+            raise next(iter(failed.values()))
+        _JVP_MEASURED[key] = choice
+        prob.jvp_ran.add(f"jvp-{choice}")
+        prob.jvp_variant = choice
+        return out
+    prob.jvp_ran.add(f"jvp-{choice}")
+    prob.jvp_variant = choice
+    return runs[choice]()
 
 
 def _adjoint_probes(prob: Problem, primals):
@@ -397,12 +445,18 @@ def _ad(prob: Problem, method: str, chunk_size=None):
     tried = set()
     while strategies:
         name, run = strategies.pop(0)
+        if name in prob.jvp_ran:
+            continue  # ran inside the measured "jvp" strategy already
         tried.add(name)
         try:
             jv = run(ext)
         except Exception as e:  # noqa: BLE001 - any failure of a strategy means: try the next one
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             continue
+        if name == "hvp" and prob.hvp_variant == "batched":
+            name = "hvp-batched"
+        if name == "jvp":
+            name = f"jvp-{prob.jvp_variant}"
         checks = _adjoint_errors(prob, jv, ext)
         tol = ad_check_tolerance(jv[0].dtype if jv else torch.float64)
         bad = [(leaf.path, c) for leaf, c in zip(prob.leaves, checks) if not c <= tol]
@@ -422,8 +476,6 @@ def _ad(prob: Problem, method: str, chunk_size=None):
                          "(float32 arithmetic inside?), and its floor is at least of that order")
         corr = out_correction(prob, prob.y)
         vals = [j[:K].detach().to(c.dtype) - c for j, c in zip(jv, corr)]
-        if name == "hvp" and prob.hvp_variant == "batched":
-            name = "hvp-batched"
         return vals, name, {leaf.path: c for leaf, c in zip(prob.leaves, checks)}, notes
     raise _ADFailed("; ".join(errors + notes), check_failed=bool(notes), notes=notes)
 
@@ -439,6 +491,7 @@ def _strategy(name: str, prob: Problem, primals, chunk_size) -> Callable:
         "hvp": lambda ts: _jvp_hvp_chosen(prob, ts),
         "hvp-loop": lambda ts: _jvp_hvp(prob, ts),
         "hvp-batched": lambda ts: _jvp_hvp(prob, ts, batched=True),
+        "jvp": lambda ts: _jvp_chosen(prob, primals, ts, chunk_size),
         "jvp-loop": lambda ts: _jvp_forward_ad(prob, primals, ts),
         "jvp-vmap": lambda ts: _jvp_vmap(prob, primals, ts, chunk_size),
         "double-backward": lambda ts: _jvp_double_backward(prob, primals, ts),
@@ -453,10 +506,10 @@ def _strategies(prob, method, primals, chunk_size, errors):
         elif method != "auto":
             errors.append(f"{method}: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
                           "(or one per structure and `batch`)")
-    if method in ("jvp", "auto", "jvp-loop"):
-        names.append("jvp-loop")
-    if method in ("jvp", "auto", "jvp-vmap"):
-        names.append("jvp-vmap")
+    if method in ("jvp", "auto"):
+        names += ["jvp", "jvp-loop", "jvp-vmap"]  # the measured choice; the explicit ones as fallbacks
+    elif method in ("jvp-loop", "jvp-vmap"):
+        names.append(method)
     if method in ("double-backward", "auto"):
         names.append("double-backward")
     return [(n, _strategy(n, prob, primals, chunk_size)) for n in names]

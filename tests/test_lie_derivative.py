@@ -405,6 +405,55 @@ def test_hvp_variant_chosen_by_measurement_per_device(monkeypatch):
     assert _lie.hvp_choice(x.device, x.dtype, 48) == "batched" and _lie.hvp_choice(x.device, x.dtype, 49) == "loop"
 
 
+def test_forward_mode_variant_chosen_by_measurement(monkeypatch):
+    """Forward mode runs the faster of the loop and the vmap, measured on the first problem per device, dtype, size
+    class and function; a variant that cannot run (vmap over a model calling torch.autograd.grad) is measured out
+    and not retried as a fallback; the values are those of the explicit methods."""
+    from geolie import _lie
+
+    A = torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, -0.5], [0.0, -0.5, 0.5]], dtype=torch.float64)
+
+    def field(p):  # a vector field, not equivariant: a nonzero Lie derivative
+        return torch.tanh(p @ A) * (p * p).sum(-1, keepdim=True)
+
+    def own_forces(p):  # computes its own forces, as MACE and NequIP do: vmap cannot run it
+        p = p if p.requires_grad else p.clone().requires_grad_(True)
+        e = ((p @ A) * p).sum()
+        return -torch.autograd.grad(e, p, create_graph=True)[0]
+
+    x = cloud()
+    calls = {"loop": 0, "vmap": 0}
+    loop, vmap = _lie._jvp_forward_ad, _lie._jvp_vmap
+
+    def spy_loop(*a):
+        calls["loop"] += 1
+        return loop(*a)
+
+    def spy_vmap(*a):
+        calls["vmap"] += 1
+        return vmap(*a)
+
+    monkeypatch.setattr(_lie, "_jvp_forward_ad", spy_loop)
+    monkeypatch.setattr(_lie, "_jvp_vmap", spy_vmap)
+    monkeypatch.setattr(_lie, "_JVP_MEASURED", {})
+    # measured in the order loop, vmap, loop, vmap: the vmap is timed faster
+    monkeypatch.setattr(_lie, "_timed", lambda fn, dev: (0.1 if calls["loop"] > calls["vmap"] else 1.0, fn()))
+    for f, expected in ((field, "jvp-vmap"), (own_forces, "jvp-loop")):
+        calls.update(loop=0, vmap=0)
+        res = geolie.lie_result(f, x, out_rep="vector")
+        # both ran twice; or the vmap failed at once: the loop ran once, and nothing was retried
+        assert calls == ({"loop": 2, "vmap": 2} if expected == "jvp-vmap" else {"loop": 1, "vmap": 1})
+        assert res.method == expected
+        for method in ("jvp-loop", "double-backward"):
+            ref = lie_derivative(f, x, out_rep="vector", method=method)
+            assert rel_err(res.values[0], ref) <= 1e-12, method
+        assert scale_of(res.values[0]) > 1e-3
+        calls.update(loop=0, vmap=0)
+        again = geolie.lie_result(f, x, out_rep="vector")  # measured once: the choice is reused
+        assert sum(calls.values()) == 1 and again.method == res.method
+    assert len(_lie._JVP_MEASURED) == 2  # one entry per function
+
+
 def test_hvp_path_with_dict_outputs():
     from geolie.models import CartesianMLPPotential
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import torch
 
@@ -100,4 +102,6 @@ def test_module_is_copied_for_the_reference():
     assert next(mod.parameters()).dtype == torch.float32  # the caller's model is untouched
     assert rep.outputs["output"].at_floor.all()
     rep = geolie.measure(lambda p: mod(p), cloud(dtype=torch.float32))  # float64 inputs fail: measured float32 noise
-    assert rep.outputs["output"].floor_source == "rounding estimate and jvp-loop vs double-backward difference"
+    # forward mode (the faster of loop and vmap, measured) against another AD family
+    assert re.fullmatch(r"rounding estimate and jvp-(loop|vmap) vs double-backward difference",
+                        rep.outputs["output"].floor_source)
