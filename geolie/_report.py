@@ -90,8 +90,8 @@ class AuditReport:
     """Per-structure rows and aggregates; ``metric(output, kind)`` gives the value a gate compares.
 
     ``rows``: a list, or the :class:`geolie._store.RowFile` of an output folder (an audit with ``out_dir`` keeps its
-    rows on disk: memory does not grow with them). The aggregates come from one pass over the rows, kept until the
-    rows change."""
+    rows on disk: memory does not grow with them). The aggregates come from one pass over the rows (for rows on
+    disk, made once and kept)."""
 
     model: str
     group: str
@@ -102,7 +102,9 @@ class AuditReport:
     _cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     def _summary(self) -> _Summary:
-        key = (id(self.rows), len(self.rows), len(self.generator_names))
+        if not isinstance(self.rows, RowFile):  # rows in memory may be edited: gathered afresh each time
+            return _Summary(self.rows, len(self.generator_names))
+        key = (id(self.rows), len(self.generator_names))  # rows on disk: read once
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, _Summary(self.rows, len(self.generator_names)))
         return self._cache[1]
