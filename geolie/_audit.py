@@ -30,29 +30,70 @@ from .adapters._protocol import Adapter, NotBatchableError
 __all__ = ["audit"]
 
 
-def _as_structures(structures) -> List:
+def _as_structure(s, i: int):
+    """One input structure as a :class:`geolie.adapters.Structure`: an ASE ``Atoms``, a ``Structure``, a
+    ``geolie.data.ShapeSample``, or a graph with ``pos`` ``[N, 3]`` and ``z`` (or ``atomic_numbers``) ``[N]`` and an
+    optional ``cell`` (``[3, 3]`` or PyG's ``[1, 3, 3]``, rows are lattice vectors; periodic unless ``pbc`` is all
+    false), such as a torch-geometric ``Data`` (read by duck typing: no torch-geometric import here)."""
     from .adapters import Structure
 
+    if isinstance(s, Structure):
+        return s
+    if hasattr(s, "get_positions"):
+        return Structure.from_atoms(s)
+    if hasattr(s, "points") and hasattr(s, "label"):  # a geolie.data.ShapeSample
+        p = s.points.detach().double().numpy()
+        return Structure(np.zeros(len(p), dtype=np.int64), p, None, f"{s.name}#{i}")
+    z = getattr(s, "z", None)
+    z = getattr(s, "atomic_numbers", None) if z is None else z
+    pos = getattr(s, "pos", None)
+    if pos is not None and z is not None:
+        pos = np.asarray(torch.as_tensor(pos).detach().cpu().double().numpy())
+        z = np.asarray(torch.as_tensor(z).detach().cpu().long().reshape(-1).numpy())
+        if pos.ndim != 2 or pos.shape[1] != 3 or len(z) != len(pos):
+            raise ValueError(f"structure {i}: pos must be [N, 3] and z [N], got {list(pos.shape)} and {list(z.shape)}")
+        cell = getattr(s, "cell", None)
+        pbc = getattr(s, "pbc", None)
+        if cell is not None:
+            cell = torch.as_tensor(cell).detach().cpu().double().reshape(-1)
+            if cell.numel() != 9:
+                raise ValueError(f"structure {i}: cell must be [3, 3] (or [1, 3, 3]), got {cell.numel()} numbers")
+            periodic = pbc is None or bool(torch.as_tensor(pbc).any())
+            cell = cell.reshape(3, 3).numpy() if periodic else None
+        return Structure(z, pos, cell, str(getattr(s, "name", "") or f"{type(s).__name__}#{i}"))
+    raise TypeError(f"structure {i}: expected ase.Atoms, a geolie Structure, a ShapeSample or a graph with pos and z "
+                    f"(torch-geometric Data), got {type(s).__name__}")
+
+
+def _as_structures(structures) -> List:
     if isinstance(structures, str):
         from .data import load
 
         name, _, split = structures.partition(":")
         structures = load(name, split or "all")
-    out = []
-    for i, s in enumerate(structures):
-        if isinstance(s, Structure):
-            out.append(s)
-        elif hasattr(s, "get_positions"):
-            out.append(Structure.from_atoms(s))
-        elif hasattr(s, "points") and hasattr(s, "label"):  # a geolie.data.ShapeSample
-            p = s.points.detach().double().numpy()
-            out.append(Structure(np.zeros(len(p), dtype=np.int64), p, None, f"{s.name}#{i}"))
-        else:
-            raise TypeError(f"structure {i}: expected ase.Atoms, a geolie Structure or a ShapeSample, got "
-                            f"{type(s).__name__}")
+    out = [_as_structure(s, i) for i, s in enumerate(structures)]
     if not out:
         raise ValueError("audit: no structures given")
     return out
+
+
+class _IndexedSource:
+    """A dataset read item by item (``len`` and ``[i]``: a torch-geometric dataset, a torch ``Dataset``): one pass at
+    the start counts atoms, later each item is converted when the audit reaches it (bounded memory for datasets that
+    load items on demand)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.counts = [len(_as_structure(data[i], i).numbers) for i in range(len(data))]
+        if not self.counts:
+            raise ValueError("audit: the dataset holds no structures")
+        empty = [i for i, n in enumerate(self.counts) if n == 0]
+        if empty:
+            raise ValueError(f"audit: structure {empty[0]} of the dataset is empty (no atoms)")
+
+    def iterate(self, indices):
+        for i in indices:
+            yield i, _as_structure(self.data[i], i)
 
 
 class _FileSource:
@@ -110,9 +151,15 @@ class _ListSource:
 
 
 def _source(structures):
-    """A file path that is not a bundled dataset name is streamed; anything else is held in memory."""
+    """A file path that is not a bundled dataset name is streamed, a dataset object (``len`` and ``[i]``, not a list)
+    is read item by item; a list or a bundled dataset's name is held in memory."""
     if isinstance(structures, (str, os.PathLike)) and os.path.isfile(str(structures)):
         return _FileSource(str(structures))
+    if hasattr(structures, "get_positions"):  # one ase.Atoms
+        return _ListSource([structures])
+    if (not isinstance(structures, (str, list, tuple)) and hasattr(structures, "__len__")
+            and hasattr(structures, "__getitem__") and not hasattr(structures, "get_positions")):
+        return _IndexedSource(structures)
     return _ListSource(structures)
 
 
@@ -340,8 +387,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     (``iso_rotation_rms`` with its standard error) at one or two directional derivatives per structure instead of
     three or six. Each row records its ``direction``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
-    (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (a list), or a dataset name with optional
-    split (``"xtb-md/aspirin:test"``) or a file path. A file is streamed (``ase.io.iread``: one pass counts atoms,
+    (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (one, or a list), a dataset name with optional
+    split (``"xtb-md/aspirin:test"``), a file path, or a dataset object read item by item (``len`` and ``[i]``: a
+    torch-geometric dataset of ``Data`` with ``pos`` and ``z``, optional ``cell``). A file is streamed (``ase.io.iread``: one pass counts atoms,
     the audit then reads structures as it goes): its structures are never all in memory. With ``out_dir`` the rows
     are not held either: each call's rows are appended to ``results.jsonl`` and the report reads them from there
     (:class:`geolie._store.RowFile`), so memory grows by a few hundred bytes of indices per structure, not by the

@@ -609,3 +609,47 @@ def test_audit_with_batched_hvp_equals_the_loop(monkeypatch):
         for name in ("energy", "forces"):
             np.testing.assert_allclose(a["outputs"][name]["abs"], b["outputs"][name]["abs"], rtol=1e-9,
                                        atol=1e-3 * max(a["outputs"][name]["floor"]))
+
+
+def test_dataset_objects_are_read_item_by_item():
+    """A dataset object (len and [i], here of torch-geometric Data) is converted item by item as the audit goes, with
+    the rows of the same structures given as ase.Atoms; a periodic Data (cell [1, 3, 3]) is a cell; bad items say
+    which and why."""
+    from torch_geometric.data import Data
+
+    frames = geolie.data.load("xtb-md/ethanol", "test")[:3]
+
+    class Lazy:
+        def __init__(self):
+            self.reads = 0
+
+        def __len__(self):
+            return len(frames)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            a = frames[i]
+            return Data(z=torch.as_tensor(a.numbers), pos=torch.as_tensor(a.positions))
+
+    ds = Lazy()
+    kw = dict(n_finite=1, progress=False, floor_sample=None)
+    rep = geolie.audit("pair-mlp", ds, **kw)
+    ref = geolie.audit("pair-mlp", frames, **kw)
+    assert ds.reads == 2 * len(frames)  # one pass counting atoms, one auditing: nothing held
+    assert [r["name"] for r in rep.rows] == ["Data#0", "Data#1", "Data#2"]
+    for a, b in zip(rep.rows, ref.rows):
+        assert a["outputs"]["forces"]["rel"] == b["outputs"]["forces"]["rel"]
+    one = geolie.audit("pair-mlp", frames[0], **kw)  # a single Atoms is one structure
+    assert len(one.rows) == 1  # one call of its own: the same figures to the floor (here ~1e-16 relative)
+    np.testing.assert_allclose(one.rows[0]["outputs"]["forces"]["rel"], ref.rows[0]["outputs"]["forces"]["rel"],
+                               atol=1e-14)
+    from geolie._audit import _as_structure
+
+    cu = _as_structure(Data(z=torch.tensor([29, 29]), pos=torch.zeros(2, 3), cell=3.6 * torch.eye(3)[None]), 0)
+    assert cu.cell is not None and np.allclose(cu.cell, 3.6 * np.eye(3))
+    open_ = _as_structure(Data(z=torch.tensor([1]), pos=torch.zeros(1, 3), cell=torch.eye(3), pbc=torch.zeros(3)), 0)
+    assert open_.cell is None
+    with pytest.raises(ValueError, match=r"structure 0: pos must be \[N, 3\] and z \[N\]"):
+        _as_structure(Data(z=torch.tensor([1, 1]), pos=torch.zeros(3, 3)), 0)
+    with pytest.raises(TypeError, match="structure 1: expected ase.Atoms.*got int"):
+        geolie.audit("pair-mlp", [frames[0], 3], **kw)
