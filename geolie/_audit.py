@@ -126,16 +126,19 @@ class _FileSource:
                              "corrupt?") from None
 
     def iterate(self, indices):
+        """``(index, structure)`` for increasing ``indices`` (any iterable: nothing is materialised)."""
         from .adapters import Structure
 
-        want = sorted(set(indices))
-        k = 0
+        it = iter(indices)
+        want = next(it, None)
         for i, at in enumerate(self._iread()):
-            if k == len(want):
+            if want is None:
                 return
-            if i == want[k]:
+            if want < i:
+                raise ValueError(f"internal: structure indices must increase ({want} after {i - 1})")
+            if i == want:
                 yield i, Structure.from_atoms(at)
-                k += 1
+                want = next(it, None)
 
 
 class _ListSource:
@@ -392,7 +395,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     torch-geometric dataset of ``Data`` with ``pos`` and ``z``, optional ``cell``). A file is streamed (``ase.io.iread``: one pass counts atoms,
     the audit then reads structures as it goes): its structures are never all in memory. With ``out_dir`` the rows
     are not held either: each call's rows are appended to ``results.jsonl`` and the report reads them from there
-    (:class:`geolie._store.RowFile`), so memory grows by a few hundred bytes of indices per structure, not by the
+    (:class:`geolie._store.RowFile`), so memory grows by the few figures per structure the aggregates keep, not by the
     rows (2 to 6 KB each); without it the rows are returned in memory. Errors name the structure and the cause.
     """
     from tqdm import tqdm
@@ -419,7 +422,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
     src = _source(structures)
     counts = src.counts if limit is None else src.counts[:limit]
-    mine = list(range(len(counts))) if shard is None else shard_indices(counts, *shard)
+    n_total = len(counts)
+    # which structures are this run's, done, to skip: arrays of a few bytes per structure, not Python sets
+    mine = np.arange(n_total) if shard is None else np.asarray(shard_indices(counts, *shard), dtype=np.int64)
     done = RowFile.empty()  # rows from an earlier run (resume), on disk
     store = ResultStore(out_dir, names) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
@@ -433,10 +438,13 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
                           "generators": list(names), "meta": run_meta,
                           "n_structures_total": len(counts), "shard": None if shard is None else list(shard),
-                          "indices": mine})
-    mine_set = set(mine)
-    done_set = set(done.indices.tolist())
-    n_done = len(done_set & mine_set)
+                          "indices": mine.tolist()})
+    is_mine = np.zeros(n_total, dtype=bool)
+    is_mine[mine] = True
+    is_done = np.zeros(n_total, dtype=bool)
+    d = done.indices
+    is_done[d[(d >= 0) & (d < n_total)]] = True  # rows past a changed --limit are kept on disk, not counted
+    n_done = int((is_done & is_mine).sum())
     rows: Dict[int, Dict] = {}  # without out_dir: the rows, in memory (with it, they stay on disk)
     bar = tqdm(total=len(mine), initial=n_done, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     unbatchable = False
@@ -487,7 +495,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     sample: List[int] = floor_sample_indices(len(counts), floor_sample) if floor_sample else []
     sampled_floor = None
     if sample:  # the floor sample first, one structure per call (the same in every shard and batching)
-        kept = [done.row(i) for i in sample if i in done_set]
+        kept = [done.row(i) for i in sample if is_done[i]]
         sample_rows = [r for r in kept if r.get("floor_sampled")]
         have = {r["index"] for r in sample_rows}
         need = [i for i in sample if i not in have]
@@ -495,11 +503,12 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
             row = compute([(i, st)], True)[0]
             row["floor_sampled"] = True
             sample_rows.append(row)
-            if i in mine_set and i not in done_set:
+            if is_mine[i] and not is_done[i]:
                 finish([row], [st])
         sampled_floor = _sampled_floor(sample_rows)
-    skip = done_set | set(sample)
-    todo = src.iterate([i for i in mine if i not in skip])  # lazily: a file is read as the audit goes
+    skip = is_done.copy()
+    skip[sample] = True
+    todo = src.iterate(int(i) for i in mine[~skip[mine]])  # lazily: a file is read as the audit goes
     for chunk in _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None):
         new = compute(chunk, not sample)
         for row in new:

@@ -74,7 +74,7 @@ class RowFile(abc.Sequence):
         last[:-1] = idx[:-1] != idx[1:]  # the last of equal indices is the latest line (stable sort)
         idx, off = idx[last], off[last]
         if keep is not None:
-            sel = np.isin(idx, np.asarray(list(keep), dtype=np.int64))
+            sel = np.isin(idx, np.asarray(keep, dtype=np.int64))
             idx, off = idx[sel], off[sel]
         return cls([path], idx, np.zeros(len(idx), dtype=np.int32), off)
 
