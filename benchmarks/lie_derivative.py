@@ -139,7 +139,8 @@ def run(models, sizes, dtype, min_time, device="cpu"):
             row["finite_n"], row["finite_max_rel_forces"] = n_fit, max(errs)
             rows.append(row)
             print(f"  {name:>13} N={n:<4} ef {row['ef_ms']:.2f} ms  hvp {row.get('hvp_x', float('nan')):.2f}x  "
-                  f"batched {row.get('hvp-batched_x', float('nan')):.2f}x  vmap {row.get('jvp-vmap_x', float('nan')):.2f}x"
+                  f"batched {row.get('hvp-batched_x', float('nan')):.2f}x  "
+                  f"vmap {row.get('jvp-vmap_x', float('nan')):.2f}x"
                   f"  loop {row.get('jvp-loop_x', float('nan')):.2f}x  2xbwd {row.get('double-backward_x', float('nan')):.2f}x",
                   file=sys.stderr)
     return rows

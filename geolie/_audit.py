@@ -390,13 +390,14 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     (``iso_rotation_rms`` with its standard error) at one or two directional derivatives per structure instead of
     three or six. Each row records its ``direction``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
-    (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (one, or a list), a dataset name with optional
-    split (``"xtb-md/aspirin:test"``), a file path, or a dataset object read item by item (``len`` and ``[i]``: a
-    torch-geometric dataset of ``Data`` with ``pos`` and ``z``, optional ``cell``). A file is streamed (``ase.io.iread``: one pass counts atoms,
-    the audit then reads structures as it goes): its structures are never all in memory. With ``out_dir`` the rows
-    are not held either: each call's rows are appended to ``results.jsonl`` and the report reads them from there
-    (:class:`geolie._store.RowFile`), so memory grows by the few figures per structure the aggregates keep, not by the
-    rows (2 to 6 KB each); without it the rows are returned in memory. Errors name the structure and the cause.
+    (:func:`geolie.adapters.load_model`). ``structures``: ASE ``Atoms`` (one, or a list), a dataset name with
+    optional split (``"xtb-md/aspirin:test"``), a file path, or a dataset object read item by item (``len`` and
+    ``[i]``: a torch-geometric dataset of ``Data`` with ``pos`` and ``z``, optional ``cell``). A file is streamed
+    (``ase.io.iread``: one pass counts atoms, the audit then reads structures as it goes): its structures are never
+    all in memory. With ``out_dir`` the rows are not held either: each call's rows are appended to ``results.jsonl``
+    and the report reads them from there (:class:`geolie._store.RowFile`), so memory grows by the few figures per
+    structure the aggregates keep, not by the rows (2 to 6 KB each); without it the rows are returned in memory.
+    Errors name the structure and the cause.
     """
     from tqdm import tqdm
 
