@@ -29,10 +29,11 @@ Methods
   (an op without a batching rule, out of memory) leaves the loop.
 * ``"jvp"``: forward-mode AD. One ``torch.autograd.forward_ad`` pass per generator (``"jvp-loop"``), which also
   runs through ``torch.autograd.grad(..., create_graph=True)`` inside the model (forces): forward-over-reverse;
-  if that fails, all generators in one ``torch.func.vmap(torch.func.jvp)`` call (``"jvp-vmap"``). The loop comes
-  first because ``vmap`` cannot run models that call ``torch.autograd.grad`` or ``requires_grad_`` themselves (how
-  MACE, NequIP and most potentials compute forces); where both run, the vmap was 1.5-4x faster on the CPU
-  (``benchmarks/lie_derivative.py``).
+  or all generators in one ``torch.func.vmap(torch.func.jvp)`` call (``"jvp-vmap"``), which cannot run models that
+  call ``torch.autograd.grad`` or ``requires_grad_`` themselves (how MACE, NequIP and most potentials compute
+  forces) and was 1.7-4x faster than the loop where both run (CPU, ``benchmarks/lie_derivative.py`` models through
+  ``geolie.conservative``). ``"jvp"`` runs the faster of the two, measured on the first problem per device, dtype,
+  size class and function (a variant that raises is out), with the other as its fallback.
 * ``"double-backward"``: the trick of Gruver et al.'s lie-deriv (``grad`` of ``grad`` with a dummy cotangent),
   one generator at a time; kept as a fallback for ops without forward-mode formulas and for benchmarks.
 * ``"fd"``: central differences of the *finite* group action with two Richardson extrapolations (steps
@@ -41,8 +42,8 @@ Methods
   ``φ(s) = ρ_out(e^{sX})⁻¹ f(e^{sX} x)`` at the seven steps used that annihilates polynomials of degree 5,
   propagated to ``R2``, times 3) plus
   ``10 u max|φ| / (h/4)``. Works for functions that return numpy arrays or are not differentiable.
-* ``"auto"``: ``hvp`` where it applies, then ``jvp`` (loop, then vmap), then double-backward, then ``fd`` with a
-  warning saying why.
+* ``"auto"``: ``hvp`` where it applies, then ``jvp`` (the measured variant, then the other), then double-backward,
+  then ``fd`` with a warning saying why.
 
 Self-check (dot-product or adjoint test)
 ---------------------------------------
@@ -316,7 +317,7 @@ def _measure_variants(runs: Dict[str, Callable[[], Any]], device: torch.device):
     Returns ``(fastest or None, its output, {failed variant: error})``."""
     best: Dict[str, Tuple[float, Any]] = {}
     failed: Dict[str, Exception] = {}
-    for rnd in range(2):
+    for _ in range(2):
         for name, fn in runs.items():
             if name in failed:
                 continue
