@@ -37,18 +37,31 @@ def _scan(path: str) -> Tuple[np.ndarray, np.ndarray]:
                 start, pos = pos, pos + len(line)
                 if not line.endswith(b"\n") or not line.strip():
                     continue
-                i = None
-                if line.startswith(_PREFIX):
-                    head = line[len(_PREFIX):len(_PREFIX) + 24].split(b",", 1)[0]
-                    i = int(head) if head.isdigit() else None
-                if i is None:
-                    try:
-                        i = int(json.loads(line)["index"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                idx.append(i)
-                off.append(start)
+                i = _index_of(line)
+                if i is not None:
+                    idx.append(i)
+                    off.append(start)
     return np.asarray(idx, dtype=np.int64), np.asarray(off, dtype=np.int64)
+
+
+def _index_of(line: bytes) -> Optional[int]:
+    """The structure index of a row's JSON line (from its first key; the whole line parsed otherwise), or None."""
+    if line.startswith(_PREFIX):
+        head = line[len(_PREFIX):len(_PREFIX) + 24].split(b",", 1)[0]
+        if head.isdigit():
+            return int(head)
+    try:
+        return int(json.loads(line)["index"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class RowFile(abc.Sequence):
@@ -62,6 +75,7 @@ class RowFile(abc.Sequence):
         self._idx = np.asarray(indices, dtype=np.int64)
         self._fid = np.asarray(files, dtype=np.int32)
         self._off = np.asarray(offsets, dtype=np.int64)
+        self._ident = [_identity(p) for p in self.paths]  # a file replaced since (a resume, a new audit) is refused
 
     @classmethod
     def scan(cls, path: str, keep: Optional[Sequence[int]] = None) -> "RowFile":
@@ -91,9 +105,24 @@ class RowFile(abc.Sequence):
     def __len__(self) -> int:
         return len(self._idx)
 
+    def _open(self, f: int):
+        fh = open(self.paths[f], "rb")
+        st = os.fstat(fh.fileno())
+        if (st.st_dev, st.st_ino) != self._ident[f]:
+            fh.close()
+            raise ValueError(f"{self.paths[f]} was replaced since its rows were read (a resume or a new audit in that "
+                             "folder): read the folder again (ResultStore.rows(), geolie.merge)")
+        return fh
+
     def _line(self, fh, k: int) -> bytes:
+        """The k-th row's line, checked to be the row of its structure (an output that is not the one computed
+        must not reach a report)."""
         fh.seek(int(self._off[k]))
-        return fh.readline()
+        line = fh.readline()
+        if _index_of(line) != int(self._idx[k]):
+            raise ValueError(f"{self.paths[self._fid[k]]}: the line at byte {self._off[k]} is no longer the row of "
+                             f"structure {self._idx[k]}: the file changed after it was read")
+        return line
 
     def _parse(self, line: bytes, k: int) -> Dict[str, Any]:
         try:
@@ -113,7 +142,7 @@ class RowFile(abc.Sequence):
 
     def line(self, k: int) -> bytes:
         """The k-th row's JSON line as stored."""
-        with open(self.paths[self._fid[k]], "rb") as fh:
+        with self._open(int(self._fid[k])) as fh:
             return self._line(fh, k)
 
     def has(self, index: int) -> bool:
@@ -133,7 +162,7 @@ class RowFile(abc.Sequence):
             for k in range(len(self)):
                 f = int(self._fid[k])
                 if f not in handles:
-                    handles[f] = open(self.paths[f], "rb")
+                    handles[f] = self._open(f)
                 yield self._line(handles[f], k)
         finally:
             for fh in handles.values():

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,9 +37,18 @@ def test_rowfile_reads_rows_by_index_without_holding_them(tmp_path):
     assert b"".join(rf.lines()).decode() == "".join(json.dumps(r) + "\n" for r in [_row(2), _row(5, 3.0), moved])
     assert RowFile.scan(str(p), keep=[7, 2, 11]).indices.tolist() == [2, 7]
     assert len(RowFile.scan(str(tmp_path / "absent.jsonl"))) == 0 and len(RowFile.empty()) == 0
-    p.write_text("x" * len(text))  # the file changed under it: the error says so
-    with pytest.raises(ValueError, match="not valid JSON any more"):
+    q = tmp_path / "other.jsonl"  # a file put in its place (a resume rewrites through os.replace): refused
+    q.write_text(text)
+    os.replace(q, p)
+    with pytest.raises(ValueError, match="was replaced since its rows were read"):
         rf[0]
+    rf = RowFile.scan(str(p))
+    p.write_text(text.replace('"index": 2', '"index": 3', 1))  # edited in place: a row is not its structure's
+    with pytest.raises(ValueError, match="no longer the row of structure 2"):
+        rf[0]
+    p.write_text("x" * len(text))
+    with pytest.raises(ValueError, match="no longer the row of structure 2"):
+        list(rf)
 
 
 def test_resume_rewrites_both_files_in_index_order(tmp_path):
