@@ -86,7 +86,7 @@ METHODS = ("auto", "hvp", "hvp-loop", "hvp-batched", "jvp", "jvp-vmap", "jvp-loo
 
 #: per device type, the largest call (in atoms) for which ``"hvp"`` takes the batched pass, as measured
 #: (``benchmarks/lie_derivative.py``, 2-core CPU, float32: batched 0.5-0.7x the loop's time at 10 atoms, 0.8-1.0x at
-#: 30, 1.05-1.3x at 100; audit of 21-atom aspirin one per call 1.25x faster, of 500-atom batches 1.1-1.3x slower);
+#: 30, 1.05-1.4x at 100; audit of 21-atom aspirin one per call 1.25x faster, of 500-atom batches 1.1-1.3x slower);
 #: device types not named here are measured at run time (:func:`hvp_choice`)
 HVP_BATCHED_UP_TO: Dict[str, int] = {"cpu": 48}
 _HVP_MEASURED: Dict[Tuple[str, str, int], str] = {}
