@@ -48,8 +48,8 @@ def _as_structure(s, i: int):
     z = getattr(s, "atomic_numbers", None) if z is None else z
     pos = getattr(s, "pos", None)
     if pos is not None and z is not None:
-        pos = np.asarray(torch.as_tensor(pos).detach().cpu().double().numpy())
-        z = np.asarray(torch.as_tensor(z).detach().cpu().long().reshape(-1).numpy())
+        pos = torch.as_tensor(pos).detach().cpu().double().numpy()
+        z = torch.as_tensor(z).detach().cpu().long().reshape(-1).numpy()
         if pos.ndim != 2 or pos.shape[1] != 3 or len(z) != len(pos):
             raise ValueError(f"structure {i}: pos must be [N, 3] and z [N], got {list(pos.shape)} and {list(z.shape)}")
         cell = getattr(s, "cell", None)
@@ -77,6 +77,16 @@ def _as_structures(structures) -> List:
     return out
 
 
+def _checked_counts(counts: List[int], what: str) -> List[int]:
+    """Atom counts of a lazily read source, refused when it holds no structure or an empty one (``what`` names it)."""
+    if not counts:
+        raise ValueError(f"{what}: contains no structures")
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if empty:
+        raise ValueError(f"{what}: structure {empty[0]} is empty (no atoms)")
+    return counts
+
+
 class _IndexedSource:
     """A dataset read item by item (``len`` and ``[i]``: a torch-geometric dataset, a torch ``Dataset``): one pass at
     the start counts atoms, later each item is converted when the audit reaches it (bounded memory for datasets that
@@ -84,12 +94,8 @@ class _IndexedSource:
 
     def __init__(self, data):
         self.data = data
-        self.counts = [len(_as_structure(data[i], i).numbers) for i in range(len(data))]
-        if not self.counts:
-            raise ValueError("audit: the dataset holds no structures")
-        empty = [i for i, n in enumerate(self.counts) if n == 0]
-        if empty:
-            raise ValueError(f"audit: structure {empty[0]} of the dataset is empty (no atoms)")
+        self.counts = _checked_counts([len(_as_structure(data[i], i).numbers) for i in range(len(data))],
+                                      f"audit: the dataset ({type(data).__name__})")
 
     def iterate(self, indices):
         for i in indices:
@@ -103,12 +109,7 @@ class _FileSource:
 
     def __init__(self, path: str):
         self.path = path
-        self.counts = [len(at) for at in self._iread()]
-        if not self.counts:
-            raise ValueError(f"{path}: contains no structures")
-        empty = [i for i, n in enumerate(self.counts) if n == 0]
-        if empty:
-            raise ValueError(f"{path}: structure {empty[0]} is empty (no atoms)")
+        self.counts = _checked_counts([len(at) for at in self._iread()], path)
 
     def _iread(self):
         import ase.io
@@ -161,7 +162,7 @@ def _source(structures):
     if hasattr(structures, "get_positions"):  # one ase.Atoms
         return _ListSource([structures])
     if (not isinstance(structures, (str, list, tuple)) and hasattr(structures, "__len__")
-            and hasattr(structures, "__getitem__") and not hasattr(structures, "get_positions")):
+            and hasattr(structures, "__getitem__")):
         return _IndexedSource(structures)
     return _ListSource(structures)
 
@@ -438,7 +439,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
             store.clear()
         store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
                           "generators": list(names), "meta": run_meta,
-                          "n_structures_total": len(counts), "shard": None if shard is None else list(shard),
+                          "n_structures_total": n_total, "shard": None if shard is None else list(shard),
                           "indices": mine.tolist()})
     is_mine = np.zeros(n_total, dtype=bool)
     is_mine[mine] = True
@@ -493,7 +494,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
             store.extend(new_rows)
         bar.update(len(new_rows))
 
-    sample: List[int] = floor_sample_indices(len(counts), floor_sample) if floor_sample else []
+    sample: List[int] = floor_sample_indices(n_total, floor_sample) if floor_sample else []
     sampled_floor = None
     if sample:  # the floor sample first, one structure per call (the same in every shard and batching)
         kept = [done.row(i) for i in sample if is_done[i]]
