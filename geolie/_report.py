@@ -359,9 +359,8 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
                          "finished (resume it), or pass allow_partial=True")
     if out_dir:
         out = ResultStore(out_dir, list(first["generators"]))
-        out.write_from(merged)
+        merged = out.write_from(merged)
         out.write_meta(dict(first, shard=None, indices=merged.indices.tolist()))
-        merged = out.rows()
     report = AuditReport(first["model"], first["group"], first["dtype"], merged,
                          list(first["generators"]), dict(first["meta"], merged_from=paths))
     if out_dir:

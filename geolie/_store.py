@@ -217,20 +217,24 @@ class ResultStore:
     def resume(self) -> RowFile:
         """The rows already stored, in index order; both files are rewritten (row by row, through temporary files
         that replace them) in index order without any partial line."""
-        self.write_from(self.rows())
-        return self.rows()
+        return self.write_from(self.rows())
 
-    def write_from(self, rows: RowFile) -> None:
-        """Replace both files by ``rows`` (copied line by line; the CSV derived from each)."""
+    def write_from(self, rows: RowFile) -> RowFile:
+        """Replace both files by ``rows`` (copied line by line; the CSV derived from each); returns the rows as they
+        now lie in this folder (their new offsets, counted while writing)."""
         tmp_j, tmp_c = self.jsonl + ".tmp", self.csv + ".tmp"
+        offsets = np.zeros(len(rows), dtype=np.int64)
+        pos = 0
         with open(tmp_j, "wb") as fj, open(tmp_c, "w", newline="") as fc:
             w = csv.writer(fc)
             _csv_header(w, self.generator_names)
             for k, line in enumerate(rows.lines()):
-                fj.write(line)
+                offsets[k] = pos
+                pos += fj.write(line)
                 _csv_rows(w, rows._parse(line, k), self.generator_names)
         os.replace(tmp_j, self.jsonl)
         os.replace(tmp_c, self.csv)
+        return RowFile([self.jsonl], rows.indices, np.zeros(len(rows), dtype=np.int32), offsets)
 
     def append(self, row: Dict[str, Any]) -> None:
         self.extend([row])

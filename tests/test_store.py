@@ -59,6 +59,7 @@ def test_resume_rewrites_both_files_in_index_order(tmp_path):
         fh.write(json.dumps(_row(6))[:30])  # killed mid-write
     done = store.resume()
     assert done.indices.tolist() == [0, 1, 4]
+    assert list(done) == [_row(0), _row(1), _row(4)]  # read at the offsets counted while rewriting
     lines = open(store.jsonl).read().splitlines()
     assert [json.loads(s)["index"] for s in lines] == [0, 1, 4]
     table = list(csv.reader(io.StringIO(open(store.csv).read())))
