@@ -25,6 +25,7 @@ from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
 from ._store import ResultStore, RowFile, shard_indices
+from ._verdict import FLOOR_FACTOR, precision_scale, verdict
 from .adapters._protocol import Adapter, NotBatchableError
 
 __all__ = ["audit"]
@@ -87,6 +88,49 @@ def _checked_counts(counts: List[int], what: str) -> List[int]:
     return counts
 
 
+class _Fingerprint:
+    """A hash of structures (atomic numbers, positions, cell), fed one structure at a time; ``add`` returns its atom
+    count."""
+
+    def __init__(self):
+        import hashlib
+
+        self.h = hashlib.sha256()
+
+    def add(self, st) -> int:
+        self.h.update(np.ascontiguousarray(st.numbers, dtype=np.int64).tobytes())
+        self.h.update(np.ascontiguousarray(st.positions, dtype=np.float64).tobytes())
+        if st.cell is not None:
+            self.h.update(np.ascontiguousarray(st.cell, dtype=np.float64).tobytes())
+        return len(st.numbers)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
+#: the fields of a run's identity: ``--resume`` and ``merge`` refuse a folder whose identity differs in any of them
+IDENTITY_FIELDS = ("model", "model_fingerprint", "data", "data_fingerprint", "dtype", "group", "generators",
+                   "estimator", "seed", "geolie_version")
+
+
+def run_identity(pot, structures, src, group, dtype, names, estimator: str, seed: int) -> Dict[str, Any]:
+    """What a run's rows depend on: model (name and weights' fingerprint), data (what was given and a fingerprint of
+    the structures audited), dtype, group, generators, estimator, seed and geolie's version."""
+    from . import __version__
+
+    data = str(structures) if isinstance(structures, (str, os.PathLike)) else type(structures).__name__
+    return {"model": pot.name, "model_fingerprint": pot.fingerprint(),
+            "data": data, "data_fingerprint": src.fingerprint,
+            "dtype": str(dtype).replace("torch.", ""), "group": group.name, "generators": list(names),
+            "estimator": estimator, "seed": seed, "geolie_version": __version__}
+
+
+def identity_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """One line per identity field that differs (``old``: a folder's ``identity``, ``new``: this run's)."""
+    return [f"{k}: the folder has {old.get(k)!r}, this run has {new.get(k)!r}" for k in IDENTITY_FIELDS
+            if old.get(k) != new.get(k)]
+
+
 class _IndexedSource:
     """A dataset read item by item (``len`` and ``[i]``: a torch-geometric dataset, a torch ``Dataset``): one pass at
     the start counts atoms, later each item is converted when the audit reaches it (bounded memory for datasets that
@@ -94,8 +138,10 @@ class _IndexedSource:
 
     def __init__(self, data):
         self.data = data
-        self.counts = _checked_counts([len(_as_structure(data[i], i).numbers) for i in range(len(data))],
+        fp = _Fingerprint()
+        self.counts = _checked_counts([fp.add(_as_structure(data[i], i)) for i in range(len(data))],
                                       f"audit: the dataset ({type(data).__name__})")
+        self.fingerprint = fp.hexdigest()
 
     def iterate(self, indices):
         for i in indices:
@@ -108,8 +154,12 @@ class _FileSource:
     structures asked for, one at a time."""
 
     def __init__(self, path: str):
+        from .adapters import Structure
+
         self.path = path
-        self.counts = _checked_counts([len(at) for at in self._iread()], path)
+        fp = _Fingerprint()
+        self.counts = _checked_counts([fp.add(Structure.from_atoms(at)) for at in self._iread()], path)
+        self.fingerprint = fp.hexdigest()
 
     def _iread(self):
         import ase.io
@@ -147,7 +197,9 @@ class _ListSource:
 
     def __init__(self, structures):
         self.items = _as_structures(structures)
-        self.counts = [len(s.numbers) for s in self.items]
+        fp = _Fingerprint()
+        self.counts = [fp.add(s) for s in self.items]
+        self.fingerprint = fp.hexdigest()
 
     def iterate(self, indices):
         for i in indices:
@@ -212,16 +264,46 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     ref = evaluate(other) if floors and other in pot.dtypes else None
     rep = _measure(ev, ref, group, where, floors)
     cons = _conservative_figures(ev, n_structures)
-    finite: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_structures)]
+    finite: List[Dict[str, Any]] = [{"finite": {}} for _ in range(n_structures)]
     if n_finite > 0:
-        fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
-                                        generator=torch.Generator().manual_seed(seed), problem=rep.problem,
-                                        stack_atoms=stack_atoms)
-        # each structure's own errors (a batch's per-structure rows; the batch's own figure where there is one)
-        finite = [{name: {fam: v.get("per_sample_max_rel", [v["max_rel"]] * n_structures)[b]
-                          for fam, v in fams.items()} for name, fams in fin.errors.items()}
-                  for b in range(n_structures)]
+        finite = _finite_figures(ev, ref, group, n_finite, seed, permutation, rep.problem, stack_atoms, n_structures,
+                                 floors, other)
     return ev, rep, cons, finite
+
+
+def _finite_figures(ev, ref, group, n_finite, seed, permutation, problem, stack_atoms, n_structures, floors, other
+                    ) -> List[Dict[str, Any]]:
+    """Per structure, the finite errors (``finite[output][family]``: max relative error) and their floors and
+    verdicts (``finite_floor[output][family]``: ``floor`` (relative, of the worst trial), ``above`` (the largest
+    relative error of a trial above its floor), ``verdict``), measured against the other precision (``ref``) or the
+    input-rounding estimate; with ``floors`` False none (zero: the audit raises them to the sampled floor)."""
+    fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
+                                    generator=torch.Generator().manual_seed(seed), problem=problem,
+                                    stack_atoms=stack_atoms, reference=ref if floors else None, floor=floors)
+    if not floors:
+        src = "none (raised to the sampled floor)"
+    elif ref is not None:
+        scaled = precision_scale(ev.inputs[0].dtype, other, ev.precision) < 1
+        src = "float32 vs float64 at the same moved inputs" + (" (scaled by u64/u32)" if scaled else "")
+    else:
+        src = "input-rounding estimate (the model runs in one precision)"
+
+    def per(v, key, whole, b):
+        return v[key][b] if key in v else v[whole]
+
+    out = []
+    for b in range(n_structures):  # each structure's own figures (a batch's per-structure rows)
+        maxrel, floor = {}, {}
+        for name, fams in fin.errors.items():
+            maxrel[name] = {fam: per(v, "per_sample_max_rel", "max_rel", b) for fam, v in fams.items()}
+            floor[name] = {}
+            for fam, v in fams.items():
+                fl, above = per(v, "per_sample_floor_rel", "floor_rel", b), per(v, "per_sample_above",
+                                                                                "max_above_floor", b)
+                floor[name][fam] = {"floor": fl, "above": above,
+                                    "verdict": verdict(maxrel[name][fam], fl, above_floor=above)}
+        out.append({"finite": maxrel, "finite_floor": floor, "finite_floor_source": src})
+    return out
 
 
 #: a model whose repeated identical calls differ by more than this many machine epsilons is called non-deterministic
@@ -244,12 +326,13 @@ def nondeterminism_notes(finite: Dict[str, Dict[str, float]], dtype: torch.dtype
 
 
 def _row_of(i, st, rep, b: int, cons, finite, dtype: torch.dtype = torch.float64) -> Dict[str, Any]:
-    notes = list(rep.notes) + nondeterminism_notes(finite, dtype)
+    """One structure's row; ``finite``: its ``finite``, ``finite_floor`` and ``finite_floor_source`` entries."""
+    notes = list(rep.notes) + nondeterminism_notes(finite["finite"], dtype)
     row: Dict[str, Any] = {"index": i, "name": st.name, "atoms": int(len(st.numbers)), "method": rep.method,
                            "outputs": {name: _sample(m, b) for name, m in rep.outputs.items()}, "notes": notes}
     if cons is not None:
         row["conservative"] = {k: v[b] for k, v in cons.items()}
-    row["finite"] = finite
+    row.update(finite)
     return row
 
 
@@ -294,28 +377,33 @@ def floor_sample_indices(n_total: int, k: int) -> List[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n_total - 1, k)})
 
 
-def _sampled_floor(rows: List[Dict[str, Any]]) -> Dict[str, List[float]]:
-    """Per output and generator, the median relative floor measured on the sampled structures. The median, not the
+def _sampled_floor(rows: List[Dict[str, Any]]) -> Dict[Any, Any]:
+    """Per output and generator, the median relative floor measured on the sampled structures, and per output and
+    finite family the median relative floor of its checks (key ``("finite", output, family)``). The median, not the
     largest: a floor set too high could call a real break "at floor", the one error an audit must not make; one
-    set a little low only flags noise."""
-    vals: Dict[str, List[List[float]]] = {}
+    set a little low only flags noise (and a finite figure above it is measured again, :func:`_confirm_finite`)."""
+    vals: Dict[Any, List] = {}
     for r in rows:
         for name, o in r["outputs"].items():
             vals.setdefault(name, []).append([x if x == x else float("nan") for x in o["floor_rel"]])
-    out = {}
-    for name, v in vals.items():
+        for name, fams in (r.get("finite_floor") or {}).items():
+            for fam, info in fams.items():
+                vals.setdefault(("finite", name, fam), []).append([info["floor"]])
+    out: Dict[Any, Any] = {}
+    for key, v in vals.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaNs (zero outputs) gives NaN
             med = np.nanmedian(np.array(v, dtype=np.float64), axis=0)
-        out[name] = [0.0 if m != m else float(m) for m in med]
+        med = [0.0 if m != m else float(m) for m in med]
+        out[key] = med[0] if isinstance(key, tuple) else med
     return out
 
 
-def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[str, List[float]], indices: List[int]) -> None:
-    """A structure outside the floor sample: its floor is its own rounding estimate, raised to the sample's median
-    relative floor times its own norm; ``at_floor`` follows."""
-    from ._metrics import FLOOR_FACTOR
-
+def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[Any, Any], indices: List[int]) -> bool:
+    """A structure outside the floor sample: its Lie floor is its own rounding estimate, raised to the sample's median
+    relative floor times its own norm; its finite floors are the sample's median relative floors; ``at_floor`` and
+    the verdicts follow. Returns whether a finite figure is above that floor (then it is measured at this
+    structure's own inputs, :func:`_confirm_finite`, so that "above floor" always rests on a measurement)."""
     for name, o in row["outputs"].items():
         rel_floor = sampled.get(name)
         if rel_floor is None:
@@ -327,6 +415,28 @@ def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[str, List[float]], i
         o["floor_source"] = (f"{o['floor_source']}, raised to the median relative floor measured on the "
                              f"{len(indices)} sampled structures")
     row["floor_sampled"] = False
+    above = False
+    for name, fams in row.get("finite", {}).items():
+        for fam, v in fams.items():
+            fl = sampled.get(("finite", name, fam), 0.0)
+            up = v if not (v <= FLOOR_FACTOR * fl) else 0.0
+            row.setdefault("finite_floor", {}).setdefault(name, {})[fam] = {
+                "floor": fl, "above": up, "verdict": verdict(v, fl, above_floor=up)}
+            above |= up > 0
+    if "finite_floor" in row:
+        row["finite_floor_source"] = f"median relative floor measured on the {len(indices)} sampled structures"
+    return above
+
+
+def _confirm_finite(pot, st, row, group, dtype, n_finite, seed, stack_atoms) -> None:
+    """Measure the finite checks' floors at this structure's own inputs (the same group elements as its row's), for a
+    row whose finite figures are above the sampled floor: its ``finite_floor`` is replaced by the measured one."""
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    ev = pot.evaluation(st, dtype)
+    ref = pot.evaluation(st, other) if other in pot.dtypes else None
+    figs = _finite_figures(ev, ref, group, n_finite, seed, {}, None, stack_atoms, 1, True, other)[0]
+    row["finite_floor"] = figs["finite_floor"]
+    row["finite_floor_source"] = figs["finite_floor_source"] + " (measured: above the sampled floor)"
 
 
 def _chunks(todo, batch_size: Optional[int], batch_atoms: int, pot):
@@ -362,7 +472,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
           n_finite: int = 4, out_dir: Optional[str] = None, resume: bool = False, progress: bool = True,
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
           batch_size: Optional[int] = None, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
-          estimator: str = "exact", batch_atoms: int = 512, floor_sample: Optional[int] = 8) -> AuditReport:
+          estimator: str = "exact", batch_atoms: int = 512, floor_sample: Optional[int] = 8,
+          threshold: Optional[float] = None) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
@@ -382,7 +493,13 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``floor_sample``: the noise floor (the other precision's evaluation, or a second AD method) is measured on this
     many structures, evenly spread over the data set (the same in every shard), and reused: every other structure's
     floor is its own rounding estimate raised to the sample's median relative floor times its norm (rows say
-    which: ``floor_sampled``). ``None`` or 0 measures it on every structure.
+    which: ``floor_sampled``). ``None`` or 0 measures it on every structure. The finite checks' floors likewise: the
+    sampled structures measure them against the other precision, the others take the sample's median relative floor,
+    and a structure whose finite error is above that floor is measured at its own inputs (its row says so).
+    ``threshold``: the user's threshold (``--fail-above``): figures above their floor and above it are ``BREAKS`` in
+    the CSV, the table and ``report.json`` (:mod:`geolie._verdict`); gate with :func:`geolie._verdict.gate`.
+    With ``out_dir`` the folder records the run's identity (:func:`run_identity`); ``resume`` refuses a folder whose
+    identity differs (a ``ValueError`` naming each field) and changes nothing in it.
     ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
     rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure, also within a batch
     (:class:`geolie._groups.PerStructureDirections`), drawn from ``seed`` and the structure's index (batch-, resume-
@@ -428,17 +545,19 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     # which structures are this run's, done, to skip: arrays of a few bytes per structure, not Python sets
     mine = np.arange(n_total) if shard is None else np.asarray(shard_indices(counts, *shard), dtype=np.int64)
     done = RowFile.empty()  # rows from an earlier run (resume), on disk
-    store = ResultStore(out_dir, names) if out_dir else None
+    store = ResultStore(out_dir, names, threshold) if out_dir else None
     run_meta = {"n_finite": n_finite, "layerwise": layerwise, "batch_size": batch_size, "batch_atoms": batch_atoms,
-                "dtype_note": pot.dtype_note,
+                "dtype_note": pot.dtype_note, "threshold": threshold,
                 "hunt": bool(hunt), "seed": seed, "estimator": estimator, "floor_sample": floor_sample or 0}
+    identity = run_identity(pot, structures, src, group, dtype, names, estimator, seed)
     if store is not None:
         if resume:
+            _check_resumable(store, identity)
             done = store.resume()
         else:
             store.clear()
         store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
-                          "generators": list(names), "meta": run_meta,
+                          "generators": list(names), "meta": run_meta, "identity": identity,
                           "n_structures_total": n_total, "shard": None if shard is None else list(shard),
                           "indices": mine.tolist()})
     is_mine = np.zeros(n_total, dtype=bool)
@@ -513,10 +632,28 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     todo = src.iterate(int(i) for i in mine[~skip[mine]])  # lazily: a file is read as the audit goes
     for chunk in _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None):
         new = compute(chunk, not sample)
-        for row in new:
-            if sample:
-                _apply_sampled_floor(row, sampled_floor, sample)
+        for row, (_, st) in zip(new, chunk):
+            if sample and _apply_sampled_floor(row, sampled_floor, sample):
+                _confirm_finite(pot, st, row, group, dtype, n_finite, seed, batch_atoms)
         finish(new, [st for _, st in chunk])
     bar.close()
     kept_rows = store.rows(keep=mine) if store is not None else [rows[i] for i in sorted(rows)]
-    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names), run_meta)
+    return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names),
+                       dict(run_meta, identity=identity))
+
+
+def _check_resumable(store: ResultStore, identity: Dict[str, Any]) -> None:
+    """Refuse to resume into a folder holding another run (before anything in it is touched)."""
+    if not os.path.exists(store.meta_path):
+        if os.path.exists(store.jsonl):
+            raise ValueError(f"--resume: {store.folder} holds results without an audit.json: cannot tell which run "
+                             "they belong to; audit into a new folder")
+        return
+    old = store.read_meta().get("identity")
+    if old is None:
+        raise ValueError(f"--resume: {store.folder} was written by an older geolie without a run identity; audit into "
+                         "a new folder")
+    diff = identity_differences(old, identity)
+    if diff:
+        raise ValueError(f"--resume: {store.folder} holds another run; nothing was changed. Differences:\n  "
+                         + "\n  ".join(diff))

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Evaluation", "stacked_batch", "NotStackable"]
+__all__ = ["Evaluation", "stacked_batch", "NotStackable", "check_known_outputs"]
 
 
 class NotStackable(ValueError):
@@ -61,6 +61,10 @@ class Evaluation:
     #: blocks of ``N`` rows, per-structure ones in ``K`` blocks of :attr:`n_structures`). The finite checks evaluate
     #: all their group elements in one such call (:func:`geolie.finite_equivariance_error`).
     stack: Optional[Callable[[int], Callable[..., Dict[str, torch.Tensor]]]] = None
+    #: the precision that bounds the model's arithmetic when it is lower than its inputs' dtype (a float64 copy that
+    #: keeps float32 constants: :func:`geolie.adapters.cast_copy`); its floors are then not scaled to float64
+    #: (:func:`geolie._verdict.precision_scale`). ``None``: the inputs' dtype.
+    precision: Optional[torch.dtype] = None
 
     def __post_init__(self):
         if len(self.inputs) != len(self.in_rep):
@@ -89,3 +93,33 @@ def stacked_batch(batch: Optional[torch.Tensor], n_atoms: int, k: int, device=No
         return torch.arange(k, device=device).repeat_interleave(n_atoms)
     n_struct = int(batch.max()) + 1
     return torch.cat([batch + c * n_struct for c in range(k)])
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_known_outputs(out: Dict[str, Any], n_atoms: int, n_structures: int, where: str) -> None:
+    """Refuse, before anything is differentiated, an ``energy``, ``forces`` or ``stress`` output of the wrong shape:
+    an energy is one scalar per structure (``[]``, ``[1]``, ``[B]`` or ``[B, 1]``), forces are ``[N, 3]``, stress is
+    ``[3, 3]`` per structure (``[3, 3]``, ``[1, 3, 3]`` or ``[B, 3, 3]``). A model returning a vector or per-atom
+    values as its "energy" would otherwise be summed and audited as a scalar. The error names the output, the
+    expected and the actual shape; per-atom energies are audited when declared under another name (``out_rep``)."""
+    e = out.get("energy")
+    if e is not None:
+        if not isinstance(e, torch.Tensor) or e.numel() != n_structures:
+            per_atom = isinstance(e, torch.Tensor) and e.dim() >= 1 and e.shape[0] == n_atoms and n_atoms > 1
+            hint = (" (it has one value per atom: return their sum, or declare per-atom energies under another name "
+                    "with out_rep={'atomic_energies': 'scalar'})" if per_atom else "")
+            raise ValueError(f"{where}: output 'energy' must be one scalar per structure, shape [{n_structures}]"
+                             f"{' or []' if n_structures == 1 else ''}; the model returned shape {_shape(e)}{hint}")
+    f = out.get("forces")
+    if f is not None and (not isinstance(f, torch.Tensor) or tuple(f.shape) != (n_atoms, 3)):
+        raise ValueError(f"{where}: output 'forces' must have shape [{n_atoms}, 3] (one row per atom); the model "
+                         f"returned shape {_shape(f)}")
+    s = out.get("stress")
+    if s is not None and (not isinstance(s, torch.Tensor) or s.numel() != 9 * n_structures
+                          or tuple(s.shape[-2:]) != (3, 3)):
+        raise ValueError(f"{where}: output 'stress' must be a [3, 3] tensor per structure, shape "
+                         f"[{n_structures}, 3, 3]{' or [3, 3]' if n_structures == 1 else ''}; the model returned shape "
+                         f"{_shape(s)} (Voigt 6-vectors are not read: return the full tensor)")

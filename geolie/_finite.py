@@ -30,7 +30,7 @@ discontinuous breaks (frame sign flips, neighbour lists changing near the cutoff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -38,6 +38,7 @@ from ._evaluation import NotStackable
 from ._groups import SE3, as_group
 from ._io import Centers, check_outputs, flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._reps import PointRep, Tensor2Rep, has_antisymmetric_part, tensor2_parts
+from ._verdict import at_floor, finite_floor, input_roundings, precision_scale, verdict
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
 
@@ -94,8 +95,11 @@ def finite_equivariance_error(
     wrap: Optional[bool] = None,
     problem: Optional[Any] = None,
     stack_atoms: int = 512,
+    reference: Optional[Any] = None,
+    floor: bool = True,
 ) -> FiniteReport:
-    """Errors of ``f`` under finite group elements (see the module docstring for the families and definitions).
+    """Errors of ``f`` under finite group elements, each with its noise floor (see the module docstring for the
+    families and definitions, :mod:`geolie._verdict` for the floor and verdict).
 
     ``permutation``: ``None`` (skip) or ``{"inputs": flags, "outputs": flags}`` where ``flags`` say which
     inputs/output leaves are per-atom (permuted along their first dimension); unmarked outputs must be invariant.
@@ -105,14 +109,20 @@ def finite_equivariance_error(
     difference. On by default when an input has the ``"cell"`` representation.
     ``stack_atoms``: with an :class:`geolie.Evaluation` that stacks (``Evaluation.stack``), the group elements are
     evaluated together, at most this many atoms per call (0: one call per group element).
-    Returns a :class:`FiniteReport`.
+    ``reference``: the same model in the other precision (an :class:`geolie.Evaluation` of the same structures, or a
+    function taking ``x`` cast to the other dtype): every group element is evaluated there too, moved in that
+    precision, and each trial's floor is measured from the distance (:func:`geolie._verdict.finite_floor`). Without
+    it (and with ``floor``), the floor is the input-rounding estimate (:func:`geolie._verdict.input_roundings`);
+    ``floor=False`` skips floors (all zero).
+    Returns a :class:`FiniteReport`: per output and family ``max_rel``, ``floor_rel`` (the floor of the worst
+    trial), ``max_above_floor`` (the largest relative error of a trial above its floor, 0 when none), ``verdict``.
     """
     from ._evaluation import Evaluation
 
-    stack = None
+    stack, precision = None, None
     if isinstance(f, Evaluation):
         ev = f
-        f, x, in_rep, out_rep, batch = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch
+        f, x, in_rep, out_rep, batch, precision = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch, ev.precision
         if ev.stack is not None and stack_atoms > 0 and all(ev.per_atom_inputs):
             stack = ev.stack
         if permutation is not None and permutation.get("inputs") is None:
@@ -127,19 +137,7 @@ def finite_equivariance_error(
     else:
         inputs = prepare_inputs(x, in_rep)
         centers = Centers(inputs, about, batch)
-    specs = tuple(in_rep) if isinstance(in_rep, (tuple, list)) else (in_rep,)
-    cell_i = [i for i, sp in enumerate(specs) if isinstance(sp, str) and sp == "cell"]
-    point_i = [i for i in inputs.moving if isinstance(inputs.reps[i], PointRep)]
-    if wrap is None:
-        wrap = bool(cell_i) and bool(point_i)
-    if wrap and not (len(cell_i) == 1 and point_i and inputs.values[cell_i[0]].shape == (3, 3)):
-        raise ValueError("wrap=True needs one [3, 3] input declared 'cell' and a 'point' input")
-
-    def call(vals):
-        # grad stays enabled: models that compute forces with torch.autograd.grad need it
-        with torch.enable_grad():
-            return [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(f(*inputs.call_args(vals)))]
-
+    wrap = _wrap_inputs(in_rep, inputs, wrap)
     if problem is not None:
         leaves, y0 = problem.leaves, problem.y
     else:
@@ -147,101 +145,251 @@ def finite_equivariance_error(
             out0 = f(*inputs.call_args(list(inputs.values)))
         leaves, _ = pair_outputs(out0, out_rep)
         y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
-    names = [leaf_name(lf.path) for lf in leaves]
-    errors: Dict[str, Dict[str, Dict[str, Any]]] = {nm: {} for nm in names}
-    # rank-2 outputs are also checked by irreducible part (l = 0, 1 when not exactly symmetric, 2)
-    split = {nm: has_antisymmetric_part(y) for nm, y, lf in zip(names, y0, leaves) if isinstance(lf.rep, Tensor2Rep)}
-    for nm, with_l1 in split.items():
-        for part in tensor2_parts(y0[names.index(nm)], with_l1=with_l1):
-            errors[f"{nm}[{part}]"] = {}
+    elements = _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator)
+    side = _Side(f, inputs, centers, leaves, y0, wrap)
+    trials = [(fam, *side.trial(op)) for fam, op in elements]
+    outs = _evaluate_trials(side.call, stack, [vals for _, vals, _ in trials], y0, stack_atoms)
+    floors = _trial_floors(floor, reference, side, elements, outs, stack_atoms, in_rep, out_rep, about, batch,
+                           precision, inputs)
+    return FiniteReport(_tabulate(leaves, y0, trials, outs, floors, batch))
 
-    n_graphs = None if batch is None else int(batch.max()) + 1
 
-    def _rel(a, ref):
-        return a / ref if ref > 0 else (0.0 if a == 0 else float("inf"))
+class _Side:
+    """One precision's evaluation of the finite checks: the function, its inputs, and each group element applied to
+    them (inputs moved, expected outputs transformed)."""
 
-    def add(nm, family, diff, y):
-        a = float(diff.double().norm())
-        ref = float(y.double().norm())
-        d = errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0})
-        d["abs"].append(a)
-        d["max_abs"] = max(d["max_abs"], a)
-        d["max_rel"] = max(d["max_rel"], _rel(a, ref))
-        if n_graphs is not None:  # per structure of the batch: its own rows, relative to its own output
-            from ._metrics import _sample_slices
+    def __init__(self, f, inputs, centers, leaves, y0, wrap):
+        self.f, self.inputs, self.centers, self.leaves, self.y0, self.wrap = f, inputs, centers, leaves, y0, wrap
 
-            masks, _ = _sample_slices(y, batch, n_graphs)
-            if masks is not None:
-                per = [_rel(float(diff[m].double().norm()), float(y[m].double().norm())) for m in masks]
-                old = d.get("per_sample_max_rel")
-                d["per_sample_max_rel"] = per if old is None else [max(u, v) for u, v in zip(old, per)]
+    def call(self, vals):
+        # grad stays enabled: models that compute forces with torch.autograd.grad need it
+        with torch.enable_grad():
+            return [o.detach() if isinstance(o, torch.Tensor) else o
+                    for o in flatten_outputs(self.f(*self.inputs.call_args(vals)))]
 
-    def record(family, outs, expected):
-        outs = check_outputs(outs, leaves)
-        for nm, o, e, y in zip(names, outs, expected, y0):
-            diff = o.detach().to(e) - e
-            add(nm, family, diff, y)
-            if nm in split:
-                for part, dpart in tensor2_parts(diff, with_l1=split[nm]).items():
-                    add(f"{nm}[{part}]", family, dpart, y)  # relative to the whole tensor
-
-    def transform(R, t):
-        vals = list(inputs.values)
-        for i in inputs.moving:
+    def trial(self, op):
+        """``(inputs, expected outputs)`` of one group element ``op`` (see :func:`_group_elements`)."""
+        kind = op[0]
+        if kind == "repeat":
+            return list(self.inputs.values), self.y0
+        if kind == "perm":
+            _, p, pin, pout = op
+            p = p.to(self.inputs.values[pin.index(True)].device)
+            vals = [v[p] if flag else v for v, flag in zip(self.inputs.values, pin)]
+            return vals, [y[p.to(y.device)] if flag else y for y, flag in zip(self.y0, pout)]
+        _, R, t = op
+        vals = list(self.inputs.values)
+        for i in self.inputs.moving:
             v = vals[i]
-            c = centers.for_tensor(v, inputs.reps[i], f"input x[{i}]")
-            vals[i] = inputs.reps[i].act(v, R.to(v), None if t is None else t.to(v), c)
-        if wrap and t is not None:  # atoms that left the cell come back as their periodic images
-            cell = vals[cell_i[0]]
+            c = self.centers.for_tensor(v, self.inputs.reps[i], f"input x[{i}]")
+            vals[i] = self.inputs.reps[i].act(v, R.to(v), None if t is None else t.to(v), c)
+        if self.wrap is not None and t is not None:  # atoms that left the cell come back as their periodic images
+            cell_i, point_i = self.wrap
+            cell = vals[cell_i]
             for i in point_i:
                 frac = vals[i] @ torch.linalg.inv(cell)
                 vals[i] = vals[i] - torch.floor(frac) @ cell
-        exp = [lf.rep.act(y, R.to(y), None if t is None else t.to(y), centers.for_tensor(y, lf.rep, lf.path))
-               for y, lf in zip(y0, leaves)]
+        exp = [lf.rep.act(y, R.to(y), None if t is None else t.to(y), self.centers.for_tensor(y, lf.rep, lf.path))
+               for y, lf in zip(self.y0, self.leaves)]
         return vals, exp
 
-    # every group element's inputs and expected outputs first (the same random draws, in the same order, as one call
-    # per element), then the calls: one per element, or stacked
-    trials = [("repeat", list(inputs.values), y0)]
+
+def _wrap_inputs(in_rep, inputs, wrap):
+    """``(cell index, point indices)`` when periodic atoms are wrapped back into the cell, else ``None``."""
+    specs = tuple(in_rep) if isinstance(in_rep, (tuple, list)) else (in_rep,)
+    cell_i = [i for i, sp in enumerate(specs) if isinstance(sp, str) and sp == "cell"]
+    point_i = [i for i in inputs.moving if isinstance(inputs.reps[i], PointRep)]
+    if wrap is None:
+        wrap = bool(cell_i) and bool(point_i)
+    if wrap and not (len(cell_i) == 1 and point_i and inputs.values[cell_i[0]].shape == (3, 3)):
+        raise ValueError("wrap=True needs one [3, 3] input declared 'cell' and a 'point' input")
+    return (cell_i[0], point_i) if wrap else None
+
+
+def _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator) -> List[Tuple[str, Any]]:
+    """The trials' group elements, drawn once (the same random draws, in the same order, whatever the batching and
+    precision): ``("repeat", ("repeat",))``, ``("rotation", ("move", R, None))``, ``("translation", ("move", I, t))``,
+    ``("inversion", ("move", −I, None))``, ``("permutation", ("perm", p, input flags, output flags))``."""
+    els: List[Tuple[str, Any]] = [("repeat", ("repeat",))]
     R = group.random(n, generator) if not group.has_translations else group.random(n, generator, box=box)[0]
-    for k in range(n):
-        trials.append(("rotation", *transform(R[k], None)))
+    els += [("rotation", ("move", R[k], None)) for k in range(n)]
     if group.has_translations:
         _, T = group.random(n, generator, box=box)
         eye = torch.eye(3, dtype=torch.float64)
-        for k in range(n):
-            trials.append(("translation", *transform(eye, T[k])))
+        els += [("translation", ("move", eye, T[k])) for k in range(n)]
     if parity:
-        trials.append(("inversion", *transform(-torch.eye(3, dtype=torch.float64), None)))
+        els.append(("inversion", ("move", -torch.eye(3, dtype=torch.float64), None)))
     if permutation is not None:
+        names = [leaf_name(lf.path) for lf in leaves]
         pin = _flags(permutation.get("inputs"), len(inputs.values), "inputs")
         pout = _flags(permutation.get("outputs"), len(leaves), "outputs") if not isinstance(
             permutation.get("outputs"), dict) else tuple(bool(permutation["outputs"].get(nm, False)) for nm in names)
         rows = [inputs.values[i].shape[0] for i in range(len(pin)) if pin[i]]
         if not rows or len(set(rows)) != 1:
             raise ValueError("permutation: mark at least one per-atom input; all marked inputs need the same rows")
-        for k in range(n):
-            if batch is None:
-                p = torch.randperm(rows[0], generator=generator)
-            else:  # within each structure of the batch (a permutation across structures would change the input)
-                if rows[0] != batch.shape[0]:
-                    raise ValueError("permutation with batch: the per-atom inputs must have one row per atom")
-                b = batch.cpu()
-                p = torch.arange(rows[0])
-                for g in range(n_graphs):
-                    ids = torch.nonzero(b == g).flatten()
-                    p[ids] = ids[torch.randperm(len(ids), generator=generator)]
-            p = p.to(inputs.values[pin.index(True)].device)
-            vals = [v[p] if flag else v for v, flag in zip(inputs.values, pin)]
-            exp = [y[p.to(y.device)] if flag else y for y, flag in zip(y0, pout)]
-            trials.append(("permutation", vals, exp))
-    outs = _evaluate_trials(call, stack, [vals for _, vals, _ in trials], y0, stack_atoms)
-    for (family, _, exp), o in zip(trials, outs):
-        record(family, o, exp)
-    for nm in errors:
-        for fam in errors[nm].values():
+        for _ in range(n):
+            els.append(("permutation", ("perm", _permutation(rows[0], batch, generator), pin, pout)))
+    return els
+
+
+def _permutation(n_rows: int, batch, generator) -> torch.Tensor:
+    if batch is None:
+        return torch.randperm(n_rows, generator=generator)
+    # within each structure of the batch (a permutation across structures would change the input)
+    if n_rows != batch.shape[0]:
+        raise ValueError("permutation with batch: the per-atom inputs must have one row per atom")
+    b = batch.cpu()
+    p = torch.arange(n_rows)
+    for g in range(int(b.max()) + 1):
+        ids = torch.nonzero(b == g).flatten()
+        p[ids] = ids[torch.randperm(len(ids), generator=generator)]
+    return p
+
+
+def _trial_floors(floor, reference, side, elements, outs, stack_atoms, in_rep, out_rep, about, batch, precision,
+                  inputs):
+    """What each trial's floor is measured from: ``("reference", outputs in the other precision per trial, their
+    unmoved outputs, scale)``, ``("rounding", perturbed outputs)`` (input-rounding estimate) or ``None``."""
+    from ._evaluation import Evaluation
+
+    if not floor:
+        return None
+    dtype = side.y0[0].dtype if side.y0 else torch.float64
+    if reference is not None:
+        ref_stack = None
+        if isinstance(reference, Evaluation):
+            ref_f, ref_x = reference.fn, reference.inputs
+            if reference.stack is not None and stack_atoms > 0 and all(reference.per_atom_inputs):
+                ref_stack = reference.stack
+        else:
+            ref_f = reference
+            other = torch.float32 if dtype == torch.float64 else torch.float64
+            ref_x = tuple(v.to(other) if v.is_floating_point() else v for v in inputs.values)
+            ref_x = ref_x if inputs.is_tuple else ref_x[0]
+        ref_inputs = prepare_inputs(ref_x, in_rep)
+        with torch.enable_grad():
+            out0 = ref_f(*ref_inputs.call_args(list(ref_inputs.values)))
+        leaves, _ = pair_outputs(out0, out_rep)
+        y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
+        ref_side = _Side(ref_f, ref_inputs, Centers(ref_inputs, about, batch), leaves, y0, side.wrap)
+        ref_outs = _evaluate_trials(ref_side.call, ref_stack, [ref_side.trial(op)[0] for _, op in elements], y0,
+                                    stack_atoms)
+        scale = precision_scale(dtype, y0[0].dtype if y0 else dtype, precision)
+        return ("reference", ref_outs, y0, scale)
+    perturbed = input_roundings(list(inputs.values), inputs.moving)
+    return ("rounding", [side.call(v) for v in perturbed])
+
+
+def _tabulate(leaves, y0, trials, outs, floors, batch) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Per output (and rank-2 part) and family: the errors, their floors and the verdict's figures, for the whole
+    call and (with ``batch``) per structure."""
+    names = [leaf_name(lf.path) for lf in leaves]
+    n_graphs = None if batch is None else int(batch.max()) + 1
+    split = {nm: has_antisymmetric_part(y) for nm, y, lf in zip(names, y0, leaves) if isinstance(lf.rep, Tensor2Rep)}
+    tab = _Table(n_graphs, batch)
+    for nm in names:
+        tab.errors[nm] = {}
+    for nm, with_l1 in split.items():
+        for part in tensor2_parts(y0[names.index(nm)], with_l1=with_l1):
+            tab.errors[f"{nm}[{part}]"] = {}
+    repeat = check_outputs(outs[0], leaves)
+    noise = [(r.detach().to(y) - y) for r, y in zip(repeat, y0)]  # the model's call-to-call difference at x
+    for t, ((family, _, expected), o) in enumerate(zip(trials, outs)):
+        o = check_outputs(o, leaves)
+        for j, (nm, oj, e, y) in enumerate(zip(names, o, expected, y0)):
+            diff = oj.detach().to(e) - e
+            fl = _FloorOf(floors, t, j, oj, y, noise[j] if family != "repeat" else None)
+            tab.add(nm, family, diff, y, fl)
+            if nm in split:
+                for part, dpart in tensor2_parts(diff, with_l1=split[nm]).items():
+                    tab.add(f"{nm}[{part}]", family, dpart, y, fl)  # relative to (and the floor of) the whole tensor
+    for nm in tab.errors:
+        for fam in tab.errors[nm].values():
             fam["n"] = len(fam["abs"])
-    return FiniteReport(errors)
+            fam["verdict"] = verdict(fam["max_rel"], fam["floor_rel"], above_floor=fam["max_above_floor"])
+    return tab.errors
+
+
+class _FloorOf:
+    """The floor of one trial of one output, over a set of rows (the whole tensor, or one structure's)."""
+
+    def __init__(self, floors, t, j, out, y, noise):
+        self.floors, self.t, self.j, self.out, self.y, self.noise = floors, t, j, out, y, noise
+
+    def __call__(self, mask=None) -> float:
+        sel = (lambda a: a) if mask is None else (lambda a: a[mask])
+        if self.floors is None:
+            return 0.0
+        if self.noise is None:  # the repeat check: two calls at the same inputs; a deterministic model gives 0
+            return 16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
+        noise = float(sel(self.noise).double().norm())
+        if self.floors[0] == "reference":
+            _, ref_outs, ref_y0, scale = self.floors
+            return finite_floor(sel(self.out), sel(ref_outs[self.t][self.j]), sel(self.y), sel(ref_y0[self.j]), scale,
+                                noise)
+        perturbed = self.floors[1]
+        est = max(float((sel(p[self.j]).double() - sel(self.y).double()).norm()) for p in perturbed)
+        return finite_floor(sel(self.out), None, sel(self.y), None, 1.0, noise) + est + \
+            16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
+
+
+class _Table:
+    """The errors of every trial gathered per output and family (and per structure of a batch)."""
+
+    def __init__(self, n_graphs, batch):
+        self.errors: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self.n_graphs, self.batch = n_graphs, batch
+
+    def add(self, nm, family, diff, y, floor_of) -> None:
+        a = float(diff.double().norm())
+        ref = float(y.double().norm())
+        fl = floor_of()
+        d = self.errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0, "floor_rel": 0.0,
+                                                "max_above_floor": 0.0})
+        d["abs"].append(a)
+        d["max_abs"] = max(d["max_abs"], a)
+        _worst(d, None, _rel(a, ref), _rel(fl, ref), at_floor(a, fl), first=len(d["abs"]) == 1)
+        if self.n_graphs is not None:  # per structure of the batch: its own rows, relative to its own output
+            from ._metrics import _sample_slices
+
+            masks, _ = _sample_slices(y, self.batch, self.n_graphs)
+            if masks is not None:
+                for b, m in enumerate(masks):
+                    ab, rb, fb = float(diff[m].double().norm()), float(y[m].double().norm()), floor_of(m)
+                    _worst(d, b, _rel(ab, rb), _rel(fb, rb), at_floor(ab, fb), first=len(d["abs"]) == 1)
+
+
+def _rel(a: float, ref: float) -> float:
+    return a / ref if ref > 0 else (0.0 if a == 0 else float("inf"))
+
+
+def _worst(d: Dict[str, Any], b: Optional[int], rel: float, floor_rel: float, is_at_floor: bool, first: bool) -> None:
+    """Fold one trial into a family's figures: the largest error and the floor of that trial, and the largest error
+    of a trial above its floor (0 when none): the whole call's (``b`` None), or structure ``b``'s in the
+    ``per_sample_*`` lists."""
+    if b is None:
+        keys, at = ("max_rel", "floor_rel", "max_above_floor"), None
+    else:
+        keys, at = ("per_sample_max_rel", "per_sample_floor_rel", "per_sample_above"), b
+        for key in keys:
+            lst = d.setdefault(key, [])
+            while len(lst) <= b:
+                lst.append(0.0)
+
+    def get(k):
+        return d[k] if at is None else d[k][at]
+
+    def put(k, v):
+        if at is None:
+            d[k] = v
+        else:
+            d[k][at] = v
+
+    if first or rel > get(keys[0]) or rel != rel:
+        put(keys[0], rel)
+        put(keys[1], floor_rel)
+    if not is_at_floor:
+        put(keys[2], max(get(keys[2]), rel) if rel == rel else rel)
 
 
 def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):

@@ -25,9 +25,15 @@ Every orientation evaluated updates each output's worst. The cost is bounded and
 discontinuity probes (around the worst orientation and around the identity), and one audit measurement at each worst orientation; the same evaluations once more in the
 other precision (no ascent) for the floor when the model runs in both.
 
-Floor: an exactly equivariant model's finite error is rounding, which scales with the unit round-off ``u``; so the
-floor is the largest error in the other precision over the random and candidate orientations (and the worst ones),
-times ``u / u_other``, never below ``16 u``. ``at_floor``: ``worst_error <= FLOOR_FACTOR · floor``.
+Floor (:mod:`geolie._verdict`, the same as every finite check's): at each orientation evaluated in both
+precisions (the random and seeded ones, and each output's worst), the distance between the model's outputs in its
+dtype and in the other precision at the same moved inputs, plus the same at the base orientation and the model's
+call-to-call noise (:func:`geolie._verdict.finite_floor`; scaled by ``u64/u32`` for a float64 hunt). It is never
+derived from the equivariance error itself. A model that runs in one precision only gets the input-rounding estimate
+(named in ``floor_source``). ``at_floor``: the worst error is within ``FLOOR_FACTOR`` times the floor at the worst
+orientation; ``max_above_floor``: the largest error of an orientation above its own floor (0 when none). Every
+rotation is orthonormal to float64 rounding (:func:`geolie._verdict.orthonormal`), and the worst error is evaluated
+again at the rotation as reported, so that auditing the written structure reproduces it.
 
 Discontinuities: at each output's worst orientation, and at the identity (the base orientation: a distance that sits
 exactly at a cutoff there flips under almost any rotation), the pulled-back output ``φ(g) = ρ(g)⁻¹ f(g·x)`` is compared with
@@ -51,7 +57,8 @@ import torch
 
 from ._groups import SO3, as_group, hat, so3_log
 from ._io import flatten_outputs, leaf_name, pair_outputs, prepare_inputs
-from ._metrics import FLOOR_FACTOR, measure
+from ._metrics import measure
+from ._verdict import at_floor, finite_floor, input_roundings, orthonormal, precision_scale
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 
 __all__ = ["hunt", "HuntResult"]
@@ -185,10 +192,28 @@ class _HuntTarget:
             res.append(lf.rep.act(o, Rinv.to(o), tinv, None))
         return self.quantities(res)
 
-    def errors(self, R, t) -> List[torch.Tensor]:
-        """Relative finite errors per hunted quantity, ``‖φ(g) − f(x)‖ / ‖f(x)‖``."""
-        return [(p - y.to(p)).norm() / (n if n > 0 else 1.0) for p, y, n in zip(self.pulled_back(R, t), self.y0,
-                                                                                 self.norms)]
+    def errors(self, R, t, pulled: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Relative finite errors per hunted quantity, ``‖φ(g) − f(x)‖ / ‖f(x)‖`` (``pulled``: ``φ(g)`` if known)."""
+        pulled = self.pulled_back(R, t) if pulled is None else pulled
+        return [(p - y.to(p)).norm() / (n if n > 0 else 1.0) for p, y, n in zip(pulled, self.y0, self.norms)]
+
+    def noise(self) -> List[float]:
+        """The call-to-call difference at the base orientation, per hunted quantity (0 for deterministic models)."""
+        with torch.no_grad():
+            again = self.pulled_back(torch.eye(3, dtype=torch.float64), None)
+        return [float((a.detach().double() - y.double()).norm()) for a, y in zip(again, self.y0)]
+
+    def rounding_estimate(self) -> List[float]:
+        """The input-rounding floor estimate (absolute) per hunted quantity, for a model in one precision only."""
+        vals = list(self.inputs.values)
+        est = [16 * torch.finfo(y.dtype).eps * float(y.double().norm()) for y in self.y0]
+        with torch.no_grad(), torch.enable_grad():
+            for pert in input_roundings(vals, self.inputs.moving):
+                out = self.quantities([o.detach() for o in flatten_outputs(self.ev.fn(*self.inputs.call_args(pert)))])
+                self.calls += 1
+                est = [max(e, float((o.double() - y.double()).norm()) + 16 * torch.finfo(y.dtype).eps
+                           * float(y.double().norm())) for e, o, y in zip(est, out, self.y0)]
+        return est
 
 
 def _structure(obj):
@@ -235,98 +260,154 @@ def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_r
         raise ValueError(f"hunt: model {adapter.name!r} runs in {[str(d) for d in adapter.dtypes]} only, not {dtype}")
     st = _structure(structure)
     adapter.check(st, f"hunt on {st.name or 'structure'}")
-    prob = _HuntTarget(adapter.evaluation(st, dtype))
-    other = torch.float32 if dtype == torch.float64 else torch.float64
-    ref = _HuntTarget(adapter.evaluation(st, other)) if other in adapter.dtypes else None
-    notes: List[str] = []
+    search = _Search(adapter, st, group, dtype)
     gen = torch.Generator().manual_seed(seed)
-    K = len(prob.names)
-    best: List[Dict[str, Any]] = [{"err": -1.0} for _ in range(K)]
-    floor_samples = [[] for _ in range(K)]
-    u, u_ref = torch.finfo(dtype).eps, torch.finfo(other).eps
-    tried: List[Tuple[float, str, torch.Tensor, Optional[torch.Tensor]]] = []
-
-    def visit(label, R, t, with_ref):
-        with torch.no_grad():
-            errs = [float(e) for e in prob.errors(R, t)]
-            if with_ref and ref is not None:
-                for k, e in enumerate(ref.errors(R, t)):
-                    floor_samples[k].append(float(e) * u / u_ref)
-        for k, e in enumerate(errs):
-            if e > best[k]["err"]:
-                best[k] = {"err": e, "R": R.detach().clone(), "t": None if t is None else t.detach().clone(),
-                           "label": label}
-        tried.append((sum(math.log(e * e + 1e-300) for e in errs), label, R.detach().clone(),
-                      None if t is None else t.detach().clone()))
-        return errs
-
     # 1. random orientations: what a random test sees
     Rs = group.random(n_random, gen) if not group.has_translations else group.random(n_random, gen)[0]
     Ts = group.random(n_random, gen)[1] if group.has_translations else None
-    random_err = [0.0] * K
+    random_err = [0.0] * search.K
     for k in range(n_random):
-        errs = visit("random", Rs[k], None if Ts is None else Ts[k], True)
+        errs = search.visit("random", Rs[k], None if Ts is None else Ts[k])
         random_err = [max(a, b) for a, b in zip(random_err, errs)]
     # 2. seeded candidates
     for label, R in _candidates(st.positions, max_pairs):
-        visit(label, R, None, True)
+        search.visit(label, R, None)
     # 3. gradient ascent from the best orientations so far
-    starts = sorted(tried, key=lambda r: -r[0])[:n_starts]
-    for s_idx, (_, label, R0, t0) in enumerate(starts):
-        omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-        tau = (torch.zeros(3, dtype=torch.float64) if t0 is None else t0.clone()).requires_grad_(True)
-        params = [omega, tau] if group.has_translations else [omega]
-        opt = torch.optim.Adam(params, lr=lr)
-        try:
-            for step in range(steps):
-                R = torch.linalg.matrix_exp(hat(omega)) @ R0
-                t = tau if group.has_translations else None
-                errs = prob.errors(R, t)
-                obj = sum(torch.log(e.double() ** 2 + 1e-300) for e in errs)
-                opt.zero_grad()
-                (-obj).backward()
-                if not all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
-                    raise RuntimeError("no finite gradient with respect to the orientation")
-                with torch.no_grad():
-                    for k, e in enumerate(errs):
-                        if float(e) > best[k]["err"]:
-                            best[k] = {"err": float(e), "R": R.detach().clone(),
-                                       "t": None if t is None else t.detach().clone(),
-                                       "label": f"ascent from {label}"}
-                opt.step()
-        except Exception as e:  # noqa: BLE001 - a model that cannot be differentiated: candidates and random only
-            notes.append(f"gradient ascent skipped ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                         "): worst orientations come from the random and seeded candidates")
-            break
-    # 4. per output: floor, Lie derivative, discontinuity, file
+    search.ascend(n_starts, steps, lr)
+    # 4. per output: the worst orientation evaluated again as reported, its floor, Lie derivative, discontinuity, file
     outputs: Dict[str, Dict[str, Any]] = {}
     rc = _declared_cutoff(adapter, cutoff)
-    for k, name in enumerate(prob.names):
-        b = best[k]
-        R, t = b["R"], b["t"]
-        if ref is not None:
-            with torch.no_grad():
-                floor_samples[k].append(float(ref.errors(R, t)[k]) * u / u_ref)
-        floor = max([16 * u] + floor_samples[k])
-        st_g = _moved(st, R, t)
-        lie = measure(adapter.evaluation(st_g, dtype), group=group, floor=False)
+    for k, name in enumerate(search.prob.names):
+        outputs[name] = search.report(k, random_err[k], delta, rc)
+        if out_dir:
+            _write(out_dir, tag or st.name or "structure", name, st, *search.best_element(k))
+    calls = search.prob.calls + (search.ref.calls if search.ref is not None else 0)
+    return HuntResult(st.name, group.name, str(dtype).replace("torch.", ""), outputs, calls, seed, search.notes)
+
+
+class _Search:
+    """The hunt's state on one structure: the model in its precision (``prob``) and the other (``ref``, for floors),
+    each output's worst orientation so far with its floor, and the largest error of an orientation above its floor."""
+
+    def __init__(self, adapter, st, group, dtype):
+        self.adapter, self.st, self.group, self.dtype = adapter, st, group, dtype
+        self.prob = _HuntTarget(adapter.evaluation(st, dtype))
+        other = torch.float32 if dtype == torch.float64 else torch.float64
+        self.ref = _HuntTarget(adapter.evaluation(st, other)) if other in adapter.dtypes else None
+        self.K = len(self.prob.names)
+        self.noise = self.prob.noise()
+        if self.ref is not None:
+            self.scale = precision_scale(dtype, other, self.prob.ev.precision)
+            self.estimate = None
+            self.floor_source = "float32 vs float64 at the same moved inputs" + (
+                " (scaled by u64/u32)" if self.scale < 1 else "")
+        else:
+            self.scale, self.estimate = 1.0, self.prob.rounding_estimate()
+            self.floor_source = "input-rounding estimate (the model runs in one precision)"
+        self.best: List[Dict[str, Any]] = [{"err": -1.0} for _ in range(self.K)]
+        self.above = [0.0] * self.K
+        self.tried: List[Tuple[float, str, torch.Tensor, Optional[torch.Tensor]]] = []
+        self.notes: List[str] = []
+
+    def floors(self, R, t, pulled) -> List[float]:
+        """Relative floor per hunted quantity at ``g = (R, t)`` (``pulled``: this precision's ``φ(g)``)."""
+        if self.ref is None:
+            return [(e + n) / (m or 1.0) for e, n, m in zip(self.estimate, self.noise, self.prob.norms)]
+        hi = self.ref.pulled_back(R, t)
+        return [finite_floor(p, q, y, yr, self.scale, n) / (m or 1.0)
+                for p, q, y, yr, n, m in zip(pulled, hi, self.prob.y0, self.ref.y0, self.noise, self.prob.norms)]
+
+    def visit(self, label, R, t, with_floor: bool = True) -> List[float]:
+        """Evaluate ``g = (R, t)`` (``R`` made orthonormal), update each output's worst and, with a floor, the
+        largest error above it; returns the relative errors."""
+        R = orthonormal(R)
+        t = None if t is None else t.detach().to(torch.float64)
+        with torch.no_grad():
+            pulled = self.prob.pulled_back(R, t)
+            errs = [float(e) for e in self.prob.errors(R, t, pulled)]
+            fls = self.floors(R, t, pulled) if with_floor else [None] * self.K
+        for k, (e, fl) in enumerate(zip(errs, fls)):
+            if fl is not None and not at_floor(e, fl):
+                self.above[k] = max(self.above[k], e)
+            if e > self.best[k]["err"]:
+                self.best[k] = {"err": e, "R": R.clone(), "t": None if t is None else t.clone(), "label": label,
+                                "floor": fl}
+        self.tried.append((sum(math.log(e * e + 1e-300) for e in errs), label, R.clone(),
+                           None if t is None else t.clone()))
+        return errs
+
+    def ascend(self, n_starts: int, steps: int, lr: float) -> None:
+        """Adam on ``Σ log e²`` from the ``n_starts`` best orientations so far, ``R = exp(ω̂) R₀`` (and ``t``)."""
+        starts = sorted(self.tried, key=lambda r: -r[0])[:n_starts]
+        for _, label, R0, t0 in starts:
+            omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+            tau = (torch.zeros(3, dtype=torch.float64) if t0 is None else t0.clone()).requires_grad_(True)
+            params = [omega, tau] if self.group.has_translations else [omega]
+            opt = torch.optim.Adam(params, lr=lr)
+            try:
+                for _ in range(steps):
+                    R = torch.linalg.matrix_exp(hat(omega)) @ R0
+                    t = tau if self.group.has_translations else None
+                    errs = self.prob.errors(R, t)
+                    obj = sum(torch.log(e.double() ** 2 + 1e-300) for e in errs)
+                    opt.zero_grad()
+                    (-obj).backward()
+                    if not all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
+                        raise RuntimeError("no finite gradient with respect to the orientation")
+                    for k, e in enumerate(errs):
+                        if float(e) > self.best[k]["err"]:
+                            self.best[k] = {"err": float(e), "R": R.detach().clone(),
+                                            "t": None if t is None else t.detach().clone(),
+                                            "label": f"ascent from {label}", "floor": None}
+                    opt.step()
+            except Exception as e:  # noqa: BLE001 - a model that cannot be differentiated: candidates and random only
+                msg = str(e).splitlines()[0][:120] if str(e) else ""
+                self.notes.append(f"gradient ascent skipped ({type(e).__name__}: {msg}): worst orientations come from "
+                                  "the random and seeded candidates")
+                return
+
+    def best_element(self, k: int):
+        return self.best[k]["R"], self.best[k]["t"]
+
+    def report(self, k: int, random_error: float, delta: float, rc) -> Dict[str, Any]:
+        """Output ``k``'s worst orientation, evaluated again at the orthonormal rotation as reported (with its floor
+        there), its Lie derivative and whether the output jumps near it."""
+        b = self.best[k]
+        R, t = orthonormal(b["R"]), b["t"]
+        with torch.no_grad():
+            pulled = self.prob.pulled_back(R, t)
+            err = float(self.prob.errors(R, t, pulled)[k])
+            floor = self.floors(R, t, pulled)[k]
+        if not at_floor(err, floor):
+            self.above[k] = max(self.above[k], err)
+        b.update(R=R, err=err)
+        name = self.prob.names[k]
+        st_g = _moved(self.st, R, t)
+        lie = measure(self.adapter.evaluation(st_g, self.dtype), group=self.group, floor=False)
         lie_rel = lie.outputs[name].rel[0].tolist() if name in lie.outputs else None
         # on the scale of the base output (as the finite errors): ‖L_X f(g·x)‖ / ‖f(x)‖ over the rotations
-        lie_base = float(lie.outputs[name].abs[0][:3].max()) / (prob.norms[k] or 1.0) if name in lie.outputs else None
-        outputs[name] = {
-            "worst_error": b["err"], "rotation": R.tolist(), "axis_angle": so3_log(R).tolist(),
-            "translation": None if t is None else t.tolist(), "random_error": random_err[k], "floor": floor,
-            "at_floor": b["err"] <= FLOOR_FACTOR * floor, "found_by": b["label"], "lie_rel": lie_rel,
-            "discontinuous": _discontinuity(prob, k, R, t, delta, lie_base, floor, st_g, rc, u),
-        }
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            import ase.io
+        lie_base = (float(lie.outputs[name].abs[0][:3].max()) / (self.prob.norms[k] or 1.0)
+                    if name in lie.outputs else None)
+        u = torch.finfo(self.dtype).eps
+        return {"worst_error": err, "rotation": R.tolist(), "axis_angle": so3_log(R).tolist(),
+                "translation": None if t is None else t.tolist(), "random_error": random_error, "floor": floor,
+                "floor_source": self.floor_source, "at_floor": at_floor(err, floor),
+                "max_above_floor": self.above[k], "found_by": b["label"], "lie_rel": lie_rel,
+                "discontinuous": _discontinuity(self.prob, k, R, t, delta, lie_base, floor, st_g, rc, u)}
 
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in (tag or st.name or "structure"))
-            ase.io.write(os.path.join(out_dir, f"hunt_{safe}_{name}.extxyz"), st_g.to_atoms())
-    calls = prob.calls + (ref.calls if ref is not None else 0)
-    return HuntResult(st.name, group.name, str(dtype).replace("torch.", ""), outputs, calls, seed, notes)
+
+def _write(out_dir: str, tag: str, name: str, st, R: torch.Tensor, t: Optional[torch.Tensor]) -> None:
+    """The worst orientation's structure as ``hunt_<tag>_<output>.extxyz``. The format rounds positions to 1e-8 Å;
+    its ``info`` keeps the exact group element (``geolie_rotation``, 9 numbers row-major, and ``geolie_translation``)
+    at full precision: ``base_positions @ R.T + t`` reproduces the reported error to rounding."""
+    import ase.io
+
+    os.makedirs(out_dir, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    atoms = _moved(st, R, t).to_atoms()
+    atoms.info["geolie_rotation"] = R.detach().double().reshape(-1).numpy()
+    atoms.info["geolie_translation"] = (np.zeros(3) if t is None else t.detach().double().numpy())
+    ase.io.write(os.path.join(out_dir, f"hunt_{safe}_{name}.extxyz"), atoms, format="extxyz")
 
 
 def _moved(st, R: torch.Tensor, t: Optional[torch.Tensor]):

@@ -46,13 +46,12 @@ import torch
 
 from ._groups import SE3, as_group
 from ._evaluation import Evaluation
-from ._io import leaf_name
+from ._io import flatten_outputs, leaf_name
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 from ._lie import LieResult, lie_result, out_correction, second_opinion
+from ._verdict import FLOOR_FACTOR, lie_floor, precision_scale, rounding_floor
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
-
-FLOOR_FACTOR = 2.0
 
 
 def aggregate(values) -> Dict[str, float]:
@@ -224,22 +223,12 @@ def _reference(res: LieResult, f_ref, kw) -> Optional[LieResult]:
 
 
 def _rounding_floor(res: LieResult, kappa: float = 16.0) -> List[torch.Tensor]:
-    """``kappa u (|J dρ_in x| + |dρ_out f| + |f| / s_k)`` elementwise, ``s_k`` = 1 rad or the RMS radius."""
+    """:func:`geolie._verdict.rounding_floor` of a Lie result (``s_k`` = 1 rad or the RMS radius)."""
     from ._lie import length_scale
 
     prob = res.problem
-    u = torch.finfo(res.outputs[0].dtype).eps
-    corr = out_correction(prob, prob.y)
-    ell = length_scale(prob)
-    K = prob.group.dim
-    scale = torch.tensor([1.0 if g.startswith("r") else 1.0 / ell for g in prob.group.generator_names],
-                         dtype=torch.float64)
-    res_ = []
-    for L, c, y in zip(res.values, corr, prob.y):
-        s = scale.to(y).reshape((K,) + (1,) * y.dim())
-        # |J dρ_in x| = |L + dρ_out f| elementwise
-        res_.append(kappa * u * ((L + c).abs() + c.abs() + s * y.abs()[None]))
-    return res_
+    return rounding_floor(res.values, out_correction(prob, prob.y), prob.y, prob.group.generator_names,
+                          length_scale(prob), kappa)
 
 
 def measure(
@@ -267,11 +256,12 @@ def measure(
     sources: Dict[str, str] = {}
     notes: List[str] = []
     guess_reference = True
+    precision = None
     if isinstance(f, Evaluation):  # its adapter knows the model's precisions: no reference unless f_ref is given
         guess_reference = f_ref is not None
         ev = f
         f, x, in_rep, out_rep, batch, method = ev.fn, ev.inputs, ev.in_rep, ev.out_rep, ev.batch, ev.method
-        sources, notes = ev.sources, list(ev.notes)
+        sources, notes, precision = ev.sources, list(ev.notes), ev.precision
         if isinstance(f_ref, Evaluation):
             f_ref = f_ref.fn
     group = as_group(group)
@@ -283,20 +273,24 @@ def measure(
     elif floor:
         ref = _reference(res, f_ref, kw) if guess_reference else None
         if ref is not None and ref.fd_error is None:
-            scale = 1.0
-            if dtype == torch.float64:
-                scale = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
-            floors = [(a - b.to(a)).abs() * scale for a, b in zip(res.values, ref.values)]
+            other = ref.outputs[0].dtype if ref.outputs else _other_dtype(dtype)
+            scale = precision_scale(dtype, other, precision)
             # never below the rounding estimate: one unit round-off of the terms for a measured float32 difference
             # (it can vanish by chance); 16 for float64, whose scaled float32 difference misses error sources that
             # do not scale with the precision (constants such as CG or Gaunt coefficients good to ~1e-15)
             kappa = 1.0 if dtype == torch.float32 else 16.0
-            floors = [torch.maximum(fl, r) for fl, r in zip(floors, _rounding_floor(res, kappa=kappa))]
-            src = "float32 vs float64" + (" (scaled by u64/u32)" if dtype == torch.float64 else "")
+            floors = lie_floor(res.values, ref.values, _rounding_floor(res, kappa=kappa), scale)
+            src = "float32 vs float64" + (" (scaled by u64/u32)" if scale < 1 else
+                                          (" (not scaled: the float64 copy keeps float32 constants)"
+                                           if dtype == torch.float64 else ""))
         else:
             floors, src = _measured_floor(res)
     else:
         floors, src = _rounding_floor(res), "rounding estimate"
+    if floor and res.fd_error is None:
+        floors, nondeterministic = _with_call_noise(res, floors)
+        if nondeterministic:
+            src += ", plus the model's call-to-call noise"
     b = None if batch is None else torch.as_tensor(batch).long().cpu()
     n_graphs = 1 if b is None else int(b.max()) + 1
     outs: Dict[str, OutputMetrics] = {}
@@ -320,6 +314,26 @@ def measure(
                                             flo, yn, pa, src, chk, sources.get(name, ""))
     return Report(outs, res.method, str(dtype).replace("torch.", ""), n_samples, res.values, notes + res.notes,
                   res.problem)
+
+
+def _with_call_noise(res: LieResult, floors: List[torch.Tensor]):
+    """Floors raised by the model's own call-to-call noise: one more call at ``x``, and ``|dρ_out(X)(f(x)′ − f(x))|``
+    added (the part of a Lie derivative a non-deterministic output contributes; zero for deterministic models).
+    Returns the floors and whether the two calls differed."""
+    prob = res.problem
+    try:
+        with torch.enable_grad():
+            again = [t.detach() if isinstance(t, torch.Tensor) else t for t in
+                     flatten_outputs(prob.f(*prob.inputs.call_args(list(prob.inputs.values))))]
+    except Exception:  # noqa: BLE001 - the base call worked; a failing second call leaves the floors as they are
+        return floors, False
+    if len(again) != len(prob.y) or not all(isinstance(a, torch.Tensor) and a.shape == y.shape
+                                            for a, y in zip(again, prob.y)):
+        return floors, False
+    if all(torch.equal(a.to(y), y.detach()) for a, y in zip(again, prob.y)):
+        return floors, False
+    c1, c0 = out_correction(prob, [a.to(y) for a, y in zip(again, prob.y)]), out_correction(prob, prob.y)
+    return [fl + (a - b).abs().to(fl) for fl, a, b in zip(floors, c1, c0)], True
 
 
 def _measured_floor(res: LieResult):

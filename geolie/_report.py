@@ -17,6 +17,7 @@ import numpy as np
 
 from ._metrics import aggregate, iso_rotation
 from ._store import ResultStore, RowFile
+from ._verdict import ABOVE_FLOOR, AT_FLOOR, BREAKS, row_verdicts, worst
 
 __all__ = ["AuditReport", "write_report", "merge"]
 
@@ -28,8 +29,10 @@ class _Summary:
 
     KINDS = ("rel", "floor_rel")
 
-    def __init__(self, rows: Sequence[Dict[str, Any]], n_gen: int):
+    def __init__(self, rows: Sequence[Dict[str, Any]], n_gen: int, threshold: Optional[float] = None):
         self.n_gen = n_gen
+        self.verdicts: Dict[str, Dict[str, str]] = {}  # per output and figure (lie, finite, hunt, overall): the worst
+        self.counts: Dict[str, Dict[str, int]] = {}  # per output: structures per overall verdict
         self.outputs: List[str] = []
         self.vals: Dict[Tuple[str, str], array] = {}
         self.finite: Dict[str, Dict[str, float]] = {}
@@ -64,10 +67,19 @@ class _Summary:
             for k, v in (r.get("conservative") or {}).items():
                 self.cons.setdefault(k, []).append(v)
             self._hunt(r)
+            self._verdicts(r, threshold)
             for name, v in (r.get("layerwise") or {}).items():
                 if name != "__total__":
                     self.layerwise.setdefault(name, []).append(
                         float(np.sqrt(np.mean(np.square(v["contribution"][:3])))))
+
+    def _verdicts(self, r, threshold) -> None:
+        for name, vs in row_verdicts(r, threshold).items():
+            acc = self.verdicts.setdefault(name, {})
+            for fig, v in vs.items():
+                acc[fig] = worst([acc.get(fig, AT_FLOOR), v])
+            c = self.counts.setdefault(name, {AT_FLOOR: 0, ABOVE_FLOOR: 0, BREAKS: 0})
+            c[vs["overall"]] += 1
 
     def _hunt(self, r) -> None:
         for name, h in ((r.get("hunt") or {}).get("outputs") or {}).items():
@@ -102,11 +114,12 @@ class AuditReport:
     _cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     def _summary(self) -> _Summary:
+        threshold = self.meta.get("threshold")
         if not isinstance(self.rows, RowFile):  # rows in memory may be edited: gathered afresh each time
-            return _Summary(self.rows, len(self.generator_names))
-        key = (id(self.rows), len(self.generator_names))  # rows on disk: read once
+            return _Summary(self.rows, len(self.generator_names), threshold)
+        key = (id(self.rows), len(self.generator_names), threshold)  # rows on disk: read once
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, _Summary(self.rows, len(self.generator_names)))
+            self._cache = (key, _Summary(self.rows, len(self.generator_names), threshold))
         return self._cache[1]
 
     @property
@@ -141,7 +154,18 @@ class AuditReport:
             out[name]["finite_max_rel"] = {fam: float(v) for fam, v in s.finite.get(name, {}).items()}
             out[name]["source"] = s.source[name]
             out[name]["ad_check_max"] = None if s.checks[name] is None else float(s.checks[name])
+            out[name]["verdict"] = dict(s.verdicts.get(name, {}))
+            out[name]["structures_by_verdict"] = dict(s.counts.get(name, {}))
         return out
+
+    def verdicts(self) -> Dict[str, Dict[str, str]]:
+        """Per output, the worst verdict over structures of each kind of figure (``lie``, ``finite``, ``hunt``) and
+        ``overall`` (:mod:`geolie._verdict`; ``BREAKS`` needs the run's threshold, ``meta["threshold"]``)."""
+        return {k: dict(v) for k, v in self._summary().verdicts.items()}
+
+    def verdict(self) -> str:
+        """The run's verdict: the worst over outputs."""
+        return worst(v.get("overall", AT_FLOOR) for v in self._summary().verdicts.values())
 
     def _rms_with_error(self, name: str, iso: np.ndarray) -> Dict[str, float]:
         """The dataset's RMS isotropic rotation norm ``sqrt(mean_s iso_s²)`` and, for the random estimator, its
@@ -181,7 +205,8 @@ class AuditReport:
         """The report as ``report.json`` holds it; ``structures=False`` leaves the rows out (rows on disk are read
         into memory for ``True``)."""
         d = {"model": self.model, "group": self.group, "dtype": self.dtype, "generators": self.generator_names,
-             "n_structures": len(self.rows), "aggregates": self.aggregates(),
+             "n_structures": len(self.rows), "verdict": self.verdict(), "threshold": self.meta.get("threshold"),
+             "aggregates": self.aggregates(),
              "conservative": self.conservative_aggregates(), "hunt": self.hunt_summary(), "notes": self.notes(),
              "meta": self.meta}
         if structures:
@@ -192,15 +217,21 @@ class AuditReport:
         agg = self.aggregates()
         gens = self.generator_names
         nw = max([10] + [len(n) + 2 for n in agg])  # the output-name column fits the longest name
-        head = f"{'output':<{nw}}{'stat':<8}" + "".join(f"{g:>10}" for g in gens) + f"{'iso rot':>10}{'floor':>10}"
+        head = (f"{'output':<{nw}}{'stat':<8}" + "".join(f"{g:>10}" for g in gens) + f"{'iso rot':>10}{'floor':>10}"
+                + "  verdict (Lie / finite / hunt)")
+        thr = self.meta.get("threshold")
         lines = [f"geolie audit: {self.model}, {len(self.rows)} structure(s), {self.group}, {self.dtype}; relative "
-                 "Lie derivative ‖L_X y‖/‖y‖", head, "-" * len(head)]
+                 "Lie derivative ‖L_X y‖/‖y‖; verdict: at floor (indistinguishable from zero), above floor, BREAKS "
+                 f"(above floor and above the threshold{f' {thr:g}' if thr is not None else ', none given'})",
+                 head, "-" * len(head)]
         for name, a in agg.items():
             for stat in ("median", "max"):
                 fl = a["floor_rel_median"]
+                v = a["verdict"]
+                say = "  " + " / ".join(v[k] for k in ("lie", "finite", "hunt") if k in v) if stat == "median" else ""
                 lines.append(f"{name:<{nw}}{stat:<8}" + "".join(f"{a[g][stat]:>10.1e}" for g in gens)
                              + f"{a['iso_rotation'][stat]:>10.1e}" + (f"{fl:>10.1e}" if stat == "median" and
-                                                                      fl is not None else f"{'':>10}"))
+                                                                      fl is not None else f"{'':>10}") + say)
         lines.append("")
         lines.append("where each output comes from; adjoint test of its AD derivative (max relative disagreement):")
         for name, a in agg.items():
@@ -217,20 +248,22 @@ class AuditReport:
         fams = sorted({f for a in agg.values() for f in a["finite_max_rel"]})
         if fams:
             lines.append("")
-            lines.append(f"{'finite':<18}" + "".join(f"{f:>13}" for f in fams) + "   (max relative error)")
+            lines.append(f"{'finite':<18}" + "".join(f"{f:>13}" for f in fams) + "  verdict   (max relative error)")
             for name, a in agg.items():
                 lines.append(f"{name[:17]:<18}" + "".join(
-                    f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams))
+                    f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams)
+                    + f"  {a['verdict'].get('finite', '')}")
         hs = self.hunt_summary()
         if hs:
             lines.append("")
             lines.append("worst orientation found (geolie.hunt; relative finite error, max over structures):")
             lines.append(f"  {'output':<10}{'worst':>10}{'random':>10}  {'structure':<10}{'above floor':>12}"
-                         f"{'discontinuous':>15}  found by")
+                         f"{'discontinuous':>15}  {'verdict':<12}found by")
             for name, h in hs.items():
                 lines.append(f"  {name[:9]:<10}{h['worst_error']:>10.2e}{h['random_error']:>10.2e}  "
                              f"{h['structure']!s:<10}{h['above_floor']:>7}/{h['n']:<4}{h['discontinuous']:>10}/"
-                             f"{h['n']:<4}  {h.get('found_by', '')}")
+                             f"{h['n']:<4}  {agg.get(name, {}).get('verdict', {}).get('hunt', ''):<12}"
+                             f"{h.get('found_by', '')}")
         notes = self.notes()
         if notes:
             lines.append("")
@@ -344,7 +377,16 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
             for k in key:
                 if meta.get(k) != first.get(k):
                     raise ValueError(f"merge: {p} has {k} = {meta.get(k)!r}, {paths[0]} has {first.get(k)!r}")
-            how = ("batch_size", "batch_atoms")  # batching changes no per-structure figure
+            if (meta.get("identity") is None) != (first.get("identity") is None):
+                raise ValueError(f"merge: {p} and {paths[0]}: one has a run identity and the other none (written by "
+                                 "different geolie versions)")
+            if meta.get("identity") is not None:
+                from ._audit import identity_differences
+
+                diff = identity_differences(first["identity"], meta["identity"])
+                if diff:
+                    raise ValueError(f"merge: {p} holds another run than {paths[0]}:\n  " + "\n  ".join(diff))
+            how = ("batch_size", "batch_atoms", "threshold")  # these change no per-structure figure
             opts = {k: v for k, v in meta["meta"].items() if k not in how}
             if opts != {k: v for k, v in first["meta"].items() if k not in how}:
                 raise ValueError(f"merge: {p} was audited with other options ({meta['meta']}) than {paths[0]} "
@@ -358,11 +400,12 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
         raise ValueError(f"merge: {missing.size} structure(s) in no folder ({shown}): a shard is missing or not "
                          "finished (resume it), or pass allow_partial=True")
     if out_dir:
-        out = ResultStore(out_dir, list(first["generators"]))
+        out = ResultStore(out_dir, list(first["generators"]), first["meta"].get("threshold"))
         merged = out.write_from(merged)
         out.write_meta(dict(first, shard=None, indices=merged.indices.tolist()))
     report = AuditReport(first["model"], first["group"], first["dtype"], merged,
-                         list(first["generators"]), dict(first["meta"], merged_from=paths))
+                         list(first["generators"]),
+                          dict(first["meta"], merged_from=paths, identity=first.get("identity")))
     if out_dir:
         write_report(report, out_dir)
     return report

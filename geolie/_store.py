@@ -180,8 +180,9 @@ class ResultStore:
     """Append-only per-structure results in ``folder`` (``results.jsonl``, ``structures.csv``, and ``audit.json``
     with what the rows were computed with)."""
 
-    def __init__(self, folder: str, generator_names: Sequence[str]):
+    def __init__(self, folder: str, generator_names: Sequence[str], threshold: Optional[float] = None):
         self.folder = folder
+        self.threshold = threshold  # the user's threshold: the CSV's verdicts say BREAKS above it
         self.generator_names = list(generator_names)
         os.makedirs(folder, exist_ok=True)
         self.jsonl = os.path.join(folder, "results.jsonl")
@@ -231,7 +232,7 @@ class ResultStore:
             for k, line in enumerate(rows.lines()):
                 offsets[k] = pos
                 pos += fj.write(line)
-                _csv_rows(w, rows._parse(line, k), self.generator_names)
+                _csv_rows(w, rows._parse(line, k), self.generator_names, self.threshold)
         os.replace(tmp_j, self.jsonl)
         os.replace(tmp_c, self.csv)
         return RowFile([self.jsonl], rows.indices, np.zeros(len(rows), dtype=np.int32), offsets)
@@ -249,17 +250,21 @@ class ResultStore:
             if new:
                 _csv_header(w, self.generator_names)
             for r in rows:
-                _csv_rows(w, r, self.generator_names)
+                _csv_rows(w, r, self.generator_names, self.threshold)
 
 
 def _csv_header(w, gens) -> None:
     w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
                + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
-               + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel"])
+               + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel",
+                  "verdict_lie", "verdict_finite", "verdict_hunt", "verdict"])
 
 
-def _csv_rows(w, row, gens) -> None:
-    """One CSV line per output of ``row``."""
+def _csv_rows(w, row, gens, threshold: Optional[float] = None) -> None:
+    """One CSV line per output of ``row``, with its verdicts (:func:`geolie._verdict.row_verdicts`)."""
+    from ._verdict import row_verdicts
+
+    verdicts = row_verdicts(row, threshold)
     cons = row.get("conservative") or {}
     fallback = " | ".join(n for n in row.get("notes", []) if "adjoint test" in n or "finite differences used" in n)
     for name, o in row["outputs"].items():
@@ -267,7 +272,8 @@ def _csv_rows(w, row, gens) -> None:
         w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
                    + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
                    + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
-                      else ["", ""]))
+                      else ["", ""])
+                   + [verdicts.get(name, {}).get(k, "") for k in ("lie", "finite", "hunt", "overall")])
 
 
 def shard_indices(atom_counts: Sequence[int], shard: int, n_shards: int) -> List[int]:

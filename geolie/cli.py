@@ -43,8 +43,13 @@ def _audit_parser(sub):
                         "direction) per structure, unbiased for the isotropic norm, with its standard error")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--fail-above", type=float, default=None,
-                   help="exit with status 1 when the metric (max over structures and generators) exceeds this")
-    a.add_argument("--metric", default="rel", choices=["rel", "abs", "per_atom"])
+                   help="exit with status 1 when any figure the run computed BREAKS: above its noise floor and above "
+                        "this threshold (Lie derivatives, finite checks, the hunt; see --gate); each failing figure is "
+                        "named")
+    a.add_argument("--gate", default="lie,finite,hunt",
+                   help="which figures --fail-above gates, comma-separated among lie, finite, hunt (default: all)")
+    a.add_argument("--metric", default="rel", choices=["rel", "abs", "per_atom"],
+                   help="the Lie derivatives' figure compared with --fail-above (finite and hunt errors are relative)")
     a.add_argument("--output", default=None, help="gate on this output only (energy, forces, stress, output)")
     a.add_argument("--out-rep", default="scalar",
                    help="for point-cloud models (forward(pos)): the output's representation (scalar, vector, point, "
@@ -54,6 +59,9 @@ def _audit_parser(sub):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # package.module:factory specs resolve against the current directory too, as with python -m
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = argparse.ArgumentParser(prog="geolie", description="Measure how equivariant a model is (Lie derivatives "
                                      "under SO(3)/SE(3)).")
     sub = parser.add_subparsers(dest="command")
@@ -107,8 +115,11 @@ def _list_models(as_json: bool) -> int:
         extra = f"[{r['extra']}]" if r["extra"] else "-"
         ok = "yes" if r["importable"] else "no"
         print(f"{r['name']:<{w}}  {r['kind']:<10}  {extra:<13}  {ok:<10}  {r['what']}")
-    print("\ninstall an extra with: pip install 'geolie[EXTRA]' (then, without their pins: mace: pip install "
-          "--no-deps mace-torch==0.3.16; mattersim: pip install --no-deps mattersim==1.2.3)")
+    from .adapters._registry import install_hint
+
+    print("\ninstall an extra, in a clone of geolie:")
+    for extra in sorted({r["extra"] for r in rows if r["extra"]}):
+        print(f"  {extra:<10} {install_hint(extra).split(' (')[0]}")
     return 0
 
 
@@ -127,6 +138,9 @@ def _run_audit(args, parser) -> int:
             print("geolie audit: error: under torchrun each rank takes its own shard: drop --shard", file=sys.stderr)
             return 2
         return _run_audit_distributed(args, dist)
+    figures = _gate_figures(args.gate)
+    if figures is None:
+        return 2
     try:
         if args.shard is not None:
             from ._store import parse_shard
@@ -137,22 +151,61 @@ def _run_audit(args, parser) -> int:
         report = audit(model, args.data, group=args.group, dtype=getattr(torch, args.dtype),
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size, batch_atoms=args.batch_atoms,
-                       hunt=args.hunt, shard=shard, estimator=args.estimator, floor_sample=args.floor_sample)
+                       hunt=args.hunt, shard=shard, estimator=args.estimator, floor_sample=args.floor_sample,
+                       threshold=args.fail_above)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {_saved(out)} structures saved in {out}; rerun with --resume", file=sys.stderr)
+        return 130
     files = write_report(report, out)
     print(report.table())
     print(f"\nwritten: {', '.join(os.path.relpath(f) for f in files + [os.path.join(out, 'structures.csv')])}")
-    if args.fail_above is not None:
-        value = report.metric(args.output, args.metric)
-        what = f"max {args.metric} Lie derivative" + (f" of {args.output}" if args.output else "")
-        if value > args.fail_above:
-            print(f"FAIL: {what} = {value:.3e} > {args.fail_above:.3e}")
-            return 1
-        print(f"PASS: {what} = {value:.3e} <= {args.fail_above:.3e}")
     with open(os.path.join(out, "command.json"), "w") as fh:
         json.dump(vars(args), fh, indent=1)
+    if args.fail_above is not None:
+        return _gate(report, args, figures)
+    return 0
+
+
+def _gate_figures(spec: str) -> Optional[List[str]]:
+    from ._verdict import FIGURES
+
+    figures = [f.strip() for f in spec.split(",") if f.strip()]
+    bad = [f for f in figures if f not in FIGURES]
+    if bad or not figures:
+        print(f"geolie audit: error: --gate {spec!r}: choose among {', '.join(FIGURES)}", file=sys.stderr)
+        return None
+    return figures
+
+
+def _saved(folder: str) -> int:
+    from ._store import RowFile
+
+    path = os.path.join(folder, "results.jsonl")
+    return len(RowFile.scan(path)) if os.path.exists(path) else 0
+
+
+def _gate(report, args, figures) -> int:
+    """``--fail-above``: status 1 when a gated figure BREAKS (:func:`geolie._verdict.gate`), each named."""
+    from ._verdict import gate
+
+    outputs = [args.output] if args.output else None
+    fails = gate(report.rows, args.fail_above, figures, outputs, args.metric, report.generator_names)
+    what = f"{'/'.join(figures)} figures" + (f" of {args.output}" if args.output else "")
+    floor = max((a.get("floor_rel_median") or 0.0) for a in report.aggregates().values()) if report.outputs else 0.0
+    if floor > args.fail_above:
+        print(f"note: the median noise floor ({floor:.1e}) is above --fail-above {args.fail_above:.1e}: figures below "
+              f"the floor cannot be resolved in {report.dtype}")
+    if fails:
+        print(f"FAIL: {len(fails)} {what} break (above their floor and above {args.fail_above:.1e}):")
+        for f in fails[:20]:
+            print(f"  {f.line(args.fail_above)}")
+        if len(fails) > 20:
+            print(f"  ... and {len(fails) - 20} more")
+        return 1
+    print(f"PASS: no {what} above its floor and above {args.fail_above:.1e}")
     return 0
 
 
@@ -195,7 +248,8 @@ def _run_audit_distributed(args, dist) -> int:
                            layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                            limit=args.limit, device=device, batch_size=args.batch_size,
                            batch_atoms=args.batch_atoms, hunt=args.hunt, shard=(rank, world),
-                           estimator=args.estimator, floor_sample=args.floor_sample, progress=rank == 0)
+                           estimator=args.estimator, floor_sample=args.floor_sample, progress=rank == 0,
+                           threshold=args.fail_above)
             write_report(report, out)
         except (ValueError, TypeError, FileNotFoundError) as e:
             print(f"geolie audit (rank {rank}): error: {e}", file=sys.stderr)
@@ -210,8 +264,8 @@ def _run_audit_distributed(args, dist) -> int:
             print(f"\nmerged {world} shards into {args.out}")
             with open(os.path.join(args.out, "command.json"), "w") as fh:
                 json.dump(dict(vars(args), torchrun_world_size=world), fh, indent=1)
-            if args.fail_above is not None and merged.metric(args.output, args.metric) > args.fail_above:
-                status = 1
+            if args.fail_above is not None:
+                status = _gate(merged, args, _gate_figures(args.gate) or ["lie", "finite", "hunt"])
         flag = torch.tensor([status], device=device if backend == "nccl" else "cpu")
         td.broadcast(flag, src=0)  # every rank exits with the gate's verdict
         return int(flag)

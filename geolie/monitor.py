@@ -11,6 +11,8 @@ r"""Learned equivariance over training: measure a model's Lie derivatives on a h
 * ``floor_rel_median``: the dtype's own noise, relative, median over samples (what "zero" means);
 * ``finite_rotation_max``, ``finite_translation_max``: the largest relative finite error
   ``‖f(g·x) − ρ(g) f(x)‖ / ‖f(x)‖`` over ``n_finite`` Haar rotations (translations) per sample;
+* ``verdict``: ``at floor`` or ``above floor``, the worst over samples of the Lie derivatives and finite checks
+  (:mod:`geolie._verdict`, the same verdict as every report);
 * ``seconds``: the measurement's wall time,
 
 and redraws ``out_dir/monitor.png`` (each output's median and max rotational Lie derivative over steps, with its
@@ -46,11 +48,13 @@ import torch
 
 from ._groups import SE3, as_group
 from ._metrics import aggregate, iso_rotation
+from ._verdict import ABOVE_FLOOR, AT_FLOOR, worst
 
 __all__ = ["EquivarianceMonitor", "lightning_callback", "MONITOR_COLUMNS"]
 
 MONITOR_COLUMNS = ("step", "output", "rot_iso_median", "rot_iso_p99", "rot_iso_max", "trans_median", "trans_max",
-                   "floor_rel_median", "finite_rotation_max", "finite_translation_max", "n_samples", "seconds")
+                   "floor_rel_median", "finite_rotation_max", "finite_translation_max", "verdict", "n_samples",
+                   "seconds")
 
 
 @contextlib.contextmanager
@@ -144,14 +148,15 @@ class EquivarianceMonitor:
         return rows
 
     def _summarise(self, name: str, rel: np.ndarray, floor_rel: np.ndarray, finite: Dict[str, List[float]],
-                   n: int) -> Dict[str, Any]:
+                   n: int, verdict: str) -> Dict[str, Any]:
         rot = aggregate(iso_rotation(rel)) if rel.size else aggregate([])
         trans = aggregate(np.sqrt(np.mean(rel[:, 3:] ** 2, axis=-1))) if rel.shape[1] > 3 else aggregate([])
         return {"output": name, "rot_iso_median": rot["median"], "rot_iso_p99": rot["p99"], "rot_iso_max": rot["max"],
                 "trans_median": trans["median"], "trans_max": trans["max"],
                 "floor_rel_median": float(np.nanmedian(floor_rel)) if np.isfinite(floor_rel).any() else math.nan,
                 "finite_rotation_max": max(finite.get("rotation", [math.nan])),
-                "finite_translation_max": max(finite.get("translation", [math.nan])), "n_samples": n}
+                "finite_translation_max": max(finite.get("translation", [math.nan])), "verdict": verdict,
+                "n_samples": n}
 
     def _measure_potential(self) -> List[Dict[str, Any]]:
         from ._audit import audit
@@ -165,7 +170,8 @@ class EquivarianceMonitor:
                 for fam, v in r.get("finite", {}).get(name, {}).items():
                     fin.setdefault(fam, []).append(v)
             rel = rep.values(name, "rel")
-            rows.append(self._summarise(name, rel, rep.values(name, "floor_rel"), fin, rel.shape[0]))
+            rows.append(self._summarise(name, rel, rep.values(name, "floor_rel"), fin, rel.shape[0],
+                                        rep.verdicts().get(name, {}).get("overall", "")))
         return rows
 
     def _measure_generic(self) -> List[Dict[str, Any]]:
@@ -182,9 +188,11 @@ class EquivarianceMonitor:
         rows = []
         for name, m in report.outputs.items():
             fin = {}
+            verdicts = [AT_FLOOR if m.at_floor.all() else ABOVE_FLOOR]
             if fin_rep is not None and name in fin_rep.errors:
                 fin = {fam: [v["max_rel"]] for fam, v in fin_rep.errors[name].items()}
-            rows.append(self._summarise(name, m.rel, m.floor_rel, fin, report.n_samples))
+                verdicts += [v["verdict"] for v in fin_rep.errors[name].values()]
+            rows.append(self._summarise(name, m.rel, m.floor_rel, fin, report.n_samples, worst(verdicts)))
         return rows
 
     # ------------------------------------------------------------------ storing and plotting
@@ -207,7 +215,7 @@ class EquivarianceMonitor:
             for r in csv.DictReader(fh):
                 row: Dict[str, Any] = {}
                 for k, v in r.items():
-                    if k == "output":
+                    if k in ("output", "verdict"):
                         row[k] = v
                     elif k in ("step", "n_samples"):
                         row[k] = int(v)

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._registry import install_hint
+
 from .. import _evaluation as ev_mod
 from .._evaluation import Evaluation, stacked_batch
 from ._protocol import Adapter, CopyCache, Structure, with_autograd
@@ -47,7 +49,7 @@ def require(module: str, extra: str, package: Optional[str] = None):
         return importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"the {package or module!r} package is needed for this model ({e}); install it with "
-                         f"pip install 'geolie[{extra}]'") from None
+                         f"{install_hint(extra)}") from None
 
 
 def check_file(path: str, package: str) -> str:

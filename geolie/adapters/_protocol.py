@@ -47,19 +47,34 @@ def cast_copy(module: torch.nn.Module, device, dtype: torch.dtype) -> Tuple[torc
     float32 constants computes with float32-rounded coefficients, and its Lie derivatives show it. The notes name them.
     """
     m = copy.deepcopy(module).to(device=device, dtype=dtype)
-    left: List[str] = []
-    for mod_name, mod in m.named_modules():
-        for attr, v in vars(mod).items():
-            if attr in ("_parameters", "_buffers") or not isinstance(v, torch.Tensor):
-                continue
-            if v.is_floating_point() and v.dtype != dtype:
-                left.append(f"{mod_name + '.' if mod_name else ''}{attr} ({str(v.dtype).replace('torch.', '')})")
+    left = [f"{name} ({str(d).replace('torch.', '')})" for name, d in leftover_constants(m, dtype)]
     notes = []
     if left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         notes.append(f"the {str(dtype).replace('torch.', '')} copy keeps {len(left)} constant tensor(s) of another "
                      f"dtype that .to() does not cast: {shown}; the floor is that of those constants")
     return m, notes
+
+
+def leftover_constants(module: torch.nn.Module, dtype: torch.dtype) -> List[Tuple[str, torch.dtype]]:
+    """Floating-point tensors held as plain attributes of ``module``'s submodules in a dtype other than ``dtype``
+    (``Module.to`` does not cast them): ``(name, dtype)`` each."""
+    left: List[Tuple[str, torch.dtype]] = []
+    for mod_name, mod in module.named_modules():
+        for attr, v in vars(mod).items():
+            if attr in ("_parameters", "_buffers") or not isinstance(v, torch.Tensor):
+                continue
+            if v.is_floating_point() and v.dtype != dtype:
+                left.append((f"{mod_name + '.' if mod_name else ''}{attr}", v.dtype))
+    return left
+
+
+def bounding_precision(module: torch.nn.Module, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The lowest precision among ``module``'s left-over constants when it is below ``dtype`` (it bounds the
+    arithmetic of a copy cast to ``dtype``), else ``None``."""
+    u = torch.finfo(dtype).eps
+    low = [d for _, d in leftover_constants(module, dtype) if torch.finfo(d).eps > u]
+    return max(low, key=lambda d: torch.finfo(d).eps) if low else None
 
 
 def with_autograd(pos: torch.Tensor) -> torch.Tensor:
@@ -105,6 +120,22 @@ class Adapter:
                                  f"{[chemical_symbols[z] for z in bad]} (supported: "
                                  f"{[chemical_symbols[z] for z in self.elements]})")
 
+    def fingerprint(self) -> str:
+        """A short hash of what the model computes with, for a run's identity: its module's parameters and buffers
+        (names, shapes, values) where it has one (``_module``), else its class and ``parameters`` (ASE calculators)."""
+        import hashlib
+
+        h = hashlib.sha256(type(self).__name__.encode())
+        mod = getattr(self, "_module", None)
+        if isinstance(mod, torch.nn.Module):
+            for k, v in mod.state_dict().items():
+                if isinstance(v, torch.Tensor):
+                    h.update(k.encode() + str(tuple(v.shape)).encode())
+                    h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(sorted((getattr(getattr(self, "calc", None), "parameters", None) or {}).items())).encode())
+        return h.hexdigest()[:16]
+
     def evaluation(self, st: Structure, dtype: torch.dtype) -> Evaluation:
         raise NotImplementedError
 
@@ -145,6 +176,7 @@ class CopyCache:
         self.prepare = prepare
         self.build = build or (lambda device, dtype: cast_copy(self.module, device, dtype))
         self.copies: Dict[Tuple[str, torch.dtype], Tuple[torch.nn.Module, List[str]]] = {}
+        self.precisions: Dict[Tuple[str, torch.dtype], Optional[torch.dtype]] = {}
 
     def get(self, device, dtype) -> Tuple[torch.nn.Module, List[str]]:
         key = (str(device), dtype)
@@ -153,4 +185,10 @@ class CopyCache:
             if self.prepare is not None:
                 m = self.prepare(m) or m
             self.copies[key] = (m, notes)
+            self.precisions[key] = bounding_precision(m, dtype) if isinstance(m, torch.nn.Module) else None
         return self.copies[key]
+
+    def precision(self, device, dtype) -> Optional[torch.dtype]:
+        """The precision bounding the copy's arithmetic when below ``dtype`` (:func:`bounding_precision`)."""
+        self.get(device, dtype)
+        return self.precisions[(str(device), dtype)]

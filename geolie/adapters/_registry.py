@@ -37,6 +37,19 @@ FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
                   "a MatterSim model file (Potential.save; M3GNet, float32 only)"),
 }
 
+#: extras whose package must then be installed without its pins (see README, "Potential packages")
+NO_DEPS = {"mace": "mace-torch==0.3.16", "mattersim": "mattersim==1.2.3"}
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs ``extra``, run in a clone of geolie (``pip install -e``), with the ``--no-deps``
+    step where the package's own pins must be bypassed."""
+    cmd = f"pip install -e '.[{extra}]'"
+    if extra in NO_DEPS:
+        cmd += f" && pip install --no-deps {NO_DEPS[extra]}"
+    return cmd + " (in a clone of geolie; from an installed wheel: pip install 'geolie[" + extra + "]')"
+
+
 #: the optional extra each short name needs ("" for none)
 EXTRAS: Dict[str, str] = {"schnet": "", "ani1x": "pretrained", "sevenn-0": "sevenn", "chgnet": "chgnet"}
 

@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from ._registry import install_hint
+
 import numpy as np
 
 from .. import _evaluation as ev_mod
@@ -39,7 +41,7 @@ def _require(package: str, extra: str):
         return __import__(package)
     except ImportError as e:
         raise ValueError(f"the {package!r} package is needed for this model ({e}); install it with "
-                         f"pip install 'geolie[{extra}]'") from None
+                         f"{install_hint(extra)}") from None
 
 
 class ANIPotential(torch.nn.Module):

@@ -29,18 +29,21 @@ import torch
 
 from .. import _evaluation as ev_mod
 from .._conservative import conservative
-from .._evaluation import Evaluation, NotStackable, stacked_batch
+from .._evaluation import Evaluation, NotStackable, check_known_outputs, stacked_batch
 from ._protocol import Adapter, CopyCache, NotBatchableError, Structure, with_autograd
 
 KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
 
 
 def signature_kind(module: torch.nn.Module) -> str:
-    """How to call ``module``: ``"zpb"``, ``"zpbc"``, ``"edges"``, ``"data"`` or ``"pos"`` (see the module doc)."""
+    """How to call ``module``: ``"zpb"``, ``"zpbc"``, ``"zp"``, ``"edges"``, ``"data"`` or ``"pos"`` (see the
+    module doc)."""
     params = list(inspect.signature(module.forward).parameters)
     if "edge_index" in params:
         return "edges"
     if len(params) >= 2 and params[0] in ("z", "numbers", "atomic_numbers") and params[1] in ("pos", "positions"):
+        if len(params) == 2:  # forward(z, pos): one structure per call
+            return "zp"
         return "zpbc" if "cell" in params else "zpb"
     if params and params[0] in ("pos", "positions", "x"):
         return "pos"
@@ -125,6 +128,8 @@ class TorchAdapter(Adapter):
 
         def call(pos, z, cell=None):
             with self.call_context():
+                if kind == "zp":
+                    return m(z, pos)
                 if kind == "zpb":
                     return m(z, pos, b)
                 if kind == "zpbc":
@@ -164,6 +169,12 @@ class TorchAdapter(Adapter):
         else:
             with torch.enable_grad():
                 out0 = as_output_dict(call(pos, z, cell))
+            e0 = out0.get("energy")
+            if batch is not None and isinstance(e0, torch.Tensor) and e0.numel() != n_struct:
+                raise NotBatchableError(f"{where}: model {self.name!r} takes a batch argument but returned "
+                                        f"{e0.numel()} energies for {n_struct} structures: it does not batch; "
+                                        "use batch_size=1")
+            check_known_outputs(out0, pos.shape[0], n_struct, f"{where}: model {self.name!r}")
             self._energy_only = set(out0) == {"energy"}
         if "energy" not in out0 and ("forces" in out0 or "stress" in out0):
             raise ValueError(f"{where}: model {self.name!r} returns {sorted(out0)} without an 'energy'")
@@ -187,6 +198,8 @@ class TorchAdapter(Adapter):
                     raise NotBatchableError(f"{where}: model {self.name!r} takes a batch argument but returned "
                                             f"{e.numel()} energies for {n_struct} structures: it does not batch; "
                                             "use batch_size=1")
+                if batch is None:
+                    check_known_outputs({"energy": e}, p.shape[0], 1, f"{where}: model {self.name!r}")
                 return e.reshape(n_struct) if batch is not None else e.reshape(-1).sum()
 
             cons = conservative(energy_fn, as_dict=True)
@@ -199,7 +212,8 @@ class TorchAdapter(Adapter):
         if not periodic and self.kind in ("zpb", "zpbc", "edges", "data"):
             stack = self._stacker(m, pos.shape[0], batch, n_struct, keys, out0)
         return Evaluation(fn, x, in_rep, reps, batch=batch, per_atom=per_atom, sources=sources, method=self.method,
-                          notes=list(notes) + ([self.dtype_note] if self.dtype_note else []), stack=stack)
+                          notes=list(notes) + ([self.dtype_note] if self.dtype_note else []), stack=stack,
+                          precision=self._cache.precision(self.device, dtype))
 
     def _stacker(self, m, n_atoms: int, batch, n_struct: int, keys, out0):
         """``Evaluation.stack`` for molecules: ``K`` copies as one batch of ``K · n_struct`` structures (a neighbour
