@@ -197,11 +197,17 @@ class _HuntTarget:
         pulled = self.pulled_back(R, t) if pulled is None else pulled
         return [(p - y.to(p)).norm() / (n if n > 0 else 1.0) for p, y, n in zip(pulled, self.y0, self.norms)]
 
-    def noise(self) -> List[float]:
-        """The call-to-call difference at the base orientation, per hunted quantity (0 for deterministic models)."""
+    def noise(self, calls: int = 3) -> List[float]:
+        """The call-to-call difference at the base orientation, per hunted quantity: the largest over ``calls`` more
+        calls (the hunt compares many orientations, each with fresh noise; 0 for deterministic models)."""
+        out = [0.0] * len(self.y0)
         with torch.no_grad():
-            again = self.pulled_back(torch.eye(3, dtype=torch.float64), None)
-        return [float((a.detach().double() - y.double()).norm()) for a, y in zip(again, self.y0)]
+            for _ in range(calls):
+                again = self.pulled_back(torch.eye(3, dtype=torch.float64), None)
+                out = [max(o, float((a.detach().double() - y.double()).norm())) for o, a, y in zip(out, again, self.y0)]
+                if not any(out):
+                    break  # deterministic: one more call says so
+        return out
 
     def rounding_estimate(self) -> List[float]:
         """The input-rounding floor estimate (absolute) per hunted quantity, for a model in one precision only."""
@@ -355,8 +361,8 @@ class _Search:
                     if not all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params):
                         raise RuntimeError("no finite gradient with respect to the orientation")
                     for k, e in enumerate(errs):
-                        if float(e) > self.best[k]["err"]:
-                            self.best[k] = {"err": float(e), "R": R.detach().clone(),
+                        if float(e.detach()) > self.best[k]["err"]:
+                            self.best[k] = {"err": float(e.detach()), "R": R.detach().clone(),
                                             "t": None if t is None else t.detach().clone(),
                                             "label": f"ascent from {label}", "floor": None}
                     opt.step()

@@ -374,9 +374,6 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
         if first is None:
             first = meta
         else:
-            for k in key:
-                if meta.get(k) != first.get(k):
-                    raise ValueError(f"merge: {p} has {k} = {meta.get(k)!r}, {paths[0]} has {first.get(k)!r}")
             if (meta.get("identity") is None) != (first.get("identity") is None):
                 raise ValueError(f"merge: {p} and {paths[0]}: one has a run identity and the other none (written by "
                                  "different geolie versions)")
@@ -386,6 +383,9 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
                 diff = identity_differences(first["identity"], meta["identity"])
                 if diff:
                     raise ValueError(f"merge: {p} holds another run than {paths[0]}:\n  " + "\n  ".join(diff))
+            for k in key:
+                if meta.get(k) != first.get(k):
+                    raise ValueError(f"merge: {p} has {k} = {meta.get(k)!r}, {paths[0]} has {first.get(k)!r}")
             how = ("batch_size", "batch_atoms", "threshold")  # these change no per-structure figure
             opts = {k: v for k, v in meta["meta"].items() if k not in how}
             if opts != {k: v for k, v in first["meta"].items() if k not in how}:

@@ -18,10 +18,11 @@ an equivariance error and never a constant multiple of the unit round-off alone:
     estimate of the terms whose cancellation gives zero (:func:`rounding_floor`), plus the model's call-to-call
     noise ``|dρ_out(X)(f(x)′ − f(x))|`` (one more call; zero for deterministic models).
   - finite checks and the hunt, error ``e(g) = ‖f(g·x) − ρ(g) f(x)‖``: ``s (‖f(g·x) − f̃(g·x)‖ + ‖f(x) − f̃(x)‖)
-    + ‖f(x) − f(x)′‖ + 4 u ‖f(x)‖`` (:func:`finite_floor`): the two evaluations' distances to the other precision
+    + ‖f(x) − f(x)′‖ + κ u ‖f(x)‖`` (:func:`finite_floor`): the two evaluations' distances to the other precision
     (``f̃``, with ``g·x`` moved in that precision, so the rounding of the moved input is counted), the model's own
     call-to-call noise (the ``repeat`` check: zero for deterministic models) and the rounding of ``ρ(g)``'s
-    product. The ``repeat`` check itself (two calls at the same inputs, where only randomness or reductions in a
+    product (``4 u ‖f(x)‖``; ``16 u ‖f(x)‖`` for a scaled float64 figure, as the Lie floors, for error sources that
+    do not scale with the precision). The ``repeat`` check itself (two calls at the same inputs, where only randomness or reductions in a
     varying order can differ) has the rounding estimate ``16 u ‖f(x)‖`` as its floor. For a float32 figure this bounds the error of an exactly equivariant model by the triangle
     inequality (the float64 model's own error, about 1e-16, aside): such a model is never "above floor".
 
@@ -116,7 +117,10 @@ def finite_floor(moved: torch.Tensor, moved_ref: Optional[torch.Tensor], base: t
     other precision, then only the rounding terms and ``noise``, and the caller adds an input-rounding estimate);
     ``noise``: the model's call-to-call difference at ``x``."""
     u = torch.finfo(base.dtype).eps
-    fl = 4 * u * float(base.double().norm()) + noise
+    # the rounding of ρ(g)'s product, and, for a scaled (more precise) figure, error sources that do not scale with
+    # the precision (as for the Lie floors: 16 u of the output)
+    kappa = 4.0 if scale >= 1 else 16.0
+    fl = kappa * u * float(base.double().norm()) + noise
     if moved_ref is not None and base_ref is not None:
         fl += scale * (float((moved.double() - moved_ref.double()).norm())
                        + float((base.double() - base_ref.double()).norm()))

@@ -115,11 +115,16 @@ class NoisyForces(Morse):
 
     sigma = 1e-5
 
+    def __init__(self):
+        super().__init__()
+        self.rng = torch.Generator().manual_seed(11)  # fresh noise at every call, the same sequence in every test run
+
     def forward(self, z, pos, batch=None):
         p = pos if pos.requires_grad else pos + torch.zeros((), dtype=pos.dtype, requires_grad=True)
         e = self.energy(p, batch)
         f = -torch.autograd.grad(e.sum(), p, create_graph=True)[0]
-        noise = torch.randn(f.shape, dtype=f.dtype, device=f.device) * self.sigma * f.detach().abs().max()
+        scale = f.detach().norm() / f.numel() ** 0.5  # the RMS force component: the same at every orientation
+        noise = torch.randn(f.shape, generator=self.rng, dtype=f.dtype).to(f.device) * self.sigma * scale
         return {"energy": e, "forces": f + noise}
 
 
@@ -154,3 +159,20 @@ def make_float32_constants():
 
 def make_noisy():
     return NoisyForces()
+
+
+class FlipFrame(torch.nn.Module):
+    """``E = Σ_i z_i (x_i − c)·v₁`` with ``v₁`` the principal axis of largest variance, its sign fixed by ``v₁[0] > 0``
+    (a lab-frame rule): invariant near every orientation (zero Lie derivative), but a finite rotation that turns
+    ``v₁``'s x component negative flips the energy's sign. Only finite checks see it."""
+
+    def forward(self, z, pos, batch=None):
+        xc = pos - pos.mean(0)
+        _, vecs = torch.linalg.eigh(xc.T @ xc)
+        v = vecs[:, -1]
+        v = v * torch.sign(v[0])
+        return (z.to(pos) * (xc @ v)).sum().reshape(1)
+
+
+def make_flip_frame():
+    return FlipFrame()
