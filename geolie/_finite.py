@@ -148,8 +148,11 @@ def finite_equivariance_error(
     elements = _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator)
     side = _Side(f, inputs, centers, leaves, y0, wrap)
     trials = [(fam, *side.trial(op)) for fam, op in elements]
-    outs = _evaluate_trials(side.call, stack, [vals for _, vals, _ in trials], y0, stack_atoms)
-    floors = _trial_floors(floor, reference, side, elements, outs, stack_atoms, in_rep, out_rep, about, batch,
+    # the input-rounding perturbations (floors) ride in the same stacked calls as the trials
+    perturbed = input_roundings(list(inputs.values), inputs.moving) if floor else []
+    outs = _evaluate_trials(side.call, stack, [vals for _, vals, _ in trials] + perturbed, y0, stack_atoms)
+    outs, rounded = outs[:len(trials)], outs[len(trials):]
+    floors = _trial_floors(floor, reference, side, elements, rounded, stack_atoms, in_rep, out_rep, about, batch,
                            precision, inputs)
     return FiniteReport(_tabulate(leaves, y0, trials, outs, floors, batch))
 
@@ -246,10 +249,12 @@ def _permutation(n_rows: int, batch, generator) -> torch.Tensor:
     return p
 
 
-def _trial_floors(floor, reference, side, elements, outs, stack_atoms, in_rep, out_rep, about, batch, precision,
+def _trial_floors(floor, reference, side, elements, rounded, stack_atoms, in_rep, out_rep, about, batch, precision,
                   inputs):
     """What each trial's floor is measured from: ``("reference", outputs in the other precision per trial, their
-    unmoved outputs, scale)``, ``("rounding", perturbed outputs)`` (input-rounding estimate) or ``None``."""
+    unmoved outputs, scale, perturbed outputs)`` or ``("rounding", perturbed outputs)`` (the input-rounding estimate
+    alone), or ``None``. ``rounded``: the outputs at the input-rounding perturbations (:func:`input_roundings`), a
+    direct measurement in the figure's own precision that the reference's scaled distance never undercuts."""
     from ._evaluation import Evaluation
 
     if not floor:
@@ -275,9 +280,8 @@ def _trial_floors(floor, reference, side, elements, outs, stack_atoms, in_rep, o
         ref_outs = _evaluate_trials(ref_side.call, ref_stack, [ref_side.trial(op)[0] for _, op in elements], y0,
                                     stack_atoms)
         scale = precision_scale(dtype, y0[0].dtype if y0 else dtype, precision)
-        return ("reference", ref_outs, y0, scale)
-    perturbed = input_roundings(list(inputs.values), inputs.moving)
-    return ("rounding", [side.call(v) for v in perturbed])
+        return ("reference", ref_outs, y0, scale, rounded)
+    return ("rounding", rounded)
 
 
 def _tabulate(leaves, y0, trials, outs, floors, batch) -> Dict[str, Dict[str, Dict[str, Any]]]:
@@ -323,14 +327,15 @@ class _FloorOf:
         if self.noise is None:  # the repeat check: two calls at the same inputs; a deterministic model gives 0
             return 16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
         noise = float(sel(self.noise).double().norm())
-        if self.floors[0] == "reference":
-            _, ref_outs, ref_y0, scale = self.floors
-            return finite_floor(sel(self.out), sel(ref_outs[self.t][self.j]), sel(self.y), sel(ref_y0[self.j]), scale,
-                                noise)
-        perturbed = self.floors[1]
+        perturbed = self.floors[-1]
         est = max(float((sel(p[self.j]).double() - sel(self.y).double()).norm()) for p in perturbed)
-        return finite_floor(sel(self.out), None, sel(self.y), None, 1.0, noise) + est + \
+        est += finite_floor(sel(self.out), None, sel(self.y), None, 1.0, noise) + \
             16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
+        if self.floors[0] == "reference":
+            _, ref_outs, ref_y0, scale, _ = self.floors
+            return max(est, finite_floor(sel(self.out), sel(ref_outs[self.t][self.j]), sel(self.y),
+                                         sel(ref_y0[self.j]), scale, noise))
+        return est
 
 
 class _Table:

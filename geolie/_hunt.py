@@ -302,13 +302,13 @@ class _Search:
         self.ref = _HuntTarget(adapter.evaluation(st, other)) if other in adapter.dtypes else None
         self.K = len(self.prob.names)
         self.noise = self.prob.noise()
+        self.estimate = self.prob.rounding_estimate()  # measured in this precision; the reference never undercuts it
         if self.ref is not None:
             self.scale = precision_scale(dtype, other, self.prob.ev.precision)
-            self.estimate = None
             self.floor_source = "float32 vs float64 at the same moved inputs" + (
                 " (scaled by u64/u32)" if self.scale < 1 else "")
         else:
-            self.scale, self.estimate = 1.0, self.prob.rounding_estimate()
+            self.scale = 1.0
             self.floor_source = "input-rounding estimate (the model runs in one precision)"
         self.best: List[Dict[str, Any]] = [{"err": -1.0} for _ in range(self.K)]
         self.above = [0.0] * self.K
@@ -317,11 +317,13 @@ class _Search:
 
     def floors(self, R, t, pulled) -> List[float]:
         """Relative floor per hunted quantity at ``g = (R, t)`` (``pulled``: this precision's ``φ(g)``)."""
+        est = [(e + n) / (m or 1.0) for e, n, m in zip(self.estimate, self.noise, self.prob.norms)]
         if self.ref is None:
-            return [(e + n) / (m or 1.0) for e, n, m in zip(self.estimate, self.noise, self.prob.norms)]
+            return est
         hi = self.ref.pulled_back(R, t)
-        return [finite_floor(p, q, y, yr, self.scale, n) / (m or 1.0)
-                for p, q, y, yr, n, m in zip(pulled, hi, self.prob.y0, self.ref.y0, self.noise, self.prob.norms)]
+        return [max(a, finite_floor(p, q, y, yr, self.scale, n) / (m or 1.0))
+                for a, p, q, y, yr, n, m in zip(est, pulled, hi, self.prob.y0, self.ref.y0, self.noise,
+                                                self.prob.norms)]
 
     def visit(self, label, R, t, with_floor: bool = True) -> List[float]:
         """Evaluate ``g = (R, t)`` (``R`` made orthonormal), update each output's worst and, with a floor, the

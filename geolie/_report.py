@@ -253,6 +253,11 @@ class AuditReport:
                 lines.append(f"{name[:17]:<18}" + "".join(
                     f"{a['finite_max_rel'].get(f, float('nan')):>13.1e}" for f in fams)
                     + f"  {a['verdict'].get('finite', '')}")
+            inv = {n: a["verdict"]["inversion"] for n, a in agg.items() if a["verdict"].get("inversion", AT_FLOOR)
+                   != AT_FLOOR}
+            if inv:
+                lines.append("  inversion (parity, not part of the group: not in the verdict; --gate inversion gates "
+                             "it): " + ", ".join(f"{n} {v}" for n, v in inv.items()))
         hs = self.hunt_summary()
         if hs:
             lines.append("")

@@ -257,7 +257,7 @@ def _csv_header(w, gens) -> None:
     w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
                + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
                + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel",
-                  "verdict_lie", "verdict_finite", "verdict_hunt", "verdict"])
+                  "verdict_lie", "verdict_finite", "verdict_hunt", "verdict", "verdict_inversion"])
 
 
 def _csv_rows(w, row, gens, threshold: Optional[float] = None) -> None:
@@ -273,7 +273,7 @@ def _csv_rows(w, row, gens, threshold: Optional[float] = None) -> None:
                    + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
                    + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
                       else ["", ""])
-                   + [verdicts.get(name, {}).get(k, "") for k in ("lie", "finite", "hunt", "overall")])
+                   + [verdicts.get(name, {}).get(k, "") for k in ("lie", "finite", "hunt", "overall", "inversion")])
 
 
 def shard_indices(atom_counts: Sequence[int], shard: int, n_shards: int) -> List[int]:

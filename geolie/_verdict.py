@@ -28,9 +28,11 @@ an equivariance error and never a constant multiple of the unit round-off alone:
 
 * **two AD families** (models that run in one precision only): the rounding estimate, never below twice the
   difference between two differentiation methods of different families that both pass the adjoint test.
-* **input-rounding estimate** (finite checks and hunts of models that run in one precision only): the largest
-  change of the output when the positions are perturbed by their rounding, ``2 u |x|`` per coordinate with random
-  signs (two draws), plus the call-to-call noise and ``16 u ‖f(x)‖`` for the arithmetic; named as an estimate.
+* **input-rounding measurement** (finite checks and hunts): the largest change of the output when the positions are
+  perturbed by their rounding, ``2 u |x|`` per coordinate with random signs (two draws), plus the call-to-call
+  noise and ``16 u ‖f(x)‖``: the model's own arithmetic at inputs that differ as a moved input does, measured in
+  its own precision. The floor of a finite figure is never below it (a scaled float32 distance can undercut float64
+  rounding by chance); for a model that runs in one precision only it is the floor, named as an estimate.
 * **finite differences**: the Richardson error estimate.
 
 Each row names how its floor was obtained (``floor_source``).
@@ -57,14 +59,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 
 __all__ = ["FLOOR_FACTOR", "AT_FLOOR", "ABOVE_FLOOR", "BREAKS", "verdict", "worst", "at_floor", "precision_scale",
-           "finite_floor", "lie_floor", "rounding_floor", "input_roundings", "Failure", "gate", "FIGURES",
+           "finite_floor", "lie_floor", "rounding_floor", "input_roundings", "Failure", "gate", "FIGURES", "DEFAULT_GATE",
            "orthonormal"]
 
 FLOOR_FACTOR = 2.0
 AT_FLOOR, ABOVE_FLOOR, BREAKS = "at floor", "above floor", "BREAKS"
 _ORDER = {AT_FLOOR: 0, ABOVE_FLOOR: 1, BREAKS: 2}
-#: the kinds of figure an audit computes, in the order the gate reports them
-FIGURES = ("lie", "finite", "hunt")
+#: the kinds of figure an audit computes, in the order the gate reports them. ``inversion`` (a finite check of
+#: parity, which is not part of SO(3) or SE(3)) is reported with its own verdict and gated only when asked for.
+FIGURES = ("lie", "finite", "hunt", "inversion")
+DEFAULT_GATE = ("lie", "finite", "hunt")
 
 
 # ---------------------------------------------------------------------------------------------------------- verdicts
@@ -197,7 +201,7 @@ class Failure:
                 f"{self.value:.3e} > {threshold:.1e}, {ratio:.1e}x its noise floor {self.floor:.1e}")
 
 
-def row_failures(row: Dict[str, Any], threshold: float, figures: Sequence[str] = FIGURES,
+def row_failures(row: Dict[str, Any], threshold: float, figures: Sequence[str] = DEFAULT_GATE,
                  outputs: Optional[Sequence[str]] = None, metric: str = "rel",
                  generator_names: Sequence[str] = ()) -> List[Failure]:
     """The figures of one audit row whose verdict is ``"BREAKS"`` at ``threshold`` (see :func:`gate`)."""
@@ -217,11 +221,13 @@ def row_failures(row: Dict[str, Any], threshold: float, figures: Sequence[str] =
                     g = generator_names[k] if k < len(generator_names) else str(k)
                     rel_floor = fl * (v / a) if a > 0 else fl
                     fails.append(Failure("Lie derivative", name, g, idx, nm, float(v), float(rel_floor)))
-    if "finite" in figures:
+    if "finite" in figures or "inversion" in figures:
         for name, fams in row.get("finite", {}).items():
             if not want(name):
                 continue
             for fam, v in fams.items():
+                if ("inversion" if fam == "inversion" else "finite") not in figures:
+                    continue
                 info = (row.get("finite_floor") or {}).get(name, {}).get(fam)
                 if info is None:  # a row without floors (older geolie): the error alone decides
                     above, fl = (v if v == v and v > threshold else 0.0), 0.0
@@ -247,25 +253,28 @@ def row_verdicts(row: Dict[str, Any], threshold: Optional[float] = None) -> Dict
         out[name] = {"lie": worst(lie_verdict(a, fl, r, threshold) for a, fl, r in zip(o["abs"], o["floor"], o["rel"]))}
     for name, fams in row.get("finite", {}).items():
         floors = (row.get("finite_floor") or {}).get(name, {})
-        vs = [verdict(v, floors[f]["floor"], threshold, above_floor=floors[f]["above"]) for f, v in fams.items()
-              if f in floors]
-        if vs:
-            out.setdefault(name, {})["finite"] = worst(vs)
+        vs = {f: verdict(v, floors[f]["floor"], threshold, above_floor=floors[f]["above"]) for f, v in fams.items()
+              if f in floors}
+        if any(f != "inversion" for f in vs):
+            out.setdefault(name, {})["finite"] = worst(v for f, v in vs.items() if f != "inversion")
+        if "inversion" in vs:
+            out.setdefault(name, {})["inversion"] = vs["inversion"]
     for name, h in ((row.get("hunt") or {}).get("outputs") or {}).items():
         above = h.get("max_above_floor", 0.0 if h["at_floor"] else h["worst_error"])
         out.setdefault(name, {})["hunt"] = verdict(h["worst_error"], h["floor"], threshold, above_floor=above)
-    for v in out.values():
-        v["overall"] = worst(v.values())
+    for v in out.values():  # parity is not part of the group: reported, not in the overall verdict
+        v["overall"] = worst(x for k, x in v.items() if k != "inversion")
     return out
 
 
-def gate(rows: Iterable[Dict[str, Any]], threshold: float, figures: Sequence[str] = FIGURES,
+def gate(rows: Iterable[Dict[str, Any]], threshold: float, figures: Sequence[str] = DEFAULT_GATE,
          outputs: Optional[Sequence[str]] = None, metric: str = "rel",
          generator_names: Sequence[str] = ()) -> List[Failure]:
     """Every figure of ``rows`` (an audit's rows) whose verdict at ``threshold`` is ``"BREAKS"``: the Lie derivatives
     (``metric``: ``rel``, ``abs`` or ``per_atom`` against the threshold, the absolute figure against its floor), each
     family of finite checks and the hunt's worst orientation (relative errors). ``figures`` chooses among ``lie``,
-    ``finite`` and ``hunt`` (default: all); ``outputs`` restricts to those outputs (``stress`` includes its parts)."""
+    ``finite``, ``hunt`` (the default: all three) and ``inversion`` (parity: not part of SO(3) or SE(3), gated only
+    when named); ``outputs`` restricts to those outputs (``stress`` includes its parts)."""
     bad = [f for f in figures if f not in FIGURES]
     if bad:
         raise ValueError(f"gate: unknown figure(s) {bad}; choose among {list(FIGURES)}")

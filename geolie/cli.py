@@ -47,7 +47,9 @@ def _audit_parser(sub):
                         "this threshold (Lie derivatives, finite checks, the hunt; see --gate); each failing figure is "
                         "named")
     a.add_argument("--gate", default="lie,finite,hunt",
-                   help="which figures --fail-above gates, comma-separated among lie, finite, hunt (default: all)")
+                   help="which figures --fail-above gates, comma-separated among lie, finite, hunt, inversion "
+                        "(default: lie,finite,hunt; inversion, parity, is not part of SO(3)/SE(3) and is gated only "
+                        "when named)")
     a.add_argument("--metric", default="rel", choices=["rel", "abs", "per_atom"],
                    help="the Lie derivatives' figure compared with --fail-above (finite and hunt errors are relative)")
     a.add_argument("--output", default=None, help="gate on this output only (energy, forces, stress, output)")

@@ -28,6 +28,7 @@ def assert_equivariant(model, structures, *, group=SE3, dtype: torch.dtype = tor
     """
     if figures is None:
         figures = [f for f in FIGURES if f == "lie" or (f == "finite" and finite) or (f == "hunt" and hunt)]
+    # parity (the inversion check) is gated only when named in ``figures``
     rep = audit(model, structures, group=group, dtype=dtype, n_finite=n_finite if "finite" in figures else 0,
                 progress=False, limit=limit, hunt=hunt if "hunt" in figures else False, threshold=rtol)
     fails = gate(rep.rows, rtol, figures, outputs, "rel", rep.generator_names)
