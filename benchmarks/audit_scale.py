@@ -15,7 +15,10 @@ ratios compare like with like:
 For each mode: structures/s (median of ``--repeat`` runs after a warm-up) and the cost per structure as a multiple
 of one energy + forces evaluation of the same batch (measured in the same run). ``--processes`` adds one process
 with 1 and 2 threads against ``torchrun --nproc-per-node 2`` (1 thread each, gloo) on ``--n-large`` structures,
-wall time including start-up and merge. Writes ``benchmarks/results/audit_scale[_cuda].json``.
+wall time including start-up and merge. ``--against REF`` times the default, the random-no-finite and the one-per-call
+modes with geolie at git revision ``REF`` and at the working tree, alternating A/B runs in fresh processes (median of
+``--repeat`` each): the before/after of a change, measured in one run. Writes
+``benchmarks/results/audit_scale[_cuda].json`` (``audit_scale_ab.json`` for ``--against``).
 """
 from __future__ import annotations
 
@@ -52,6 +55,61 @@ def _ef_per_structure(pot, sts, batch_atoms, dtype, device) -> float:
     return t["median_s"] / len(sts)
 
 
+_AB_CODE = """
+import sys, time, json, torch, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[1])
+import geolie
+from geolie.adapters import load_model
+kw = json.loads(sys.argv[3]); n = int(sys.argv[2])
+mols = geolie.data.load("xtb-md/aspirin", "all")[:n]
+pot = load_model("schnet")
+geolie.audit(pot, mols[:8], dtype=torch.float64, progress=False)
+t = time.perf_counter()
+geolie.audit(pot, mols, dtype=torch.float64, progress=False, **kw)
+print(json.dumps({"geolie": geolie.__file__, "structures_per_s": n / (time.perf_counter() - t)}))
+"""
+
+
+def _ab(ref: str, n: int, repeat: int):
+    """Before/after: structures/s of three modes at git revision ``ref`` and at the working tree, A/B alternating in
+    fresh processes (each: import, warm-up on 8 structures, one timed audit of ``n``)."""
+    import json
+    import statistics
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp()
+    old = os.path.join(tmp, "before")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", old, ref], check=True, capture_output=True)
+    modes = [("batched (512), default figures", {}), ("random, no finite (512)", {"estimator": "random", "n_finite": 0}),
+             ("one per call", {"batch_size": 1})]
+    rows = []
+    try:
+        for name, kw in modes:
+            got = {"before": [], "after": []}
+            for _ in range(repeat):
+                for label, tree in (("before", old), ("after", root)):
+                    res = subprocess.run([sys.executable, "-c", _AB_CODE, tree, str(n), json.dumps(kw)],
+                                         capture_output=True, text=True, check=True)
+                    out = json.loads(res.stdout.strip().splitlines()[-1])
+                    assert out["geolie"].startswith(tree), out  # the tree asked for, not an installed copy
+                    got[label].append(out["structures_per_s"])
+            row = {"mode": name, **kw, "before_per_s": statistics.median(got["before"]),
+                   "after_per_s": statistics.median(got["after"]), "runs": got}
+            row["after_over_before"] = row["after_per_s"] / row["before_per_s"]
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", old], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(result_path("audit_scale_ab", "cpu"), {"benchmark": "audit_scale_ab", "env": device_info("cpu"),
+                                                        "before": ref, "model": "schnet", "dtype": "float64",
+                                                        "structures": n, "repeat": repeat, "rows": rows})
+    print(f"| mode | before ({ref}) /s | after /s | after / before |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['before_per_s']:.1f} | {r['after_per_s']:.1f} | {r['after_over_before']:.2f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -60,7 +118,11 @@ def main(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--processes", action="store_true", help="also time one process against torchrun with two")
     ap.add_argument("--n-large", type=int, default=2400, help="structures of the process runs (frames cycled)")
+    ap.add_argument("--against", default=None, metavar="REF",
+                    help="before/after: time three modes at git revision REF and at the working tree (CPU)")
     args = ap.parse_args(argv)
+    if args.against:
+        return _ab(args.against, args.n, args.repeat)
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.float64
     frames = geolie.data.load("xtb-md/aspirin", "all")

@@ -315,9 +315,14 @@ class _Search:
         self.tried: List[Tuple[float, str, torch.Tensor, Optional[torch.Tensor]]] = []
         self.notes: List[str] = []
 
-    def floors(self, R, t, pulled) -> List[float]:
-        """Relative floor per hunted quantity at ``g = (R, t)`` (``pulled``: this precision's ``φ(g)``)."""
+    def floors(self, R, t, pulled, with_inputs: bool = True) -> List[float]:
+        """Relative floor per hunted quantity at ``g = (R, t)`` (``pulled``: this precision's ``φ(g)``).
+        ``with_inputs=False`` leaves out the input-rounding measurement: the arithmetic's floor, against which the
+        discontinuity test compares jumps (at a hard cutoff the input-rounding measurement is the jump itself)."""
         est = [(e + n) / (m or 1.0) for e, n, m in zip(self.estimate, self.noise, self.prob.norms)]
+        if not with_inputs:
+            est = [(16 * torch.finfo(y.dtype).eps * float(y.double().norm()) + n) / (m or 1.0)
+                   for y, n, m in zip(self.prob.y0, self.noise, self.prob.norms)]
         if self.ref is None:
             return est
         hi = self.ref.pulled_back(R, t)
@@ -386,6 +391,7 @@ class _Search:
             pulled = self.prob.pulled_back(R, t)
             err = float(self.prob.errors(R, t, pulled)[k])
             floor = self.floors(R, t, pulled)[k]
+            arith = self.floors(R, t, pulled, with_inputs=False)[k]
         if not at_floor(err, floor):
             self.above[k] = max(self.above[k], err)
         b.update(R=R, err=err)
@@ -401,7 +407,7 @@ class _Search:
                 "translation": None if t is None else t.tolist(), "random_error": random_error, "floor": floor,
                 "floor_source": self.floor_source, "at_floor": at_floor(err, floor),
                 "max_above_floor": self.above[k], "found_by": b["label"], "lie_rel": lie_rel,
-                "discontinuous": _discontinuity(self.prob, k, R, t, delta, lie_base, floor, st_g, rc, u)}
+                "discontinuous": _discontinuity(self.prob, k, R, t, delta, lie_base, arith, st_g, rc, u)}
 
 
 def _write(out_dir: str, tag: str, name: str, st, R: torch.Tensor, t: Optional[torch.Tensor]) -> None:
