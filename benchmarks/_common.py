@@ -63,3 +63,28 @@ def write_json(path: str, data) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1)
+
+
+def random_mace(**overrides):
+    """A random-init ScaleShiftMACE built in float64 (seed 0, elements H C N O Cu); ``overrides`` replace the
+    constructor's defaults here (r_max 6, max_ell 3, 128x0e hidden, correlation 3)."""
+    import numpy as np
+    from e3nn import o3
+    from mace.modules import interaction_classes
+    from mace.modules.models import ScaleShiftMACE
+
+    z = [1, 6, 7, 8, 29]
+    block = interaction_classes["RealAgnosticResidualInteractionBlock"]
+    kw = dict(r_max=6.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
+              interaction_cls_first=block, num_interactions=2, num_elements=len(z),
+              hidden_irreps=o3.Irreps("128x0e"), MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(z)),
+              avg_num_neighbors=20.0, atomic_numbers=z, correlation=3, gate=torch.nn.functional.silu,
+              atomic_inter_scale=1.0, atomic_inter_shift=0.0)
+    kw.update(overrides)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        return ScaleShiftMACE(**kw)
+    finally:
+        torch.set_default_dtype(old)

@@ -41,18 +41,9 @@ from geolie.adapters import Structure, load_model  # noqa: E402
 
 def _ef_per_structure(pot, sts, batch_atoms, dtype, device) -> float:
     """Seconds per structure of one energy + forces evaluation, batched as the audit batches."""
-    from geolie._audit import _chunks
+    from audit_gpu import ef_rate
 
-    chunks = list(_chunks(list(enumerate(sts)), None, batch_atoms, pot))
-
-    def run():
-        for ch in chunks:
-            ev = pot.batch_evaluation([s for _, s in ch], dtype) if len(ch) > 1 else pot.evaluation(ch[0][1], dtype)
-            out = ev.fn(*ev.inputs)
-            del out
-
-    t = timeit(run, warmup=1, repeat=5)
-    return t["median_s"] / len(sts)
+    return 1.0 / ef_rate(pot, sts, batch_atoms, dtype, device)
 
 
 _AB_CODE = """

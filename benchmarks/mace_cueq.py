@@ -24,7 +24,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,24 +32,11 @@ sys.path.insert(0, HERE)
 
 def build(path: str) -> None:
     from e3nn import o3
-    from mace.modules import interaction_classes
-    from mace.modules.models import ScaleShiftMACE
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        z = [1, 6, 7, 8, 29]
-        block = interaction_classes["RealAgnosticResidualInteractionBlock"]
-        m = ScaleShiftMACE(r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2, interaction_cls=block,
-                           interaction_cls_first=block, num_interactions=2, num_elements=len(z),
-                           hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
-                           atomic_energies=np.zeros(len(z)), avg_num_neighbors=8.0, atomic_numbers=z,
-                           correlation=2, gate=torch.nn.functional.silu, atomic_inter_scale=1.0,
-                           atomic_inter_shift=0.0)
-    finally:
-        torch.set_default_dtype(old)
-    torch.save(m, path)
+    from _common import random_mace
+
+    torch.save(random_mace(r_max=4.5, num_bessel=6, max_ell=2, hidden_irreps=o3.Irreps("16x0e+16x1o"),
+                           avg_num_neighbors=8.0, correlation=2), path)
 
 
 def convert(src: str, dst: str, device: str) -> None:

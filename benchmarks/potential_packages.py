@@ -32,32 +32,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import device_info, result_path, timeit, write_json  # noqa: E402
+from _common import random_mace, device_info, result_path, timeit, write_json  # noqa: E402
 
 import geolie  # noqa: E402
 from geolie.adapters import CalculatorAdapter, Structure, load_model  # noqa: E402
 
 
 def _mace(d):
-    from e3nn import o3
     from mace.calculators import MACECalculator
-    from mace.modules import interaction_classes
-    from mace.modules.models import ScaleShiftMACE
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        z = [1, 6, 7, 8, 29]
-        block = interaction_classes["RealAgnosticResidualInteractionBlock"]
-        m = ScaleShiftMACE(r_max=6.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=block,
-                           interaction_cls_first=block, num_interactions=2, num_elements=len(z),
-                           hidden_irreps=o3.Irreps("128x0e"), MLP_irreps=o3.Irreps("16x0e"),
-                           atomic_energies=np.zeros(len(z)), avg_num_neighbors=20.0, atomic_numbers=z,
-                           correlation=3, gate=torch.nn.functional.silu, atomic_inter_scale=1.0,
-                           atomic_inter_shift=0.0)
-    finally:
-        torch.set_default_dtype(old)
+    m = random_mace()
     path = os.path.join(d, "mace.model")
     torch.save(m, path)
     return f"mace:{path}", lambda: MACECalculator(model_paths=path, device="cpu", default_dtype="float64")

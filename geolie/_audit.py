@@ -503,8 +503,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     ``estimator``: ``"exact"`` (default: every generator, ``rx ry rz [tx ty tz]``) or ``"random"``: one uniformly random
     rotation axis ``r~`` (and translation direction ``t~`` for SE(3)) per structure, also within a batch
     (:class:`geolie._groups.PerStructureDirections`), drawn from ``seed`` and the structure's index (batch-, resume-
-    and shard-invariant). Its square is
-    an unbiased estimate of the squared isotropic norm (:class:`geolie._groups.Directions`): dataset aggregates
+    and shard-invariant). Its square is an unbiased estimate of the squared isotropic norm (``Directions``): aggregates
     (``iso_rotation_rms`` with its standard error) at one or two directional derivatives per structure instead of
     three or six. Each row records its ``direction``.
     ``model``: a :class:`geolie.adapters.Adapter`, an ``nn.Module``, an ASE calculator or a model spec string
@@ -528,17 +527,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
         raise ValueError("hunt searches orientations with every generator: use estimator='exact' with hunt")
     names = group.generator_names if estimator == "exact" else random_directions(group).generator_names
     pot = load_model(model, device=device)
-    if dtype not in pot.dtypes:
-        raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
-                         + (f" ({pot.dtype_note})" if pot.dtype_note else ""))
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if batch_atoms < 1:
-        raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
-    if batch_size is not None and batch_size > 1 and layerwise:
-        raise ValueError("layer-wise attribution needs batch_size=1")
-    if batch_size is not None and batch_size > 1 and type(pot).batch_evaluation is Adapter.batch_evaluation:
-        raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
+    _check_options(pot, dtype, batch_size, batch_atoms, layerwise)
     src = _source(structures)
     counts = src.counts if limit is None else src.counts[:limit]
     n_total = len(counts)
@@ -551,95 +540,138 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
                 "hunt": bool(hunt), "seed": seed, "estimator": estimator, "floor_sample": floor_sample or 0}
     identity = run_identity(pot, structures, src, group, dtype, names, estimator, seed)
     if store is not None:
-        if resume:
-            _check_resumable(store, identity)
-            done = store.resume()
-        else:
-            store.clear()
-        store.write_meta({"model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
-                          "generators": list(names), "meta": run_meta, "identity": identity,
-                          "n_structures_total": n_total, "shard": None if shard is None else list(shard),
-                          "indices": mine.tolist()})
+        done = _open_store(store, resume, identity, {
+            "model": pot.name, "group": group.name, "dtype": str(dtype).replace("torch.", ""),
+            "generators": list(names), "meta": run_meta, "identity": identity, "n_structures_total": n_total,
+            "shard": None if shard is None else list(shard), "indices": mine.tolist()})
     is_mine = np.zeros(n_total, dtype=bool)
     is_mine[mine] = True
     is_done = np.zeros(n_total, dtype=bool)
     d = done.indices
     is_done[d[(d >= 0) & (d < n_total)]] = True  # rows past a changed --limit are kept on disk, not counted
     n_done = int((is_done & is_mine).sum())
-    rows: Dict[int, Dict] = {}  # without out_dir: the rows, in memory (with it, they stay on disk)
     bar = tqdm(total=len(mine), initial=n_done, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
-    unbatchable = False
-
-    def compute(chunk, floors: bool) -> List[Dict[str, Any]]:
-        nonlocal unbatchable
-        g, draws = group, {}
-        if estimator == "random":  # one draw per structure, from the seed and its index (whatever the batching)
-            draws = {i: random_directions(group, torch.Generator().manual_seed(1_000_003 * seed + i)) for i, _ in chunk}
-            g = draws[chunk[0][0]]
-            if len(chunk) > 1:
-                counts_ = torch.tensor([len(st.numbers) for _, st in chunk])
-                g = PerStructureDirections(group, torch.stack([draws[i].C for i, _ in chunk]),
-                                           torch.repeat_interleave(torch.arange(len(chunk)), counts_),
-                                           g.generator_names)
-        new = None
-        if len(chunk) > 1 and not unbatchable:
-            try:
-                new = _rows_batched(pot, chunk, g, dtype, n_finite, seed, floors, batch_atoms)
-            except NotBatchableError:
-                if batch_size is not None:  # the user asked for batches: say why there are none
-                    raise
-                unbatchable = True  # geolie chose to batch: go one structure per call from here on
-        if new is None:
-            new = [_row(pot, st, i, draws[i] if estimator == "random" else g, dtype, n_finite, layerwise, seed,
-                        floors, batch_atoms) for i, st in chunk]
-        for row in new:
-            if estimator == "random":
-                row["direction"] = draws[row["index"]].C.tolist()
-        return new
-
-    def finish(new_rows, sts) -> None:
-        """A call's rows, finished (hunts) and stored together (a batch's rows are computed together anyway)."""
-        for row, st in zip(new_rows, sts):
-            if hunt:
-                opts = dict(hunt) if isinstance(hunt, dict) else {}
-                opts.setdefault("seed", seed + row["index"])
-                opts.setdefault("tag", f"{row['index']}_{row['name']}")
-                res = hunt_orientation(pot, st, group=group, dtype=dtype,
-                                       out_dir=os.path.join(out_dir, "hunt") if out_dir else None, **opts)
-                row["hunt"] = res.to_dict()
-            if store is None:
-                rows[row["index"]] = row
-        if store is not None:
-            store.extend(new_rows)
-        bar.update(len(new_rows))
-
+    run = _Rows(pot, group, dtype, n_finite, seed, batch_atoms, batch_size, layerwise, estimator, hunt, out_dir,
+                store, bar)
     sample: List[int] = floor_sample_indices(n_total, floor_sample) if floor_sample else []
-    sampled_floor = None
-    if sample:  # the floor sample first, one structure per call (the same in every shard and batching)
-        kept = [done.row(i) for i in sample if is_done[i]]
-        sample_rows = [r for r in kept if r.get("floor_sampled")]
-        have = {r["index"] for r in sample_rows}
-        need = [i for i in sample if i not in have]
-        for i, st in src.iterate(need):
-            row = compute([(i, st)], True)[0]
-            row["floor_sampled"] = True
-            sample_rows.append(row)
-            if is_mine[i] and not is_done[i]:
-                finish([row], [st])
-        sampled_floor = _sampled_floor(sample_rows)
+    sampled_floor = _floor_sample(run, src, done, sample, is_done, is_mine) if sample else None
     skip = is_done.copy()
     skip[sample] = True
     todo = src.iterate(int(i) for i in mine[~skip[mine]])  # lazily: a file is read as the audit goes
     for chunk in _chunks(todo, batch_size, batch_atoms, pot if not (layerwise or hunt) else None):
-        new = compute(chunk, not sample)
+        new = run.compute(chunk, not sample)
         for row, (_, st) in zip(new, chunk):
             if sample and _apply_sampled_floor(row, sampled_floor, sample):
                 _confirm_finite(pot, st, row, group, dtype, n_finite, seed, batch_atoms)
-        finish(new, [st for _, st in chunk])
+        run.finish(new, [st for _, st in chunk])
     bar.close()
-    kept_rows = store.rows(keep=mine) if store is not None else [rows[i] for i in sorted(rows)]
+    kept_rows = store.rows(keep=mine) if store is not None else [run.rows[i] for i in sorted(run.rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names),
                        dict(run_meta, identity=identity))
+
+
+class _Rows:
+    """An audit's rows as they are made: ``compute`` a call's rows (batched where the model can, one draw of the
+    random estimator per structure), ``finish`` them (hunts) and store them (the folder, or ``rows`` in memory)."""
+
+    def __init__(self, pot, group, dtype, n_finite, seed, batch_atoms, batch_size, layerwise, estimator, hunt,
+                 out_dir, store, bar):
+        self.pot, self.group, self.dtype, self.n_finite, self.seed = pot, group, dtype, n_finite, seed
+        self.batch_atoms, self.batch_size, self.layerwise, self.estimator = batch_atoms, batch_size, layerwise, estimator
+        self.hunt, self.out_dir, self.store, self.bar = hunt, out_dir, store, bar
+        self.rows: Dict[int, Dict] = {}  # without out_dir: the rows, in memory (with it, they stay on disk)
+        self.unbatchable = False
+
+    def _directions(self, chunk):
+        """The group each structure is differentiated along: the group, or one random draw per structure (from the
+        seed and its index, whatever the batching) stacked for a batch."""
+        if self.estimator != "random":
+            return self.group, {}
+        draws = {i: random_directions(self.group, torch.Generator().manual_seed(1_000_003 * self.seed + i))
+                 for i, _ in chunk}
+        g = draws[chunk[0][0]]
+        if len(chunk) > 1:
+            counts_ = torch.tensor([len(st.numbers) for _, st in chunk])
+            g = PerStructureDirections(self.group, torch.stack([draws[i].C for i, _ in chunk]),
+                                       torch.repeat_interleave(torch.arange(len(chunk)), counts_), g.generator_names)
+        return g, draws
+
+    def compute(self, chunk, floors: bool) -> List[Dict[str, Any]]:
+        g, draws = self._directions(chunk)
+        new = None
+        if len(chunk) > 1 and not self.unbatchable:
+            try:
+                new = _rows_batched(self.pot, chunk, g, self.dtype, self.n_finite, self.seed, floors, self.batch_atoms)
+            except NotBatchableError:
+                if self.batch_size is not None:  # the user asked for batches: say why there are none
+                    raise
+                self.unbatchable = True  # geolie chose to batch: go one structure per call from here on
+        if new is None:
+            new = [_row(self.pot, st, i, draws.get(i, g), self.dtype, self.n_finite, self.layerwise, self.seed,
+                        floors, self.batch_atoms) for i, st in chunk]
+        for row in new:
+            if draws:
+                row["direction"] = draws[row["index"]].C.tolist()
+        return new
+
+    def finish(self, new_rows, sts) -> None:
+        """A call's rows, finished (hunts) and stored together (a batch's rows are computed together anyway)."""
+        for row, st in zip(new_rows, sts):
+            if self.hunt:
+                opts = dict(self.hunt) if isinstance(self.hunt, dict) else {}
+                opts.setdefault("seed", self.seed + row["index"])
+                opts.setdefault("tag", f"{row['index']}_{row['name']}")
+                res = hunt_orientation(self.pot, st, group=self.group, dtype=self.dtype,
+                                       out_dir=os.path.join(self.out_dir, "hunt") if self.out_dir else None, **opts)
+                row["hunt"] = res.to_dict()
+            if self.store is None:
+                self.rows[row["index"]] = row
+        if self.store is not None:
+            self.store.extend(new_rows)
+        self.bar.update(len(new_rows))
+
+
+def _floor_sample(run: "_Rows", src, done: RowFile, sample: List[int], is_done, is_mine) -> Dict[Any, Any]:
+    """The floor sample first, one structure per call (the same in every shard and batching; rows of an earlier run
+    reused): its measured floors, pooled (:func:`_sampled_floor`). Its rows that are this run's are stored."""
+    kept = [done.row(i) for i in sample if is_done[i]]
+    sample_rows = [r for r in kept if r.get("floor_sampled")]
+    have = {r["index"] for r in sample_rows}
+    for i, st in src.iterate([i for i in sample if i not in have]):
+        row = run.compute([(i, st)], True)[0]
+        row["floor_sampled"] = True
+        sample_rows.append(row)
+        if is_mine[i] and not is_done[i]:
+            run.finish([row], [st])
+    return _sampled_floor(sample_rows)
+
+
+def _check_options(pot, dtype, batch_size, batch_atoms, layerwise) -> None:
+    """Refuse options the model or each other rule out, before anything is computed."""
+    if dtype not in pot.dtypes:
+        raise ValueError(f"model {pot.name!r} runs in {[str(d) for d in pot.dtypes]} only, not {dtype}"
+                         + (f" ({pot.dtype_note})" if pot.dtype_note else ""))
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_atoms < 1:
+        raise ValueError(f"batch_atoms must be >= 1, got {batch_atoms}")
+    if batch_size is not None and batch_size > 1 and layerwise:
+        raise ValueError("layer-wise attribution needs batch_size=1")
+    if batch_size is not None and batch_size > 1 and type(pot).batch_evaluation is Adapter.batch_evaluation:
+        raise ValueError(f"{pot.name}: this model cannot evaluate several structures per call; use batch_size=1")
+
+
+def _open_store(store: ResultStore, resume: bool, identity: Dict[str, Any], meta: Dict[str, Any]) -> RowFile:
+    """The output folder made ready: with ``resume`` its identity checked (another run's folder is refused, untouched)
+    and its rows kept, else emptied; the run's ``audit.json`` written. Returns the rows already there."""
+    done = RowFile.empty()
+    if resume:
+        _check_resumable(store, identity)
+        done = store.resume()
+    else:
+        store.clear()
+    store.write_meta(meta)
+    return done
 
 
 def _check_resumable(store: ResultStore, identity: Dict[str, Any]) -> None:

@@ -153,6 +153,18 @@ def test_mace_float32_at_floor_and_batch_invariant(mace_file):
             np.testing.assert_allclose(a["outputs"][name]["rel"], b["outputs"][name]["rel"], atol=1e-6)
 
 
+def test_assert_equivariant_passes_a_float32_mace_on_ch4(mace_files):
+    """The truth-matrix issue's case 6: a random-init MACE in float32 on CH4, whose small forces gave relative finite
+    errors of ~8e-5 against a bare rtol of 1e-6, passes assert_equivariant (each figure against its measured
+    float32 floor, as the audit calls it); the failing side, a planted 1e-3 force bias in float32, is
+    tests/test_truth_matrix.py::test_assert_equivariant_float32_uses_measured_floors."""
+    ch4 = molecule("CH4")
+    pot = load_model(f"mace:{mace_files[torch.float32]}")
+    geolie.testing.assert_equivariant(pot, [ch4], dtype=torch.float32, rtol=1e-6, n_finite=2)
+    rep = geolie.audit(pot, [ch4], dtype=torch.float32, n_finite=2, progress=False, threshold=1e-6)
+    assert rep.verdict() != "BREAKS"
+
+
 def test_mace_cuequivariance_path_at_floor_and_equal(mace_file, tmp_path):
     """Regression case (the cuEquivariance path): the same MACE converted by MACE's own ``convert_e3nn_cueq`` (its
     tensor products then run through cuequivariance-torch; on a CPU its pure-torch implementation, the CUDA kernels

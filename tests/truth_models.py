@@ -136,33 +136,9 @@ MODELS = {"exact": Morse, "global-break": GlobalBreak, "y-bond": YBond, "biased-
           "float32-constants": Float32Basis, "noisy": NoisyForces}
 
 
-def make(name):
-    """``--model tests.truth_models:make`` needs a no-argument factory: ``make_<name>`` below."""
-    return MODELS[name]()
-
-
-def make_exact():
-    return Morse()
-
-
-def make_global_break():
-    return GlobalBreak()
-
-
-def make_y_bond():
-    return YBond()
-
-
-def make_biased_forces():
-    return BiasedForces()
-
-
-def make_float32_constants():
-    return Float32Basis()
-
-
-def make_noisy():
-    return NoisyForces()
+# no-argument factories for ``--model truth_models:make_<name>`` (the classes themselves)
+make_exact, make_global_break, make_y_bond = Morse, GlobalBreak, YBond
+make_biased_forces, make_float32_constants, make_noisy = BiasedForces, Float32Basis, NoisyForces
 
 
 class FlipFrame(torch.nn.Module):
@@ -178,5 +154,4 @@ class FlipFrame(torch.nn.Module):
         return (z.to(pos) * (xc @ v)).sum().reshape(1)
 
 
-def make_flip_frame():
-    return FlipFrame()
+make_flip_frame = FlipFrame
