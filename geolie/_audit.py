@@ -240,14 +240,19 @@ def _measure(ev, ev_ref, group, where, floors: bool = True):
     for w in caught:  # said once more, naming the structure; the notes keep them in the report
         if issubclass(w.category, (GeolieADCheckWarning, GeolieFallbackWarning)):
             warnings.warn(f"{where}: {w.message}", w.category, stacklevel=3)
+            msg = str(w.message)
+            if not any(n and n in msg for n in rep.notes):  # no silent fallback: the row says why (once)
+                rep.notes.append(msg)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return rep
 
 
-def _conservative_figures(ev, n_structures: int) -> Optional[Dict[str, List[float]]]:
-    """Force gap and Jacobian asymmetry (:func:`geolie.conservativeness`) for models that return forces themselves."""
-    if not ev.has_model_forces or ev.method == "fd":
+def _conservative_figures(ev, n_structures: int, method: str = "") -> Optional[Dict[str, List[float]]]:
+    """Force gap and Jacobian asymmetry (:func:`geolie.conservativeness`) for models that return forces themselves
+    (not for outputs automatic differentiation cannot reach: the Lie derivatives then fell back to finite
+    differences, ``method``, and the row's notes say why)."""
+    if not ev.has_model_forces or ev.method == "fd" or method.startswith("fd"):
         return None
     c = conservativeness(ev.fn, ev.inputs, batch=ev.batch)
     return {k: [float(v) for v in c[k][:n_structures]] for k in c}
@@ -263,7 +268,7 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     other = torch.float32 if dtype == torch.float64 else torch.float64
     ref = evaluate(other) if floors and other in pot.dtypes else None
     rep = _measure(ev, ref, group, where, floors)
-    cons = _conservative_figures(ev, n_structures)
+    cons = _conservative_figures(ev, n_structures, rep.method)
     finite: List[Dict[str, Any]] = [{"finite": {}} for _ in range(n_structures)]
     if n_finite > 0:
         finite = _finite_figures(ev, ref, group, n_finite, seed, permutation, rep.problem, stack_atoms, n_structures,

@@ -35,6 +35,8 @@ FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
                  "a fairchem inference checkpoint (UMA, eSEN): PATH, or TASK:PATH for a multi-task model"),
     "mattersim": ("geolie.adapters.mattersim:load", "mattersim", "mattersim",
                   "a MatterSim model file (Potential.save; M3GNet, float32 only)"),
+    "torchsim": ("geolie.adapters.torchsim:load", "torchsim", "torch_sim",
+                 "a TorchSim ModelInterface: torchsim:package.module:factory (called with dtype= when it takes it)"),
 }
 
 #: extras whose package must then be installed without its pins (see README, "Potential packages")
@@ -107,6 +109,10 @@ def _resolve(spec: Any) -> Adapter:
         obj = spec
     if isinstance(obj, Adapter):
         return obj
+    if any(c.__name__ == "ModelInterface" and c.__module__.startswith("torch_sim") for c in type(obj).__mro__):
+        from .torchsim import TorchSimAdapter
+
+        return TorchSimAdapter(obj, name=name or type(obj).__name__)
     if isinstance(obj, torch.nn.Module):
         if signature_kind(obj) == "pos":  # a model on one point cloud: invariant output unless declared
             return PointCloudAdapter(obj, name=name or type(obj).__name__)
