@@ -18,7 +18,7 @@ from ._reps import (
 )
 from ._evaluation import Evaluation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning, LieResult, lie_derivative, lie_result
-from ._conservative import conservative, conservativeness, lie_energy_from_forces
+from ._conservative import conservative, conservativeness, lie_energy_from_forces, stress_gap
 from ._metrics import OutputMetrics, Report, aggregate, measure
 from ._finite import FiniteReport, finite_equivariance_error
 from ._audit import audit
@@ -34,7 +34,7 @@ __all__ = [
     "Rep", "ScalarRep", "VectorRep", "PseudovectorRep", "PointRep", "Tensor2Rep", "IrrepsRep", "as_rep", "known_reps",
     "register_rep", "tensor2_parts",
     "lie_derivative", "lie_result", "LieResult", "GeolieFallbackWarning", "GeolieADCheckWarning", "conservative",
-    "conservativeness",
+    "conservativeness", "stress_gap",
     "lie_energy_from_forces", "Evaluation",
     "measure", "Report", "OutputMetrics", "aggregate", "finite_equivariance_error", "FiniteReport",
     "audit", "AuditReport", "write_report", "merge", "layerwise_attribution", "hunt", "HuntResult", "data", "losses", "monitor",

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._conservative import conservativeness
+from ._conservative import conservativeness, stress_gap
 from ._finite import finite_equivariance_error
 from ._groups import SE3, PerStructureDirections, as_group, random_directions
 from ._hunt import hunt as hunt_orientation
@@ -252,10 +252,15 @@ def _conservative_figures(ev, n_structures: int, method: str = "") -> Optional[D
     """Force gap and Jacobian asymmetry (:func:`geolie.conservativeness`) for models that return forces themselves
     (not for outputs automatic differentiation cannot reach: the Lie derivatives then fell back to finite
     differences, ``method``, and the row's notes say why)."""
-    if not ev.has_model_forces or ev.method == "fd" or method.startswith("fd"):
+    if ev.method == "fd" or method.startswith("fd"):
         return None
-    c = conservativeness(ev.fn, ev.inputs, batch=ev.batch)
-    return {k: [float(v) for v in c[k][:n_structures]] for k in c}
+    out: Dict[str, List[float]] = {}
+    if ev.has_model_forces:
+        c = conservativeness(ev.fn, ev.inputs, batch=ev.batch)
+        out.update({k: [float(v) for v in c[k][:n_structures]] for k in c})
+    if ev.has_model_stress:  # one periodic structure per call
+        out["stress_gap_rel"] = [stress_gap(ev.fn, ev.inputs, cell_index=ev.in_rep.index("cell"))]
+    return out or None
 
 
 def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, permutation, floors=True,

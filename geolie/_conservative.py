@@ -24,7 +24,7 @@ from ._torch_utils import segment_sum
 from ._groups import SE3, as_group, hat
 from ._io import centroids
 
-__all__ = ["conservative", "lie_energy_from_forces", "conservativeness"]
+__all__ = ["stress_gap", "conservative", "lie_energy_from_forces", "conservativeness"]
 
 
 def conservative(energy_fn: Callable[..., torch.Tensor], as_dict: bool = False) -> Callable:
@@ -157,3 +157,30 @@ def conservativeness(fn: Callable, inputs, *, batch: Optional[torch.Tensor] = No
             den += _per_structure_sq(Jv, batch, n)
     rel = lambda a, b: torch.where(b > 0, a / b, torch.zeros_like(a)).cpu().numpy()  # noqa: E731
     return {"force_gap_rel": rel(gap, fnorm), "jacobian_asym_rel": rel(num.sqrt(), den.sqrt())}
+
+
+def stress_gap(fn: Callable, inputs, *, cell_index: int = 2, energy: str = "energy", stress: str = "stress"):
+    r"""How far a model's own stress head is from the strain derivative of its energy, for one periodic structure.
+
+    ``fn(*inputs)`` returns a dict with an energy and a stress ``[3, 3]``; ``inputs[0]`` are the positions (rows) and
+    ``inputs[cell_index]`` the cell (rows are lattice vectors). The strain derivative is
+    ``σ_E = (1/V) ∂E/∂ε`` at ``ε = 0`` for ``x → x (I + ε)ᵀ``, ``C → C (I + ε)ᵀ`` with a symmetric ``ε`` (ASE's sign
+    convention, as :func:`geolie.conservative`): one reverse pass. Returns ``‖σ − σ_E‖_F / ‖σ‖_F`` (0 for a stress
+    that is the energy's strain derivative; the stress analogue of the force gap).
+    """
+    pos, cell = inputs[0].detach(), inputs[cell_index].detach()
+    with torch.enable_grad():
+        eps = torch.zeros(3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
+        strain = torch.eye(3, dtype=pos.dtype, device=pos.device) + 0.5 * (eps + eps.T)
+        args = list(inputs)
+        args[0], args[cell_index] = pos @ strain.T, cell @ strain.T
+        out = fn(*args)
+        if energy not in out or stress not in out:
+            raise ValueError(f"stress_gap: the function returned {sorted(out)}; it needs {energy!r} and {stress!r}")
+        g = torch.autograd.grad(out[energy].sum(), eps, allow_unused=True)[0]
+    g = torch.zeros(3, 3, dtype=pos.dtype, device=pos.device) if g is None else g
+    s_e = g / torch.linalg.det(cell).abs()
+    with torch.enable_grad():
+        s = fn(*inputs)[stress].detach().reshape(3, 3)
+    n = float(s.double().norm())
+    return float((s - s_e).double().norm()) / n if n > 0 else 0.0

@@ -81,6 +81,13 @@ class Evaluation:
         return 1 if self.batch is None else int(self.batch.max()) + 1
 
     @property
+    def has_model_stress(self) -> bool:
+        """Energy and stress both returned by the model (a stress head), for one periodic structure: whether the
+        stress is the energy's strain derivative is a question (:func:`geolie._conservative.stress_gap`)."""
+        return ("energy" in self.out_rep and "stress" in self.out_rep and self.sources.get("stress") == MODEL
+                and "cell" in self.in_rep and self.batch is None)
+
+    @property
     def has_model_forces(self) -> bool:
         """Energy and forces both returned, the forces not computed by geolie: conservativeness is a question."""
         return "energy" in self.out_rep and "forces" in self.out_rep and self.sources.get("forces") != GEOLIE_FORCES

@@ -181,9 +181,11 @@ class AuditReport:
         return {"value": rms, "stderr": se_sq / (2 * rms) if rms > 0 else 0.0, "draws": int(len(sq))}
 
     def conservative_aggregates(self) -> Dict[str, Dict[str, float]]:
-        """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces)."""
+        """Aggregates over structures of the force gap and Jacobian asymmetry (models returning their own forces) and of
+        the stress gap (models returning their own stress: ``‖σ − (1/V)∂E/∂ε‖/‖σ‖``)."""
         cons = self._summary().cons
-        return {k: aggregate(cons[k]) for k in ("force_gap_rel", "jacobian_asym_rel") if cons.get(k)}
+        return {k: aggregate(cons[k]) for k in ("force_gap_rel", "jacobian_asym_rel", "stress_gap_rel")
+                if cons.get(k)}
 
     def hunt_summary(self) -> Dict[str, Dict[str, Any]]:
         """Per output, over structures audited with ``hunt``: the worst orientation's error and where, the largest
@@ -240,8 +242,10 @@ class AuditReport:
         cons = self.conservative_aggregates()
         if cons:
             lines.append("")
-            lines.append("conservativeness of the returned forces (0 for F = -dE/dx):  median      max")
-            labels = (("force_gap_rel", "|F + dE/dx| / |F|"), ("jacobian_asym_rel", "|antisym dF/dx| / |dF/dx|"))
+            lines.append(f"{'conservativeness of the returned forces and stress (0 for derivatives of E):':<60}"
+                         "median      max")
+            labels = (("force_gap_rel", "|F + dE/dx| / |F|"), ("jacobian_asym_rel", "|antisym dF/dx| / |dF/dx|"),
+                      ("stress_gap_rel", "|stress - (1/V) dE/dstrain| / |stress|"))
             for k, label in labels:
                 if k in cons:
                     lines.append(f"  {label:<58}{cons[k]['median']:>8.1e} {cons[k]['max']:>8.1e}")

@@ -256,7 +256,7 @@ class ResultStore:
 def _csv_header(w, gens) -> None:
     w.writerow(["index", "name", "atoms", "output", "source", "method"] + [f"rel_{g}" for g in gens]
                + [f"abs_{g}" for g in gens] + [f"floor_{g}" for g in gens]
-               + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel",
+               + ["iso_rotation_rel", "ad_check", "ad_fallback", "force_gap_rel", "jacobian_asym_rel", "stress_gap_rel",
                   "verdict_lie", "verdict_finite", "verdict_hunt", "verdict", "verdict_inversion"])
 
 
@@ -272,7 +272,7 @@ def _csv_rows(w, row, gens, threshold: Optional[float] = None) -> None:
         w.writerow([row["index"], row["name"], row["atoms"], name, o.get("source", ""), row["method"]] + o["rel"]
                    + o["abs"] + o["floor"] + [iso, "" if o.get("ad_check") is None else o["ad_check"], fallback]
                    + ([cons.get("force_gap_rel", ""), cons.get("jacobian_asym_rel", "")] if name == "forces"
-                      else ["", ""])
+                      else ["", ""]) + [cons.get("stress_gap_rel", "") if name == "stress" else ""]
                    + [verdicts.get(name, {}).get(k, "") for k in ("lie", "finite", "hunt", "overall", "inversion")])
 
 

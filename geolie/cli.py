@@ -14,7 +14,11 @@ def _audit_parser(sub):
                    help="short name (pair-mlp, e3nn, gaunt, cartesian-mlp, schnet, emt, ...; see geolie models), a "
                         "potential package's model file (mace:PATH, nequip:PATH, orb:ARCH:WEIGHTS or orb:PATH, "
                         "fairchem:[TASK:]PATH, mattersim:PATH) "
-                        "or package.module:factory returning an nn.Module or an ASE Calculator")
+                        "or package.module:factory returning an nn.Module or an ASE Calculator; torchsim:pkg.module:"
+                        "factory for a TorchSim ModelInterface. Loading is executing: files that hold pickled modules "
+                        "(mace:, fairchem:, mattersim:, orb:PATH) run code from the file when loaded, as do "
+                        "package.module specs; open only files you trust (orb:ARCH:WEIGHTS state dicts are checked "
+                        "without unpickling code)")
     a.add_argument("--data", required=True,
                    help="a file ase.io reads, or a bundled dataset with optional split (xtb-md/aspirin:test, "
                         "emt-bulk:test)")
@@ -119,6 +123,9 @@ def _list_models(as_json: bool) -> int:
         print(f"{r['name']:<{w}}  {r['kind']:<10}  {extra:<13}  {ok:<10}  {r['what']}")
     from .adapters._registry import install_hint
 
+    print("\nloading is executing: model files that hold pickled modules (mace:, fairchem:, mattersim:, orb:PATH) "
+          "run code from the file when geolie loads them; open only files you trust. orb:ARCH:WEIGHTS state dicts "
+          "are checked with torch.load(weights_only=True) first.")
     print("\ninstall an extra, in a clone of geolie:")
     for extra in sorted({r["extra"] for r in rows if r["extra"]}):
         print(f"  {extra:<10} {install_hint(extra).split(' (')[0]}")

@@ -152,3 +152,40 @@ def test_mace_through_torchsim_equals_the_mace_route(tmp_path):
     for x, y in zip(ra.rows, rb.rows):  # the same Lie derivatives within the finite differences' error estimate
         fx, fy = x["outputs"]["forces"], y["outputs"]["forces"]
         assert all(abs(a - b) <= 2 * fl for a, b, fl in zip(fx["abs"], fy["abs"], fy["floor"]))
+
+
+class _SideEffect:
+    """Unpickling this calls ``_touch`` (a planted side effect)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_touch, (self.path,))
+
+
+def _touch(path):
+    open(path, "w").write("executed")
+    return {}
+
+
+def test_weights_routes_do_not_unpickle_code(tmp_path, capsys):
+    """``orb:ARCH:WEIGHTS`` takes a state dict: a planted pickle whose loading has a side effect is refused with
+    one line and the side effect never happens; ``geolie models`` says that pickled model files run code."""
+    from geolie.adapters._graph import ModelFileError, weights_only_load
+    from geolie.cli import main
+
+    flag = tmp_path / "flag"
+    bad = tmp_path / "weights.ckpt"
+    torch.save({"w": torch.zeros(2), "evil": _SideEffect(str(flag))}, bad)
+    with pytest.raises(ModelFileError, match="not a plain weights file"):
+        weights_only_load(str(bad), "orb")
+    assert not flag.exists()
+    if __import__("importlib").util.find_spec("orb_models") is not None:
+        with pytest.raises(ModelFileError, match="not a plain weights file"):
+            load_model(f"orb:orb-v3-direct-20-omat:{bad}")
+        assert not flag.exists()
+    torch.load(bad, weights_only=False)  # the plant works: full unpickling would have run it
+    assert flag.exists()
+    assert main(["models"]) == 0
+    assert "loading is executing" in capsys.readouterr().out

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,47 @@ def test_conservative_bad_input():
         ef(torch.zeros(3, 3), cell=torch.zeros(3))
     with pytest.raises(ValueError, match="both have shape"):
         lie_energy_from_forces(torch.zeros(3, 3), torch.zeros(2, 3))
+
+
+class _StressHead(torch.nn.Module):
+    """``E = c V² + Σ_{i<j} morse(r_ij)`` (atoms of one cell, no images: rotation and strain are what matter here) and
+    its own stress head ``σ = (1/V) ∂E/∂ε`` by autograd, plus ``delta · I`` (a planted non-conservative part)."""
+
+    def __init__(self, delta=0.0):
+        super().__init__()
+        self.delta = delta
+
+    def energy(self, pos, cell):
+        i, j = torch.triu_indices(len(pos), len(pos), 1)
+        r = (pos[j] - pos[i]).norm(dim=-1)
+        return 1e-4 * torch.linalg.det(cell) ** 2 + (0.2 * (1 - torch.exp(-1.5 * (r - 2.5))) ** 2).sum()
+
+    def forward(self, z, pos, batch, cell):
+        eps = torch.zeros(3, 3, dtype=pos.dtype, requires_grad=True)
+        strain = torch.eye(3, dtype=pos.dtype) + 0.5 * (eps + eps.T)
+        e = self.energy(pos @ strain.T, cell @ strain.T)
+        s = torch.autograd.grad(e, eps, create_graph=True)[0] / torch.linalg.det(cell).abs()
+        return {"energy": self.energy(pos, cell).reshape(1), "stress": s + self.delta * torch.eye(3, dtype=pos.dtype)}
+
+
+def test_stress_gap_conservative_head_and_planted_part():
+    """A stress head that is the energy's strain derivative: gap at rounding (< 1e-13); with ``δ I`` added: the gap
+    is ``‖δ I‖ / ‖σ + δ I‖`` exactly (closed form); the audit reports it (rows, table, CSV column)."""
+    from ase.build import bulk
+
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.05, seed=2)
+    pos, cell = torch.tensor(cu.positions), torch.tensor(cu.cell.array)
+    z, b = torch.tensor(cu.numbers), torch.zeros(len(cu), dtype=torch.long)
+    fn = lambda p, zz, c: _StressHead()(zz, p, b, c)  # noqa: E731
+    assert geolie.stress_gap(fn, (pos, z, cell)) < 1e-13
+    delta = 1e-3
+    fn2 = lambda p, zz, c: _StressHead(delta)(zz, p, b, c)  # noqa: E731
+    s = fn2(pos, z, cell)["stress"].detach()
+    assert geolie.stress_gap(fn2, (pos, z, cell)) == pytest.approx(delta * np.sqrt(3) / float(s.norm()), rel=1e-10)
+    rep = geolie.audit(_StressHead(delta), [cu], dtype=torch.float64, n_finite=1, progress=False)
+    assert rep.rows[0]["conservative"]["stress_gap_rel"] == pytest.approx(delta * np.sqrt(3) / float(s.norm()),
+                                                                          rel=1e-10)
+    assert "stress - (1/V) dE/dstrain" in rep.table()
+    exact = geolie.audit(_StressHead(), [cu], dtype=torch.float64, n_finite=1, progress=False)
+    assert exact.rows[0]["conservative"]["stress_gap_rel"] < 1e-13

@@ -63,9 +63,21 @@ def check_file(path: str, package: str) -> str:
     return path
 
 
+def weights_only_load(path: str, package: str):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, nothing in the file is executed.
+    A file that needs more (pickled classes or functions) is refused with a :class:`ModelFileError`."""
+    check_file(path, package)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the file holds more than weights (or is not a torch file)
+        raise ModelFileError(f"{package}: {path!r} is not a plain weights file (loading it would unpickle code, which "
+                             f"geolie does not do for weights): {type(e).__name__}: {str(e)[:200]}") from None
+
+
 def torch_load(path: str, package: str):
     """``torch.load(path)`` (full unpickling: these files hold modules) or a :class:`ModelFileError` naming the file
-    and the cause (a truncated or corrupt file, a file of another kind)."""
+    and the cause (a truncated or corrupt file, a file of another kind). **Loading is executing**: unpickling a
+    module runs code from the file; open only files you trust (``geolie models`` and the CLI help say so)."""
     check_file(path, package)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

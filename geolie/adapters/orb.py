@@ -28,8 +28,8 @@ import torch
 
 from .. import _evaluation as ev_mod
 from .._torch_utils import default_dtype
-from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure, check_file,
-                     require, torch_load)
+from ._graph import (MODEL_AUTOGRAD_STRESS, GraphPotentialAdapter, ModelFileError, atoms_per_structure,
+                     require, torch_load, weights_only_load)
 
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -129,7 +129,7 @@ def load(spec: str) -> OrbAdapter:
             names = sorted(n.replace("_", "-") for n in dir(pretrained) if n.startswith("orb_v") and
                            not n.endswith("_architecture"))
             raise ValueError(f"orb: unknown architecture {head!r}; Orb's loaders: {names}")
-        check_file(rest, "orb")
+        weights_only_load(rest, "orb")  # a state dict: checked without unpickling code before Orb's loader opens it
         try:
             model = fn(weights_path=rest, device="cpu", precision="float32-highest", compile=False)
         except Exception as e:  # noqa: BLE001 - a state dict Orb cannot load into that architecture, with its cause
