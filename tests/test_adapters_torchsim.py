@@ -189,3 +189,34 @@ def test_weights_routes_do_not_unpickle_code(tmp_path, capsys):
     assert flag.exists()
     assert main(["models"]) == 0
     assert "loading is executing" in capsys.readouterr().out
+
+
+from test_adapters_packages import nequip_files  # noqa: E402,F401 - the NequIP checkpoints fixture
+
+
+def test_nequip_through_torchsim_equals_the_nequip_route(nequip_files):  # noqa: F811
+    """A random-init NequIP checkpoint through NequIP's own TorchSim wrapper (``NequIPTorchSimCalc``) and through
+    ``nequip:``: the same energies and forces to float64 rounding on molecules, and the same verdict."""
+    from nequip.integrations.torchsim import NequIPTorchSimCalc
+
+    from geolie._torch_utils import default_dtype
+    from geolie.adapters.nequip import nequip_global_state
+    from geolie.adapters.torchsim import TorchSimAdapter
+
+    path = nequip_files["float64"]
+    with default_dtype(torch.float64), nequip_global_state():
+        calc = NequIPTorchSimCalc._from_saved_model(path, device="cpu")
+    wrapped, direct = TorchSimAdapter(calc, name="nequip-torchsim"), load_model(f"nequip:{path}")
+    for st in (Structure.from_atoms(m) for m in MOLS[:2]):
+        a, b = direct.evaluation(st, torch.float64), wrapped.evaluation(st, torch.float64)
+        ya, yb = a.fn(*a.inputs), b.fn(*b.inputs)
+        for k in ("energy", "forces"):
+            np.testing.assert_allclose(yb[k].detach().numpy(), ya[k].detach().reshape(yb[k].shape).numpy(),
+                                       rtol=1e-10, atol=1e-10)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rb = geolie.audit(wrapped, MOLS[:2], dtype=torch.float64, n_finite=1, progress=False)
+        ra = geolie.audit(direct, MOLS[:2], dtype=torch.float64, n_finite=1, progress=False)
+    assert rb.verdict() == ra.verdict() == AT_FLOOR

@@ -35,6 +35,8 @@ FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
                  "a fairchem inference checkpoint (UMA, eSEN): PATH, or TASK:PATH for a multi-task model"),
     "mattersim": ("geolie.adapters.mattersim:load", "mattersim", "mattersim",
                   "a MatterSim model file (Potential.save; M3GNet, float32 only)"),
+    "metatomic": ("geolie.adapters.metatomic:load", "metatomic", "metatomic.torch",
+                  "an exported metatomic AtomisticModel (.pt, TorchScript; loaded without unpickling)"),
     "torchsim": ("geolie.adapters.torchsim:load", "torchsim", "torch_sim",
                  "a TorchSim ModelInterface: torchsim:package.module:factory (called with dtype= when it takes it)"),
 }
