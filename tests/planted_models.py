@@ -84,3 +84,18 @@ def biased_classifier():
 
 def invariant_classifier():
     return InvariantClassifier()
+
+
+class SideEffect:
+    """A planted pickle: unpickling it calls :func:`touch`, which writes ``path`` (loading it is executing it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (touch, (self.path,))
+
+
+def touch(path):
+    open(path, "w").write("executed")
+    return {}

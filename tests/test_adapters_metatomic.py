@@ -10,6 +10,7 @@ import geolie
 from geolie._verdict import AT_FLOOR, BREAKS, row_verdicts
 from geolie.adapters import load_model
 from geolie.adapters._graph import ModelFileError
+from planted_models import SideEffect
 
 mta = pytest.importorskip("metatomic.torch")
 pytest.importorskip("vesin.metatomic")
@@ -92,19 +93,6 @@ def test_planted_break_at_its_closed_form(files):
     assert row_verdicts(rep.rows[0], 1e-8)["forces"]["lie"] == BREAKS
 
 
-class _SideEffect:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (self.path,))
-
-
-def _touch(path):
-    open(path, "w").write("executed")
-    return {}
-
-
 def test_bad_files_give_one_line_errors_and_nothing_is_unpickled(tmp_path):
     """A missing file, a corrupt one, another package's file (a torch.save'd module) and a planted pickle with a
     side effect: one ModelFileError line each, and the planted side effect never runs (metatomic's own loader reads
@@ -121,7 +109,7 @@ def test_bad_files_give_one_line_errors_and_nothing_is_unpickled(tmp_path):
         load_model(f"metatomic:{other}")
     flag = tmp_path / "flag"
     planted = tmp_path / "planted.pt"
-    torch.save({"evil": _SideEffect(str(flag))}, planted)
+    torch.save({"evil": SideEffect(str(flag))}, planted)
     with pytest.raises(ModelFileError, match="is not an exported metatomic model"):
         load_model(f"metatomic:{planted}")
     assert not flag.exists()

@@ -7,6 +7,7 @@ from ase.build import bulk, molecule
 import geolie
 from geolie._verdict import AT_FLOOR, BREAKS, row_verdicts
 from geolie.adapters import Structure, load_model
+from planted_models import SideEffect
 
 ts = pytest.importorskip("torch_sim")
 
@@ -115,6 +116,25 @@ def test_planted_lab_frame_term_at_its_closed_form():
     assert any("runs in the dtype it was built with" in n for n in rep2.notes())
 
 
+def _same_route(direct, wrapped, n_finite: int):
+    """The package adapter and its TorchSim wrapper on the same molecules: the same energies and forces to 1e-10, and
+    the same verdict (at floor); returns both audits."""
+    import warnings
+
+    for st in (Structure.from_atoms(m) for m in MOLS[:2]):
+        a, b = direct.evaluation(st, torch.float64), wrapped.evaluation(st, torch.float64)
+        ya, yb = a.fn(*a.inputs), b.fn(*b.inputs)
+        for k in ("energy", "forces"):
+            np.testing.assert_allclose(yb[k].detach().numpy(), ya[k].detach().reshape(yb[k].shape).numpy(),
+                                       rtol=1e-10, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ra = geolie.audit(direct, MOLS[:2], dtype=torch.float64, n_finite=n_finite, progress=False)
+        rb = geolie.audit(wrapped, MOLS[:2], dtype=torch.float64, n_finite=n_finite, progress=False)
+    assert ra.verdict() == rb.verdict() == AT_FLOOR
+    return ra, rb
+
+
 def test_mace_through_torchsim_equals_the_mace_route(tmp_path):
     """A random-init MACE through TorchSim's MaceModel wrapper and through ``mace:``: the same energies and forces to
     float64 rounding on molecules, both at floor. The wrapper returns detached outputs, so that route is audited by
@@ -132,41 +152,13 @@ def test_mace_through_torchsim_equals_the_mace_route(tmp_path):
     wrapped = TorchSimAdapter(factory=lambda dtype, device=None: MaceModel(torch.load(path, weights_only=False),
                                                                            dtype=dtype, compute_stress=False),
                               name="mace-torchsim")
-    sts = [Structure.from_atoms(m) for m in MOLS[:2]]
-    for st in sts:
-        a, b = direct.evaluation(st, torch.float64), wrapped.evaluation(st, torch.float64)
-        ya, yb = a.fn(*a.inputs), b.fn(*b.inputs)
-        for k in ("energy", "forces"):
-            np.testing.assert_allclose(yb[k].detach().numpy(), ya[k].detach().reshape(yb[k].shape).numpy(),
-                                       rtol=1e-10, atol=1e-10)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ra = geolie.audit(direct, MOLS[:2], dtype=torch.float64, n_finite=0, progress=False)
-        rb = geolie.audit(wrapped, MOLS[:2], dtype=torch.float64, n_finite=0, progress=False)
-    assert ra.verdict() == rb.verdict() == AT_FLOOR
+    ra, rb = _same_route(direct, wrapped, n_finite=0)
     # MaceModel returns detached outputs: the wrapper's route can only use finite differences, and says why
     assert all(r["method"].startswith("fd") for r in rb.rows) and not any(r["method"].startswith("fd") for r in ra.rows)
     assert any("not connected to the inputs' autograd graph" in n for n in rb.notes())
     for x, y in zip(ra.rows, rb.rows):  # the same Lie derivatives within the finite differences' error estimate
         fx, fy = x["outputs"]["forces"], y["outputs"]["forces"]
         assert all(abs(a - b) <= 2 * fl for a, b, fl in zip(fx["abs"], fy["abs"], fy["floor"]))
-
-
-class _SideEffect:
-    """Unpickling this calls ``_touch`` (a planted side effect)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (self.path,))
-
-
-def _touch(path):
-    open(path, "w").write("executed")
-    return {}
 
 
 def test_weights_routes_do_not_unpickle_code(tmp_path, capsys):
@@ -177,7 +169,7 @@ def test_weights_routes_do_not_unpickle_code(tmp_path, capsys):
 
     flag = tmp_path / "flag"
     bad = tmp_path / "weights.ckpt"
-    torch.save({"w": torch.zeros(2), "evil": _SideEffect(str(flag))}, bad)
+    torch.save({"w": torch.zeros(2), "evil": SideEffect(str(flag))}, bad)
     with pytest.raises(ModelFileError, match="not a plain weights file"):
         weights_only_load(str(bad), "orb")
     assert not flag.exists()
@@ -207,16 +199,4 @@ def test_nequip_through_torchsim_equals_the_nequip_route(nequip_files):  # noqa:
     with default_dtype(torch.float64), nequip_global_state():
         calc = NequIPTorchSimCalc._from_saved_model(path, device="cpu")
     wrapped, direct = TorchSimAdapter(calc, name="nequip-torchsim"), load_model(f"nequip:{path}")
-    for st in (Structure.from_atoms(m) for m in MOLS[:2]):
-        a, b = direct.evaluation(st, torch.float64), wrapped.evaluation(st, torch.float64)
-        ya, yb = a.fn(*a.inputs), b.fn(*b.inputs)
-        for k in ("energy", "forces"):
-            np.testing.assert_allclose(yb[k].detach().numpy(), ya[k].detach().reshape(yb[k].shape).numpy(),
-                                       rtol=1e-10, atol=1e-10)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rb = geolie.audit(wrapped, MOLS[:2], dtype=torch.float64, n_finite=1, progress=False)
-        ra = geolie.audit(direct, MOLS[:2], dtype=torch.float64, n_finite=1, progress=False)
-    assert rb.verdict() == ra.verdict() == AT_FLOOR
+    _same_route(direct, wrapped, n_finite=1)
