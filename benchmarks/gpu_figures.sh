@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of one prepared run (batched audits, MACE through cuEquivariance's kernels, tensor products against
 # cuEquivariance and OpenEquivariance), on a CUDA machine whose python has torch, e3nn and torch-geometric.
-# Packages it lacks come as wheels in WHEELS (default .whl: ase, mace-torch and its needs, cuequivariance(-torch),
+# Packages it lacks come as wheels in WHEELS (default .whl, made by benchmarks/gpu_wheels.sh: ase, platformdirs,
+# mace-torch and its needs, cuequivariance(-torch),
 # setuptools-scm, and openequivariance's sdist) and cuEquivariance's CUDA kernels unpacked in OPS (default
 # .whl/ops.tar.xz: cuequivariance-ops-cu13 + cuequivariance-ops-torch-cu13 0.13, xz-compressed to fit a transfer).
 # Each step runs under its own limit; results go to benchmarks/results/*_cuda.json and, when OUT is set, to $OUT.
