@@ -1,4 +1,4 @@
-"""Pure-torch radius neighbour lists (no pyg-lib / torch-cluster needed).
+"""Radius neighbour lists (no pyg-lib / torch-cluster needed): vesin on the CPU, geolie's own cell list elsewhere.
 
 ``radius_graph(pos, r, batch)`` returns ``edge_index [2, E]`` with ``edge_index[0]`` the source ``j`` and
 ``edge_index[1]`` the target ``i`` for every ordered pair ``i != j`` of the same structure with
@@ -6,6 +6,10 @@
 (``O(N²)`` work, ``O(N·block)`` memory, fastest for molecules); above ``CELL_LIST_FROM`` points the cell list below
 is used (linear). Written here because the libraries that provide it (torch-cluster, pyg-lib) have no wheels on this
 platform; torch-cluster is used when it is installed.
+
+``neighbor_list`` is served by vesin (the list TorchSim and metatomic use, a dependency) for CPU tensors with
+all-periodic or all-open boundaries (:func:`_vesin_serves`); geolie's own cell list below serves GPU tensors and
+mixed periodicity, and gives the same pairs (tested).
 
 ``neighbor_list(pos, cutoff, cell=None, pbc=None, batch=None)`` returns ASE's ``(i, j, S)``: every ordered pair
 (and periodic image) with ``|pos[j] − pos[i] + S·cell| < cutoff`` (``S`` integer shifts along the lattice vectors,
@@ -72,10 +76,14 @@ def _cell_pairs(P: torch.Tensor, Q: torch.Tensor, cutoff: float, bp: torch.Tenso
 
 
 def neighbor_list(pos: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor] = None, pbc=None,
-                  batch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  batch: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(i, j, S)`` of every neighbour pair within ``cutoff`` (see the module docstring), sorted by ``i``, then
     ``j``, then ``S``. ``cell``: ``[3, 3]`` rows are lattice vectors (one structure); ``pbc``: three booleans
-    (default all periodic when a cell is given). Positions are not differentiated (the list is combinatorial)."""
+    (default all periodic when a cell is given). Positions are not differentiated (the list is combinatorial).
+    ``backend``: ``"auto"`` (vesin where it serves, else geolie's cell list), ``"vesin"`` or ``"geolie"``."""
+    if backend not in ("auto", "vesin", "geolie"):
+        raise ValueError(f"neighbor_list: backend must be 'auto', 'vesin' or 'geolie', got {backend!r}")
     if pos.dim() != 2 or pos.shape[-1] != 3:
         raise ValueError(f"neighbor_list: pos must have shape [N, 3], got {list(pos.shape)}")
     if not cutoff > 0:
@@ -84,6 +92,10 @@ def neighbor_list(pos: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor]
     n, dev = p.shape[0], p.device
     if not bool(torch.isfinite(p).all()):
         raise ValueError("neighbor_list: positions contain NaN or inf")
+    if backend == "vesin" or backend == "auto" and _vesin_serves(p, cell, pbc, batch):
+        if backend == "vesin" and not _vesin_serves(p, cell, pbc, batch):
+            raise ValueError("neighbor_list: vesin cannot serve this search (GPU tensors or mixed periodicity)")
+        return _sorted(*_vesin_list(p, cutoff, cell, batch), n)
     if cell is None or pbc is not None and not any(bool(v) for v in pbc):
         b = torch.zeros(n, dtype=torch.long, device=dev) if batch is None else batch.to(dev).long()
         if b.shape != (n,):
@@ -126,6 +138,52 @@ def neighbor_list(pos: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor]
     return _sorted(i, j, S, n)
 
 
+def _vesin_serves(p: torch.Tensor, cell, pbc, batch) -> bool:
+    """vesin (the neighbour list TorchSim and metatomic use; a dependency) serves every search on the CPU with
+    all-periodic or all-open boundaries. geolie's own cell list remains for what it cannot take: tensors on a GPU
+    (vesin's Python package reads host memory) and mixed periodicity (a slab: periodic along some directions only)."""
+    if p.device.type != "cpu":
+        return False
+    if cell is not None and pbc is not None and len({bool(v) for v in pbc}) > 1:
+        return False
+    if cell is not None and batch is not None and batch.numel() and int(batch.max()) > 0:
+        return False  # refused below with its own message
+    try:
+        import vesin  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency; a broken install still gets geolie's own list
+        return False
+    return True
+
+
+def _vesin_list(p: torch.Tensor, cutoff: float, cell, batch):
+    """``(i, j, S)`` from vesin's full list, per structure of ``batch`` for open structures."""
+    import numpy as np
+    from vesin import NeighborList
+
+    nl = NeighborList(cutoff=float(cutoff), full_list=True)
+    x = p.numpy()
+    if cell is not None:
+        C = np.asarray(torch.as_tensor(cell, dtype=torch.float64).cpu(), dtype=np.float64)
+        if C.shape != (3, 3) or abs(float(np.linalg.det(C))) < 1e-12:
+            raise ValueError(f"neighbor_list: the cell must be a non-degenerate [3, 3] matrix, got {C.tolist()}")
+        i, j, S = nl.compute(points=x, box=C, periodic=True, quantities="ijS")
+    else:
+        b = np.zeros(len(x), dtype=np.int64) if batch is None else batch.cpu().numpy().astype(np.int64)
+        if b.shape != (len(x),):
+            raise ValueError(f"neighbor_list: batch must have shape [{len(x)}], got {list(b.shape)}")
+        parts = []
+        for k in np.unique(b):
+            idx = np.nonzero(b == k)[0]
+            ii, jj = nl.compute(points=np.ascontiguousarray(x[idx]), box=np.zeros((3, 3)), periodic=False,
+                                quantities="ij")
+            parts.append((idx[ii], idx[jj]))
+        i = np.concatenate([a for a, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+        j = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, dtype=np.int64)
+        S = np.zeros((len(i), 3), dtype=np.int64)
+    t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    return t(i), t(j), t(S).reshape(-1, 3)
+
+
 def _sorted(i, j, S, n):
     if i.numel() == 0:
         return i, j, S
@@ -147,7 +205,7 @@ def radius_graph(pos: torch.Tensor, r: float, batch: Optional[torch.Tensor] = No
     b = torch.zeros(n, dtype=torch.long, device=pos.device) if batch is None else batch.to(pos.device).long()
     if b.shape != (n,):
         raise ValueError(f"radius_graph: batch must have shape [{n}], got {list(b.shape)}")
-    if n >= CELL_LIST_FROM and r > 0:
+    if (n >= CELL_LIST_FROM or _vesin_serves(p, None, None, b)) and r > 0:  # vesin on the CPU, a cell list if large
         i, j, _ = neighbor_list(p, r, batch=b)
         if loop:
             i, j = torch.cat([i, torch.arange(n, device=p.device)]), torch.cat([j, torch.arange(n, device=p.device)])

@@ -418,8 +418,13 @@ def test_orb_state_dict_needs_its_architecture(orb_files, tmp_path):
         load_model(f"orb:orb-v9-nothing:{ckpt}")
     pot = load_model(f"orb:orb-v3-direct-20-omat:{ckpt}")
     assert pot.cutoff == 6.0 and not pot.conservative
-    with pytest.raises(ModelFileError, match="cannot load weights"):
+    # a whole pickled model where weights are expected: refused before anything in it is unpickled
+    with pytest.raises(ModelFileError, match="is not a plain weights file"):
         load_model(f"orb:orb-v3-conservative-20-omat:{orb_files['direct']}")
+    other = tmp_path / "other.ckpt"  # weights of another architecture: Orb's loader says why
+    torch.save({"not.a.layer": torch.zeros(2)}, other)
+    with pytest.raises(ModelFileError, match="cannot load weights"):
+        load_model(f"orb:orb-v3-conservative-20-omat:{other}")
 
 
 # -- fairchem (UMA / eSEN backbone) ----------------------------------------------------------------------------------

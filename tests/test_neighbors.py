@@ -114,3 +114,26 @@ def test_neighbor_list_bad_input():
         neighbor_list(torch.full((3, 3), float("nan")), 1.0)
     with pytest.raises(ValueError, match="non-degenerate"):
         neighbor_list(torch.zeros(3, 3), 1.0, cell=torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_vesin_and_geolie_give_the_same_pairs(periodic):
+    """vesin (the default on the CPU) and geolie's own cell list find the same (i, j, S), open and periodic (a skewed
+    cell with a cutoff larger than a lattice plane spacing), batched open structures too."""
+    from ase.build import bulk
+
+    g = torch.Generator().manual_seed(3)
+    if periodic:
+        at = bulk("Cu", "fcc", a=3.6).repeat((3, 2, 2))
+        at.rattle(0.1, seed=4)
+        pos, cell, batch = torch.tensor(at.positions), torch.tensor(at.cell.array), None
+    else:
+        pos, cell = torch.rand(300, 3, generator=g, dtype=torch.float64) * 12, None
+        batch = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 120, 80]))
+    a = geolie.neighbors.neighbor_list(pos, 4.1, cell=cell, batch=batch, backend="vesin")
+    b = geolie.neighbors.neighbor_list(pos, 4.1, cell=cell, batch=batch, backend="geolie")
+    assert a[0].numel() > 100
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    if batch is not None:
+        assert not bool((batch[a[0]] != batch[a[1]]).any())

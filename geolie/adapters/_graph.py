@@ -70,8 +70,11 @@ def weights_only_load(path: str, package: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the file holds more than weights (or is not a torch file)
+        import re
+
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0][:160]
         raise ModelFileError(f"{package}: {path!r} is not a plain weights file (loading it would unpickle code, which "
-                             f"geolie does not do for weights): {type(e).__name__}: {str(e)[:200]}") from None
+                             f"geolie does not do for weights): {type(e).__name__}: {first}") from None
 
 
 def torch_load(path: str, package: str):
