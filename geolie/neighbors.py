@@ -8,8 +8,8 @@ is used (linear). Written here because the libraries that provide it (torch-clus
 platform; torch-cluster is used when it is installed.
 
 ``neighbor_list`` is served by vesin (the list TorchSim and metatomic use, a dependency) for CPU tensors with
-all-periodic or all-open boundaries (:func:`_vesin_serves`); geolie's own cell list below serves GPU tensors and
-mixed periodicity, and gives the same pairs (tested).
+all-periodic or all-open boundaries (:func:`_vesin_serves`); geolie's own cell list below serves GPU tensors,
+tensors inside ``torch.func`` transforms and mixed periodicity, and gives the same pairs (tested).
 
 ``neighbor_list(pos, cutoff, cell=None, pbc=None, batch=None)`` returns ASE's ``(i, j, S)``: every ordered pair
 (and periodic image) with ``|pos[j] − pos[i] + S·cell| < cutoff`` (``S`` integer shifts along the lattice vectors,
@@ -141,8 +141,14 @@ def neighbor_list(pos: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor]
 def _vesin_serves(p: torch.Tensor, cell, pbc, batch) -> bool:
     """vesin (the neighbour list TorchSim and metatomic use; a dependency) serves every search on the CPU with
     all-periodic or all-open boundaries. geolie's own cell list remains for what it cannot take: tensors on a GPU
-    (vesin's Python package reads host memory) and mixed periodicity (a slab: periodic along some directions only)."""
+    (vesin's Python package reads host memory), tensors inside ``torch.func`` transforms (a model that builds its
+    neighbour list while geolie differentiates it with vmap/jvp: they have no memory to hand over) and mixed
+    periodicity (a slab: periodic along some directions only)."""
     if p.device.type != "cpu":
+        return False
+    try:
+        p.data_ptr()
+    except RuntimeError:  # a torch.func wrapper: no storage
         return False
     if cell is not None and pbc is not None and len({bool(v) for v in pbc}) > 1:
         return False

@@ -137,3 +137,16 @@ def test_vesin_and_geolie_give_the_same_pairs(periodic):
         assert torch.equal(x, y)
     if batch is not None:
         assert not bool((batch[a[0]] != batch[a[1]]).any())
+
+
+def test_neighbour_search_inside_torch_func_transforms():
+    """A model that builds its radius graph from the positions while geolie differentiates it with torch.func (jvp):
+    the wrapped tensors have no memory for vesin, so geolie's own list serves them, with the same edges."""
+    pos = torch.rand(40, 3, dtype=torch.float64) * 6
+    plain = radius_graph(pos, 2.5)
+
+    def count(p):
+        return p.sum() * 0 + radius_graph(p, 2.5).shape[1]
+
+    out, tangent = torch.func.jvp(count, (pos,), (torch.ones_like(pos),))
+    assert int(out) == plain.shape[1] and float(tangent) == 0.0
