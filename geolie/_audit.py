@@ -25,7 +25,7 @@ from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
 from ._metrics import measure
 from ._report import AuditReport
 from ._store import ResultStore, RowFile, shard_indices
-from ._verdict import FLOOR_FACTOR, precision_scale, verdict
+from ._verdict import at_floor, precision_scale, verdict
 from .adapters._protocol import Adapter, NotBatchableError
 
 __all__ = ["audit"]
@@ -421,7 +421,7 @@ def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[Any, Any], indices: 
         fl = [max(f, rf * o["norm"]) for f, rf in zip(o["floor"], rel_floor)]
         o["floor"] = fl
         o["floor_rel"] = [f / o["norm"] if o["norm"] > 0 else float("nan") for f in fl]
-        o["at_floor"] = [a <= FLOOR_FACTOR * f for a, f in zip(o["abs"], fl)]
+        o["at_floor"] = [at_floor(a, f) for a, f in zip(o["abs"], fl)]
         o["floor_source"] = (f"{o['floor_source']}, raised to the median relative floor measured on the "
                              f"{len(indices)} sampled structures")
     row["floor_sampled"] = False
@@ -429,7 +429,7 @@ def _apply_sampled_floor(row: Dict[str, Any], sampled: Dict[Any, Any], indices: 
     for name, fams in row.get("finite", {}).items():
         for fam, v in fams.items():
             fl = sampled.get(("finite", name, fam), 0.0)
-            up = v if not (v <= FLOOR_FACTOR * fl) else 0.0
+            up = 0.0 if at_floor(v, fl) else v
             row.setdefault("finite_floor", {}).setdefault(name, {})[fam] = {
                 "floor": fl, "above": up, "verdict": verdict(v, fl, above_floor=up)}
             above |= up > 0

@@ -49,7 +49,7 @@ from ._evaluation import Evaluation
 from ._io import flatten_outputs, leaf_name
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 from ._lie import LieResult, lie_result, out_correction, second_opinion
-from ._verdict import FLOOR_FACTOR, lie_floor, precision_scale, rounding_floor
+from ._verdict import FLOOR_FACTOR, at_floor, lie_floor, precision_scale, rounding_floor
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
 
@@ -108,7 +108,7 @@ class OutputMetrics:
     @property
     def at_floor(self) -> np.ndarray:
         """``[samples, generators]`` booleans: the Lie derivative is indistinguishable from zero."""
-        return self.abs <= FLOOR_FACTOR * self.floor
+        return at_floor(self.abs, self.floor)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {

@@ -56,6 +56,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["FLOOR_FACTOR", "AT_FLOOR", "ABOVE_FLOOR", "BREAKS", "verdict", "worst", "at_floor", "precision_scale",
@@ -72,9 +73,11 @@ DEFAULT_GATE = ("lie", "finite", "hunt")
 
 
 # ---------------------------------------------------------------------------------------------------------- verdicts
-def at_floor(value: float, floor: float) -> bool:
-    """``value <= FLOOR_FACTOR · floor`` (a NaN value is never at floor)."""
-    return bool(value <= FLOOR_FACTOR * floor)
+def at_floor(value, floor):
+    """``value <= FLOOR_FACTOR · floor`` (a NaN value is never at floor): a bool for numbers, elementwise booleans
+    for arrays."""
+    res = np.asarray(value) <= FLOOR_FACTOR * np.asarray(floor)
+    return bool(res) if res.ndim == 0 else res
 
 
 def verdict(value: float, floor: float, threshold: Optional[float] = None,

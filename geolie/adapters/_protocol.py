@@ -156,6 +156,10 @@ class Adapter:
         return (torch.as_tensor(st.positions, dtype=dtype, device=self.device),
                 torch.as_tensor(st.numbers, dtype=torch.long, device=self.device))
 
+    def cell(self, st: Structure, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The structure's cell ``[3, 3]`` (rows are lattice vectors) on this adapter's device, or ``None``."""
+        return None if st.cell is None else torch.as_tensor(st.cell, dtype=dtype, device=self.device)
+
     def batch_inputs(self, sts: Sequence[Structure], dtype: torch.dtype):
         """``(pos, z, batch)`` of several structures concatenated, on this adapter's device (``batch [N]``: which
         structure each atom belongs to)."""

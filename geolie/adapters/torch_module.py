@@ -238,8 +238,7 @@ class TorchAdapter(Adapter):
 
     def evaluation(self, st: Structure, dtype: torch.dtype) -> Evaluation:
         pos, z = self.inputs(st, dtype)
-        cell = None if st.cell is None else torch.as_tensor(st.cell, dtype=dtype, device=self.device)
-        return self._evaluation(pos, z, cell, None, dtype, st.name or "structure")
+        return self._evaluation(pos, z, self.cell(st, dtype), None, dtype, st.name or "structure")
 
     def can_batch(self, st: Structure) -> bool:
         return self.kind in ("zpb", "zpbc", "edges", "data") and st.cell is None
