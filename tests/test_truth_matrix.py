@@ -199,12 +199,14 @@ def test_hunt_exact_models_at_floor_in_float64_with_orthonormal_rotations(tmp_pa
     from ase.build import molecule
     from ase.io import read
 
-    for model, st in (("pair-mlp", molecule("CH3CH2OH")), (tm.Morse(), structures()[1])):
+    aspirin = geolie.data.load("xtb-md/aspirin", "test")[0]  # case 6: its energy had one of ~300 orientations "above floor"
+    for model, st in (("pair-mlp", molecule("CH3CH2OH")), (tm.Morse(), structures()[1]), ("pair-mlp", aspirin)):
         h = geolie.hunt(model, st, dtype=torch.float64, out_dir=str(tmp_path), tag="t")
         for name, o in h.outputs.items():
             R = np.array(o["rotation"])
             assert np.abs(R @ R.T - np.eye(3)).max() <= 1e-15
             assert o["at_floor"], (model, name, o["worst_error"], o["floor"])
+            assert o["max_above_floor"] == 0.0, (model, name, o["max_above_floor"])  # no orientation above floor
     # reproduce the y-bond finding from the written file
     st = structures()[0]
     h = geolie.hunt(tm.YBond(), st, dtype=torch.float64, out_dir=str(tmp_path), tag="y", **HUNT)
