@@ -19,6 +19,7 @@ import torch
 
 from ._conservative import conservativeness, stress_gap
 from ._finite import finite_equivariance_error
+from ._gallery import Gallery
 from ._groups import SE3, PerStructureDirections, as_group, random_directions
 from ._hunt import hunt as hunt_orientation
 from ._lie import GeolieADCheckWarning, GeolieFallbackWarning
@@ -224,7 +225,9 @@ def _sample(m, b: int) -> Dict[str, Any]:
     return {"rep": m.rep, "source": m.source, "abs": m.abs[b].tolist(), "rel": m.rel[b].tolist(),
             "floor": m.floor[b].tolist(), "floor_rel": m.floor_rel[b].tolist(),
             "per_atom": None if m.per_atom is None else m.per_atom[b].tolist(), "at_floor": m.at_floor[b].tolist(),
-            "floor_source": m.floor_source, "ad_check": m.ad_check, "norm": float(m.ynorm[b])}
+            "floor_source": m.floor_source, "ad_check": m.ad_check, "norm": float(m.ynorm[b]),
+            # per atom, for report.html: taken out of the row by the gallery (geolie._gallery) before it is stored
+            "per_point": None if m.per_point is None else [float(f"{v:.4g}") for v in m.per_point[b].tolist()]}
 
 
 def _measure(ev, ev_ref, group, where, floors: bool = True):
@@ -562,7 +565,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     n_done = int((is_done & is_mine).sum())
     bar = tqdm(total=len(mine), initial=n_done, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     run = _Rows(pot, group, dtype, n_finite, seed, batch_atoms, batch_size, layerwise, estimator, hunt, out_dir,
-                store, bar)
+                store, bar, Gallery(names, folder=out_dir, resume=resume))
     sample: List[int] = floor_sample_indices(n_total, floor_sample) if floor_sample else []
     sampled_floor = _floor_sample(run, src, done, sample, is_done, is_mine) if sample else None
     skip = is_done.copy()
@@ -577,7 +580,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     bar.close()
     kept_rows = store.rows(keep=mine) if store is not None else [run.rows[i] for i in sorted(run.rows)]
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names),
-                       dict(run_meta, identity=identity))
+                       dict(run_meta, identity=identity), run.gallery.entries)
 
 
 class _Rows:
@@ -585,7 +588,8 @@ class _Rows:
     random estimator per structure), ``finish`` them (hunts) and store them (the folder, or ``rows`` in memory)."""
 
     def __init__(self, pot, group, dtype, n_finite, seed, batch_atoms, batch_size, layerwise, estimator, hunt,
-                 out_dir, store, bar):
+                 out_dir, store, bar, gallery: Gallery):
+        self.gallery = gallery  # the worst structures' atoms and per-atom figures, for report.html
         self.pot, self.group, self.dtype, self.n_finite, self.seed = pot, group, dtype, n_finite, seed
         self.batch_atoms, self.batch_size, self.layerwise, self.estimator = batch_atoms, batch_size, layerwise, estimator
         self.hunt, self.out_dir, self.store, self.bar = hunt, out_dir, store, bar
@@ -634,6 +638,7 @@ class _Rows:
                 res = hunt_orientation(self.pot, st, group=self.group, dtype=self.dtype,
                                        out_dir=os.path.join(self.out_dir, "hunt") if self.out_dir else None, **opts)
                 row["hunt"] = res.to_dict()
+            self.gallery.offer(row, st)
             if self.store is None:
                 self.rows[row["index"]] = row
         if self.store is not None:

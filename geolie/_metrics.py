@@ -89,6 +89,8 @@ class OutputMetrics:
     floor_source: str = ""
     ad_check: Optional[float] = None  # the adjoint test's relative disagreement (None: not AD)
     source: str = ""  # where the output came from (see geolie.Evaluation)
+    #: per sample, per atom (outputs with one row per atom): RMS over the rotation generators of ``‖L_X y_i‖``
+    per_point: Optional[List[np.ndarray]] = field(default=None, repr=False)
 
     @property
     def floor_rel(self) -> np.ndarray:
@@ -194,7 +196,19 @@ def _norms(L: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, batch, n_graph
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(yn[:, None] > 0, a / yn[:, None], np.nan)
     per_atom = a / np.sqrt(np.array(n_atoms, dtype=np.float64))[:, None] if per_atom_like else None
-    return a, rel, fl, per_atom, yn
+    per_point = _per_point(L, masks, names) if per_atom_like else None
+    return a, rel, fl, per_atom, yn, per_point
+
+
+def _per_point(L: torch.Tensor, masks, names: List[str]) -> Optional[List[np.ndarray]]:
+    """Per sample, per row of a per-atom output ``L`` (``[K, atoms, ...]``): the RMS over the rotation generators of
+    ``‖L_X y_i‖``, absolute (what ``report.html`` colours atoms by). ``None`` without rotation generators."""
+    rot = [k for k, g in enumerate(names) if g.startswith("r")]
+    if not rot or L.dim() < 2:
+        return None
+    Lr = L[rot].double().reshape(len(rot), L.shape[1], -1)
+    pp = Lr.pow(2).sum(-1).mean(0).sqrt().cpu().numpy()  # [atoms]
+    return [pp] if masks is None else [pp[m.cpu().numpy()] for m in masks]
 
 
 def _other_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -296,19 +310,19 @@ def measure(
     outs: Dict[str, OutputMetrics] = {}
     n_samples = 1
     for L, y, fl, leaf in zip(res.values, res.outputs, floors, res.leaves):
-        a, rel, flo, pa, yn = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs,
-                                     group.generator_names)
+        a, rel, flo, pa, yn, pp = _norms(L.detach().cpu(), y.detach().cpu(), fl.detach().cpu(), b, n_graphs,
+                                         group.generator_names)
         name = leaf_name(leaf.path)
         chk = None if res.ad_check is None else res.ad_check.get(leaf.path)
         outs[name] = OutputMetrics(name, leaf.rep.name, list(group.generator_names), a, rel, flo, yn, pa, src, chk,
-                                   sources.get(name, ""))
+                                   sources.get(name, ""), pp)
         n_samples = max(n_samples, a.shape[0])
         if isinstance(leaf.rep, Tensor2Rep):  # the irreducible parts; L commutes with the projections
             Ld, yd = L.detach().cpu(), y.detach().cpu()
             for part, Lp in tensor2_parts(Ld, with_l1=has_antisymmetric_part(yd)).items():
                 # relative to the whole tensor (a part can vanish: a traceless stress has no l = 0), with the whole
                 # tensor's floor (an orthogonal projection does not raise the noise)
-                a, rel, flo, pa, yn = _norms(Lp, yd, fl.detach().cpu(), b, n_graphs, group.generator_names)
+                a, rel, flo, pa, yn, _ = _norms(Lp, yd, fl.detach().cpu(), b, n_graphs, group.generator_names)
                 pname = f"{name}[{part}]"
                 outs[pname] = OutputMetrics(pname, f"{leaf.rep.name} {part}", list(group.generator_names), a, rel,
                                             flo, yn, pa, src, chk, sources.get(name, ""))

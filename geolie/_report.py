@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._gallery import Gallery, merged as merged_gallery
 from ._metrics import aggregate, iso_rotation
 from ._store import ResultStore, RowFile
 from ._verdict import ABOVE_FLOOR, AT_FLOOR, BREAKS, row_verdicts, worst
@@ -111,6 +112,8 @@ class AuditReport:
     rows: Sequence[Dict[str, Any]]
     generator_names: List[str]
     meta: Dict[str, Any] = field(default_factory=dict)
+    #: the worst structures' atoms and per-atom figures, drawn by report.html (:mod:`geolie._gallery`)
+    gallery: List[Dict[str, Any]] = field(default_factory=list)
     _cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     def _summary(self) -> _Summary:
@@ -337,7 +340,8 @@ class AuditReport:
 
 
 def write_report(report: AuditReport, out_dir: str) -> List[str]:
-    """``report.json`` and the plots in ``out_dir``; returns the files written."""
+    """``report.json``, ``report.html`` (:mod:`geolie._html`: self-contained, for a browser) and the plots in
+    ``out_dir``; returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
     p = os.path.join(out_dir, "report.json")
     head = json.dumps(report.to_dict(structures=False), indent=1)
@@ -348,7 +352,10 @@ def write_report(report: AuditReport, out_dir: str) -> List[str]:
         for k, line in enumerate(lines):
             fh.write((b",\n  " if k else b"\n  ") + line.rstrip(b"\n"))
         fh.write(b"\n ]\n}\n")
-    return [p] + report.plots(out_dir)
+    from ._html import write_html
+
+    page = write_html(report, os.path.join(out_dir, "report.html"))
+    return [p, page] + report.plots(out_dir)
 
 
 def _audit_folders(folders: Sequence[str]) -> List[str]:
@@ -414,8 +421,9 @@ def merge(folders: Sequence[str], out_dir: Optional[str] = None, allow_partial: 
         out.write_meta(dict(first, shard=None, indices=merged.indices.tolist()))
     report = AuditReport(first["model"], first["group"], first["dtype"], merged,
                          list(first["generators"]),
-                          dict(first["meta"], merged_from=paths, identity=first.get("identity")))
+                         dict(first["meta"], merged_from=paths, identity=first.get("identity")), merged_gallery(paths))
     if out_dir:
+        Gallery(report.generator_names, folder=out_dir).extend(report.gallery)
         write_report(report, out_dir)
     return report
 

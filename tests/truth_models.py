@@ -74,6 +74,26 @@ class GlobalBreak(Morse):
         return e + torch.zeros_like(e).index_add(0, b, self.eps * pos[:, 2] ** 2)
 
 
+class AtomWells(Morse):
+    """Morse ``+ ε Σ_{i ∈ atoms} z_i²`` (``i``: the index within each structure): a lab-frame well on chosen atoms
+    only, so the forces break on those atoms and nowhere else (closed form: ``F_i,extra = −2 ε z_i ê_z``; the
+    per-atom Lie derivative of the other atoms' forces is zero). For ``report.html``'s coloured atoms."""
+
+    def __init__(self, atoms=(0, 3), eps: float = 1e-3):
+        super().__init__()
+        self.atoms, self.eps = tuple(atoms), eps
+
+    def forward(self, z, pos, batch=None):
+        e = self.energy(pos, batch)
+        b = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device) if batch is None else batch
+        start = torch.cumsum(torch.bincount(b), 0) - torch.bincount(b)
+        local = torch.arange(pos.shape[0], device=pos.device) - start[b]
+        mask = torch.zeros_like(local, dtype=torch.bool)
+        for a in self.atoms:
+            mask |= local == a
+        return e + torch.zeros_like(e).index_add(0, b[mask], self.eps * pos[mask, 2] ** 2)
+
+
 class YBond(Morse):
     """Morse ``+ Σ_bonds exp(−(1 − (û·ŷ)²)/σ²)`` over pairs closer than 1.6 Å (σ = 0.01): a break only near one
     orientation per bond."""
