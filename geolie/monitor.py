@@ -97,12 +97,14 @@ class EquivarianceMonitor:
     ``n_finite`` (finite rotations/translations per sample; 0 skips them), ``in_rep``, ``out_rep``, ``batch``
     (generic functions), ``plot`` (redraw the PNG after each measurement), ``resume`` (continue an existing CSV;
     ``False`` starts a new one), ``seed`` (the finite checks' rotations: the same every time, so that curves compare
-    like with like).
+    like with like), ``max_samples`` (potentials: measure this many structures of the held-out set, evenly spread
+    over it and the same at every measurement; ``None`` measures all of them). The default, 16 structures, keeps one
+    measurement at a few seconds on a CPU (the docs' training tutorial measures it).
     """
 
     def __init__(self, model, data, out_dir: str, *, every: int = 100, group=SE3, dtype: torch.dtype = torch.float64,
                  n_finite: int = 2, in_rep: Any = None, out_rep: Any = None, batch: Optional[torch.Tensor] = None,
-                 plot: bool = True, resume: bool = True, seed: int = 0):
+                 plot: bool = True, resume: bool = True, seed: int = 0, max_samples: Optional[int] = 16):
         if every < 1:
             raise ValueError(f"EquivarianceMonitor: every must be >= 1, got {every}")
         self.model, self.data, self.out_dir = model, data, out_dir
@@ -118,6 +120,13 @@ class EquivarianceMonitor:
             if hasattr(data, "__len__") and len(data) == 0:
                 raise ValueError("EquivarianceMonitor: the held-out set is empty")
             self.data = _as_structures(data)
+            if max_samples is not None:
+                if max_samples < 1:
+                    raise ValueError(f"EquivarianceMonitor: max_samples must be >= 1 or None, got {max_samples}")
+                if len(self.data) > max_samples:
+                    from ._audit import floor_sample_indices
+
+                    self.data = [self.data[i] for i in floor_sample_indices(len(self.data), max_samples)]
         os.makedirs(out_dir, exist_ok=True)
         self.csv_path = os.path.join(out_dir, "monitor.csv")
         self.png_path = os.path.join(out_dir, "monitor.png")
