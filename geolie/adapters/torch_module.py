@@ -38,7 +38,9 @@ KNOWN = {"energy": "scalar", "forces": "vector", "stress": "stress"}
 def signature_kind(module: torch.nn.Module) -> str:
     """How to call ``module``: ``"zpb"``, ``"zpbc"``, ``"zp"``, ``"edges"``, ``"data"`` or ``"pos"`` (see the
     module doc)."""
-    params = list(inspect.signature(module.forward).parameters)
+    sig = module.call_signature() if callable(getattr(module, "call_signature", None)) else \
+        inspect.signature(module.forward)  # a module whose forward takes *args declares its call this way
+    params = list(sig.parameters)
     if "edge_index" in params:
         return "edges"
     if len(params) >= 2 and params[0] in ("z", "numbers", "atomic_numbers") and params[1] in ("pos", "positions"):
@@ -49,7 +51,7 @@ def signature_kind(module: torch.nn.Module) -> str:
         return "pos"
     if params and params[0] in ("data", "batch", "graph"):
         return "data"
-    raise TypeError(f"cannot tell how to call {type(module).__name__}.forward{inspect.signature(module.forward)}: "
+    raise TypeError(f"cannot tell how to call {type(module).__name__}.forward{sig}: "
                     "expected forward(z, pos, batch[, cell]), forward(z, pos, edge_index, batch), forward(data) "
                     "or forward(pos)")
 

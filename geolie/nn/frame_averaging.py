@@ -28,6 +28,7 @@ symmetry whose error falls quickly with ``n_remedy`` for smooth backbones (a ful
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -174,6 +175,11 @@ class FrameAveraging(nn.Module):
             Rp[:, j + 1, j], Rp[:, j + 1, j + 1] = torch.sin(ang), torch.cos(ang)
             out[i] = (F[i][:, None] @ Rp[None]).reshape(K * n, 3, 3)
         return out
+
+    def call_signature(self) -> inspect.Signature:
+        """The signature ``forward`` takes in this mode: ``(z, pos, batch=None, cell=None)`` for graphs,
+        ``(pos, mask=None)`` for dense batches (how geolie's adapters know how to call a frame-averaged model)."""
+        return inspect.signature(self._forward_dense if self.dense else self._forward_graph)
 
     def forward(self, *args, **kwargs):
         if self.dense:
