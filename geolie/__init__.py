@@ -8,7 +8,7 @@ The public API is flat (small private modules re-exported here): groups (``SO3``
 training monitor (``monitor.EquivarianceMonitor``) and data (``geolie.data``).
 Baselines live in ``geolie.nn``, bundled models in ``geolie.models``, adapters in ``geolie.adapters``.
 
-See the README for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
+See the docs (docs/src/concepts/conventions.md) for the conventions (positions are rows, ``pos @ R.T + t``; generators ``rx ry rz tx ty tz``;
 ``L_X f(x) = d/dt|0 ρ_out(exp(tX))⁻¹ f(ρ_in(exp(tX)) x)``).
 """
 from ._groups import LieGroup, SE3, SO3, as_group, hat, so3_exp, so3_log, vee

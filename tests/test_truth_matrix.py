@@ -1,6 +1,6 @@
 """The truth matrix: planted models with closed-form truth (tests/truth_models.py) against every entry point that
-prints a verdict, in float32 and float64. Every cell asserts the verdict the closed form dictates; the README's
-table "What each entry point sees" is this matrix.
+prints a verdict, in float32 and float64. Every cell asserts the verdict the closed form dictates; the docs'
+table "What each entry point sees" (docs/src/concepts/floors.md) is this matrix.
 
 Threshold ``THR`` = 1e-8 (a figure above its floor and above it BREAKS). The structures are H2O and CH3OH turned to
 a generic orientation (no bond along a coordinate axis: the y-bond model's bump is then exp(−100) or smaller at

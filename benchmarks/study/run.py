@@ -63,7 +63,7 @@ def config(quick: bool) -> Dict[str, Any]:
         for mode in c["transformer_modes"]:
             runs.append(dict(name=f"transformer-w{w}-{mode}", task="md", family="transformer",
                              kind="unconstrained", width=w, mode=mode))
-        # augmentation at about the penalty's cost per run (a penalty step costs ~5 plain steps, README)
+        # augmentation at about the penalty's cost per run (a penalty step costs ~5 plain steps, docs/src/tutorials/training.md)
         runs.append(dict(name=f"mpnn-w{w}-augment-x5", task="md", family="mpnn", kind="unconstrained", width=w,
                          mode="augment-x5"))
     bw = c["baseline_width"]
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     ap.add_argument("--analyse-only", action="store_true", help="write the analysis of the finished runs only")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--device", default="cpu", help="cpu only for now (see README)")
+    ap.add_argument("--device", default="cpu", help="cpu only for now (see docs/src/study.md)")
     args = ap.parse_args(argv)
     if args.device != "cpu":
         raise SystemExit("the study trains on the CPU: the models are small and the runs are serial")

@@ -41,7 +41,7 @@ FILE_PACKAGES: Dict[str, Tuple[str, str, str, str]] = {
                  "a TorchSim ModelInterface: torchsim:package.module:factory (called with dtype= when it takes it)"),
 }
 
-#: extras whose package must then be installed without its pins (see README, "Potential packages")
+#: extras whose package must then be installed without its pins (see the docs, tutorials/package-files.md)
 NO_DEPS = {"mace": "mace-torch==0.3.16", "mattersim": "mattersim==1.2.3"}
 
 
