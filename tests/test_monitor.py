@@ -162,3 +162,21 @@ def test_lightning_callback(tmp_path, frames):
                          accelerator="cpu", default_root_dir=str(tmp_path))
     trainer.fit(Module(), loader)
     assert sorted({r["step"] for r in EquivarianceMonitor.read_csv(mon.csv_path)}) == [2, 4]
+
+
+def test_monitor_measures_a_sample_of_the_held_out_set_by_default(tmp_path):
+    """``max_samples`` (16 by default): that many structures evenly spread over the held-out set, the same every
+    measurement; ``None``: all; a measurement's rows say how many were measured."""
+    held = geolie.data.load("xtb-md/ethanol", split="val")
+    assert len(held) > 16
+    mon = EquivarianceMonitor(PairMLPPotential().double(), held, str(tmp_path / "a"), n_finite=0, plot=False)
+    assert len(mon.data) == 16
+    names = [s.name for s in mon.data]
+    rows = mon.measure(0)
+    assert all(r["n_samples"] == 16 for r in rows)
+    assert [s.name for s in mon.data] == names
+    every = EquivarianceMonitor(PairMLPPotential().double(), held[:20], str(tmp_path / "b"), n_finite=0, plot=False,
+                                max_samples=None)
+    assert len(every.data) == 20
+    with pytest.raises(ValueError, match="max_samples"):
+        EquivarianceMonitor(PairMLPPotential(), held, str(tmp_path / "c"), max_samples=0)

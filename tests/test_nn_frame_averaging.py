@@ -236,3 +236,15 @@ def test_frames_in_groups_give_the_same_average(group, dtype):
     assert torch.allclose(mk(None)(zz, top), mk(5)(zz, top), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="frames_per_call"):
         FrameAveraging(bb, frames_per_call=0)
+
+
+def test_frame_averaged_model_is_audited_like_any_potential():
+    """geolie.audit calls a frame-averaged potential as forward(z, pos, batch) (its call_signature): exact in
+    float64, its backbone broken."""
+    mols = geolie.data.load("xtb-md/ethanol", "test")[:2]
+    torch.manual_seed(0)
+    plain = CartesianMLPPotential().double()
+    fa = geolie.audit(FrameAveraging(plain, group="SE3"), mols, n_finite=1, progress=False)
+    bare = geolie.audit(plain, mols, n_finite=1, progress=False)
+    assert fa.verdicts()["forces"]["overall"] == "at floor"
+    assert bare.verdicts()["forces"]["overall"] == "above floor"
