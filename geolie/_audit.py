@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ._conservative import conservativeness, stress_gap
+from ._cost import accounting, part
 from ._finite import finite_equivariance_error
 from ._gallery import Gallery
 from ._groups import SE3, PerStructureDirections, as_group, random_directions
@@ -272,15 +273,19 @@ def _figures(pot, evaluate, where, group, dtype, n_finite, seed, n_structures, p
     precision as reference when the model runs in it, unless ``floors`` is False: then only the rounding estimate,
     to be raised to the sampled floor), the conservativeness figures and the finite errors (their group elements
     stacked into calls of at most ``stack_atoms`` atoms, the audit's batch budget: a model's memory is sized by it)."""
-    ev = evaluate(dtype)
+    with part("preparing the call"):
+        ev = evaluate(dtype)
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    ref = evaluate(other) if floors and other in pot.dtypes else None
+    with part("floors"):
+        ref = evaluate(other) if floors and other in pot.dtypes else None
     rep = _measure(ev, ref, group, where, floors)
-    cons = _conservative_figures(ev, n_structures, rep.method)
+    with part("conservativeness"):
+        cons = _conservative_figures(ev, n_structures, rep.method)
     finite: List[Dict[str, Any]] = [{"finite": {}} for _ in range(n_structures)]
     if n_finite > 0:
-        finite = _finite_figures(ev, ref, group, n_finite, seed, permutation, rep.problem, stack_atoms, n_structures,
-                                 floors, other)
+        with part("finite companions"):
+            finite = _finite_figures(ev, ref, group, n_finite, seed, permutation, rep.problem, stack_atoms,
+                                     n_structures, floors, other)
     return ev, rep, cons, finite
 
 
@@ -355,7 +360,8 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True, s
     # atoms are permuted within the structure (per-atom flags from the evaluation)
     ev, rep, cons, finite = _figures(pot, lambda d: pot.evaluation(st, d), where, group, dtype, n_finite,
                                      seed, 1, {}, floors, stack_atoms)
-    row = _row_of(index, st, rep, 0, cons, finite[0], dtype)
+    with part("metrics and rows"):
+        row = _row_of(index, st, rep, 0, cons, finite[0], dtype)
     if layerwise:
         target = pot.layerwise_target(st, dtype)
         if target is None:
@@ -365,7 +371,8 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True, s
 
             module, f, out_rep = target
             kw = {} if out_rep is None else {"out_rep": out_rep}
-            row["layerwise"] = layerwise_attribution(module, f, ev.inputs[0], group=group, **kw)
+            with part("layer-wise attribution"):
+                row["layerwise"] = layerwise_attribution(module, f, ev.inputs[0], group=group, **kw)
     return row
 
 
@@ -379,8 +386,9 @@ def _rows_batched(pot, chunk, group, dtype, n_finite, seed, floors=True, stack_a
         pot.check(st, f"structure {i} ({st.name})")
     _, rep, cons, finite = _figures(pot, lambda d: pot.batch_evaluation(sts, d), f"structures {idx[0]}-{idx[-1]}",
                                     group, dtype, n_finite, seed, len(chunk), {}, floors, stack_atoms)
-    return [dict(_row_of(i, st, rep, b, cons, finite[b], dtype), batched=len(chunk))
-            for b, (i, st) in enumerate(chunk)]
+    with part("metrics and rows"):
+        return [dict(_row_of(i, st, rep, b, cons, finite[b], dtype), batched=len(chunk))
+                for b, (i, st) in enumerate(chunk)]
 
 
 def floor_sample_indices(n_total: int, k: int) -> List[int]:
@@ -445,9 +453,10 @@ def _confirm_finite(pot, st, row, group, dtype, n_finite, seed, stack_atoms) -> 
     """Measure the finite checks' floors at this structure's own inputs (the same group elements as its row's), for a
     row whose finite figures are above the sampled floor: its ``finite_floor`` is replaced by the measured one."""
     other = torch.float32 if dtype == torch.float64 else torch.float64
-    ev = pot.evaluation(st, dtype)
-    ref = pot.evaluation(st, other) if other in pot.dtypes else None
-    figs = _finite_figures(ev, ref, group, n_finite, seed, {}, None, stack_atoms, 1, True, other)[0]
+    with part("finite companions"):
+        ev = pot.evaluation(st, dtype)
+        ref = pot.evaluation(st, other) if other in pot.dtypes else None
+        figs = _finite_figures(ev, ref, group, n_finite, seed, {}, None, stack_atoms, 1, True, other)[0]
     row["finite_floor"] = figs["finite_floor"]
     row["finite_floor_source"] = figs["finite_floor_source"] + " (measured: above the sampled floor)"
 
@@ -486,7 +495,7 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
           seed: int = 0, limit: Optional[int] = None, device: Optional[str] = None,
           batch_size: Optional[int] = None, hunt: Any = False, shard: Optional[Tuple[int, int]] = None,
           estimator: str = "exact", batch_atoms: int = 512, floor_sample: Optional[int] = 8,
-          threshold: Optional[float] = None) -> AuditReport:
+          threshold: Optional[float] = None, profile: bool = False) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
     ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
@@ -528,7 +537,23 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     and the report reads them from there (:class:`geolie._store.RowFile`), so memory grows by the few figures per
     structure the aggregates keep, not by the rows (2 to 6 KB each); without it the rows are returned in memory.
     Errors name the structure and the cause.
+    ``profile``: also time one batched energy+forces call of the model in the same run (first call's structures), so
+    that the cost account (``report.cost``: seconds per part of the audit, :mod:`geolie._cost`, always kept; in
+    ``report.json``) gives each part in E+F-equivalents per structure.
     """
+    with accounting() as acc:
+        report = _audit(acc if profile else None, model, structures, group=group, dtype=dtype, layerwise=layerwise,
+                        n_finite=n_finite, out_dir=out_dir, resume=resume, progress=progress, seed=seed, limit=limit,
+                        device=device, batch_size=batch_size, hunt=hunt, shard=shard, estimator=estimator,
+                        batch_atoms=batch_atoms, floor_sample=floor_sample, threshold=threshold)
+    acc.close(len(report.rows))
+    report.cost = acc.to_dict()
+    return report
+
+
+def _audit(profile_account, model, structures, *, group, dtype, layerwise, n_finite, out_dir, resume, progress, seed,
+           limit, device, batch_size, hunt, shard, estimator, batch_atoms, floor_sample, threshold) -> AuditReport:
+    """:func:`audit`'s work (its account active); ``profile_account``: time the E+F reference on the first call."""
     from tqdm import tqdm
 
     from .adapters import load_model
@@ -541,7 +566,8 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     names = group.generator_names if estimator == "exact" else random_directions(group).generator_names
     pot = load_model(model, device=device)
     _check_options(pot, dtype, batch_size, batch_atoms, layerwise)
-    src = _source(structures)
+    with part("reading the data"):
+        src = _source(structures)
     counts = src.counts if limit is None else src.counts[:limit]
     n_total = len(counts)
     # which structures are this run's, done, to skip: arrays of a few bytes per structure, not Python sets
@@ -566,6 +592,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     bar = tqdm(total=len(mine), initial=n_done, desc=f"audit {pot.name}", file=sys.stderr, disable=not progress)
     run = _Rows(pot, group, dtype, n_finite, seed, batch_atoms, batch_size, layerwise, estimator, hunt, out_dir,
                 store, bar, Gallery(names, folder=out_dir, resume=resume))
+    if profile_account is not None and len(mine):  # the E+F reference: the first call's structures, batched
+        first = next(_chunks(src.iterate(int(i) for i in mine[:256]), batch_size, batch_atoms, pot))
+        profile_account.reference(_ef_call(pot, [st for _, st in first], dtype), len(first))
     sample: List[int] = floor_sample_indices(n_total, floor_sample) if floor_sample else []
     sampled_floor = _floor_sample(run, src, done, sample, is_done, is_mine) if sample else None
     skip = is_done.copy()
@@ -582,6 +611,19 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
     return AuditReport(pot.name, group.name, str(dtype).replace("torch.", ""), kept_rows, list(names),
                        dict(run_meta, identity=identity), run.gallery.entries)
 
+
+
+def _ef_call(pot, sts, dtype):
+    """One energy+forces call of ``pot`` on ``sts`` (batched where it can), as the audit gets them: for the cost
+    account's reference (:mod:`geolie._cost`)."""
+    ev = pot.batch_evaluation(sts, dtype) if len(sts) > 1 else pot.evaluation(sts[0], dtype)
+
+    def call():
+        with torch.enable_grad():
+            out = ev.fn(*ev.inputs)
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    return call
 
 class _Rows:
     """An audit's rows as they are made: ``compute`` a call's rows (batched where the model can, one draw of the
@@ -635,14 +677,18 @@ class _Rows:
                 opts = dict(self.hunt) if isinstance(self.hunt, dict) else {}
                 opts.setdefault("seed", self.seed + row["index"])
                 opts.setdefault("tag", f"{row['index']}_{row['name']}")
-                res = hunt_orientation(self.pot, st, group=self.group, dtype=self.dtype,
-                                       out_dir=os.path.join(self.out_dir, "hunt") if self.out_dir else None, **opts)
+                with part("hunt"):
+                    res = hunt_orientation(self.pot, st, group=self.group, dtype=self.dtype,
+                                           out_dir=os.path.join(self.out_dir, "hunt") if self.out_dir else None,
+                                           **opts)
                 row["hunt"] = res.to_dict()
-            self.gallery.offer(row, st)
+            with part("I/O"):
+                self.gallery.offer(row, st)
             if self.store is None:
                 self.rows[row["index"]] = row
         if self.store is not None:
-            self.store.extend(new_rows)
+            with part("I/O"):
+                self.store.extend(new_rows)
         self.bar.update(len(new_rows))
 
 

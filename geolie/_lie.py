@@ -73,6 +73,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._cost import part
 from ._groups import LieGroup, SE3, as_group
 from ._reps import PointRep
 from ._torch_utils import segment_sum
@@ -169,12 +170,13 @@ def _setup(f, x, group, in_rep, out_rep, about, batch, method="auto") -> Problem
     if not inputs.moving:
         raise ValueError("in_rep declares every input invariant: there is nothing for the group to act on")
     prob = Problem(f, inputs, group, Centers(inputs, about, batch), batch=batch)
-    out = _hvp_base(prob, batch) if method in ("auto", "hvp", "hvp-loop", "hvp-batched") else None
-    if out is None:
-        # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
-        # them, cannot be differentiated by AD (a silent zero would look equivariant)
-        prob.base_inputs = [inputs.values[i].clone().requires_grad_(True) for i in inputs.moving]
-        out = prob.call(prob.base_inputs)
+    with part("base evaluation"):
+        out = _hvp_base(prob, batch) if method in ("auto", "hvp", "hvp-loop", "hvp-batched") else None
+        if out is None:
+            # the base call sees inputs that require grad: outputs that come back as numpy arrays, or detached from
+            # them, cannot be differentiated by AD (a silent zero would look equivariant)
+            prob.base_inputs = [inputs.values[i].clone().requires_grad_(True) for i in inputs.moving]
+            out = prob.call(prob.base_inputs)
     prob.leaves, prob.rebuild = pair_outputs(out, out_rep)
     raw = flatten_outputs(out)
     prob.base_raw = raw
@@ -436,7 +438,8 @@ def _ad(prob: Problem, method: str, chunk_size=None):
     tangents = _in_tangents(prob)
     K = tangents[0].shape[0]
     try:
-        prob.probes = _adjoint_probes(prob, primals)
+        with part("adjoint test"):
+            prob.probes = _adjoint_probes(prob, primals)
     except Exception as e:  # noqa: BLE001 - no reverse pass: AD cannot be verified, so it is not trusted
         raise _ADFailed(f"no reverse pass through the outputs to verify AD ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -450,7 +453,8 @@ def _ad(prob: Problem, method: str, chunk_size=None):
             continue  # ran inside the measured "jvp" strategy already
         tried.add(name)
         try:
-            jv = run(ext)
+            with part(f"tangents ({name})"):
+                jv = run(ext)
         except Exception as e:  # noqa: BLE001 - any failure of a strategy means: try the next one
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             continue
@@ -458,7 +462,8 @@ def _ad(prob: Problem, method: str, chunk_size=None):
             name = "hvp-batched"
         if name == "jvp":
             name = f"jvp-{prob.jvp_variant}"
-        checks = _adjoint_errors(prob, jv, ext)
+        with part("adjoint test"):
+            checks = _adjoint_errors(prob, jv, ext)
         tol = ad_check_tolerance(jv[0].dtype if jv else torch.float64)
         bad = [(leaf.path, c) for leaf, c in zip(prob.leaves, checks) if not c <= tol]
         if bad:
@@ -684,7 +689,8 @@ def lie_result(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="aut
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     prob = _setup(f, x, group, in_rep, out_rep, about, batch, method)
     if method == "fd":
-        vals, errs, name = _fd(prob, fd_step)
+        with part("tangents (finite differences)"):
+            vals, errs, name = _fd(prob, fd_step)
         return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob)
     try:
         vals, name, checks, notes = _ad(prob, method, chunk_size)
@@ -698,7 +704,8 @@ def lie_result(f, x, *, group=SE3, in_rep="point", out_rep="scalar", method="aut
             GeolieFallbackWarning,
             stacklevel=3,
         )
-    vals, errs, name = _fd(prob, fd_step)
+    with part("tangents (finite differences)"):
+        vals, errs, name = _fd(prob, fd_step)
     return LieResult(vals, prob.y, prob.leaves, prob.rebuild, name, errs, prob, None,
                      notes + [f"finite differences used ({name}): no AD method passed"] if notes else [])
 

@@ -49,6 +49,7 @@ from ._evaluation import Evaluation
 from ._io import flatten_outputs, leaf_name
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 from ._lie import LieResult, lie_result, out_correction, second_opinion
+from ._cost import part as cost_part
 from ._verdict import FLOOR_FACTOR, at_floor, lie_floor, precision_scale, rounding_floor
 
 __all__ = ["measure", "Report", "OutputMetrics", "aggregate", "iso_rotation"]
@@ -282,29 +283,37 @@ def measure(
     kw = dict(group=group, in_rep=in_rep, out_rep=out_rep, method=method, about=about, batch=batch)
     res = lie_result(f, x, **kw)
     dtype = res.outputs[0].dtype if res.outputs else torch.float64
-    if res.fd_error is not None:
-        floors, src = res.fd_error, "finite-difference error estimate"
-    elif floor:
-        ref = _reference(res, f_ref, kw) if guess_reference else None
-        if ref is not None and ref.fd_error is None:
-            other = ref.outputs[0].dtype if ref.outputs else _other_dtype(dtype)
-            scale = precision_scale(dtype, other, precision)
-            # never below the rounding estimate: one unit round-off of the terms for a measured float32 difference
-            # (it can vanish by chance); 16 for float64, whose scaled float32 difference misses error sources that
-            # do not scale with the precision (constants such as CG or Gaunt coefficients good to ~1e-15)
-            kappa = 1.0 if dtype == torch.float32 else 16.0
-            floors = lie_floor(res.values, ref.values, _rounding_floor(res, kappa=kappa), scale)
-            src = "float32 vs float64" + (" (scaled by u64/u32)" if scale < 1 else
-                                          (" (not scaled: the float64 copy keeps float32 constants)"
-                                           if dtype == torch.float64 else ""))
+    with cost_part("floors"):  # the other precision, rounding estimates, call-to-call noise (geolie._cost)
+        if res.fd_error is not None:
+            floors, src = res.fd_error, "finite-difference error estimate"
+        elif floor:
+            ref = _reference(res, f_ref, kw) if guess_reference else None
+            if ref is not None and ref.fd_error is None:
+                other = ref.outputs[0].dtype if ref.outputs else _other_dtype(dtype)
+                scale = precision_scale(dtype, other, precision)
+                # never below the rounding estimate: one unit round-off of the terms for a measured float32 difference
+                # (it can vanish by chance); 16 for float64, whose scaled float32 difference misses error sources that
+                # do not scale with the precision (constants such as CG or Gaunt coefficients good to ~1e-15)
+                kappa = 1.0 if dtype == torch.float32 else 16.0
+                floors = lie_floor(res.values, ref.values, _rounding_floor(res, kappa=kappa), scale)
+                src = "float32 vs float64" + (" (scaled by u64/u32)" if scale < 1 else
+                                              (" (not scaled: the float64 copy keeps float32 constants)"
+                                               if dtype == torch.float64 else ""))
+            else:
+                floors, src = _measured_floor(res)
         else:
-            floors, src = _measured_floor(res)
-    else:
-        floors, src = _rounding_floor(res), "rounding estimate"
-    if floor and res.fd_error is None:
-        floors, nondeterministic = _with_call_noise(res, floors)
-        if nondeterministic:
-            src += ", plus the model's call-to-call noise"
+            floors, src = _rounding_floor(res), "rounding estimate"
+        if floor and res.fd_error is None:
+            floors, nondeterministic = _with_call_noise(res, floors)
+            if nondeterministic:
+                src += ", plus the model's call-to-call noise"
+    with cost_part("metrics and rows"):
+        return _report(res, floors, src, batch, group, sources, notes)
+
+
+def _report(res: LieResult, floors, src: str, batch, group, sources, notes) -> Report:
+    """:func:`measure`'s norms, floors and sources per output (and per irreducible part of rank-2 outputs)."""
+    dtype = res.outputs[0].dtype if res.outputs else torch.float64
     b = None if batch is None else torch.as_tensor(batch).long().cpu()
     n_graphs = 1 if b is None else int(b.max()) + 1
     outs: Dict[str, OutputMetrics] = {}

@@ -114,6 +114,8 @@ class AuditReport:
     meta: Dict[str, Any] = field(default_factory=dict)
     #: the worst structures' atoms and per-atom figures, drawn by report.html (:mod:`geolie._gallery`)
     gallery: List[Dict[str, Any]] = field(default_factory=list)
+    #: where the audit's time went (:mod:`geolie._cost`; ``None`` for merged reports)
+    cost: Optional[Dict[str, Any]] = None
     _cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     def _summary(self) -> _Summary:
@@ -213,7 +215,7 @@ class AuditReport:
              "n_structures": len(self.rows), "verdict": self.verdict(), "threshold": self.meta.get("threshold"),
              "aggregates": self.aggregates(),
              "conservative": self.conservative_aggregates(), "hunt": self.hunt_summary(), "notes": self.notes(),
-             "meta": self.meta}
+             "meta": self.meta, "cost": self.cost}
         if structures:
             d["structures"] = list(self.rows)
         return d

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 
@@ -60,6 +61,10 @@ def _audit_parser(sub):
     a.add_argument("--out-rep", default="scalar",
                    help="for point-cloud models (forward(pos)): the output's representation (scalar, vector, point, "
                         "an e3nn irreps string); default scalar (invariant logits)")
+    a.add_argument("--profile", action="store_true",
+                   help="print where the audit's time went (base evaluation, tangents, adjoint test, floors, finite "
+                        "companions, hunt, I/O) in seconds and in E+F-equivalents per structure, against one batched "
+                        "energy+forces call timed in the same run (also in report.json's cost)")
     a.add_argument("--per-atom", action="store_true", help="for point-cloud models: the output has one row per point (atom)")
     return a
 
@@ -161,15 +166,20 @@ def _run_audit(args, parser) -> int:
                        layerwise=args.layerwise, n_finite=args.n_finite, out_dir=out, resume=args.resume,
                        limit=args.limit, device=args.device, batch_size=args.batch_size, batch_atoms=args.batch_atoms,
                        hunt=args.hunt, shard=shard, estimator=args.estimator, floor_sample=args.floor_sample,
-                       threshold=args.fail_above)
+                       threshold=args.fail_above, profile=args.profile)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"geolie audit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {_saved(out)} structures saved in {out}; rerun with --resume", file=sys.stderr)
         return 130
+    t0 = time.perf_counter()
     files = write_report(report, out)
     print(report.table())
+    if args.profile:
+        from ._cost import table
+
+        print("\n" + table(report.cost) + f"\n  (then report.json, report.html and plots: {time.perf_counter() - t0:.2f} s)")
     print(f"\nwritten: {', '.join(os.path.relpath(f) for f in files + [os.path.join(out, 'structures.csv')])}")
     with open(os.path.join(out, "command.json"), "w") as fh:
         json.dump(vars(args), fh, indent=1)

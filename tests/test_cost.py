@@ -1,0 +1,77 @@
+"""The cost account (geolie._cost): exclusive parts that add up to the wall time, E+F-equivalents against a reference
+timed in the same run, in every audit's report and with ``geolie audit --profile``. No timing is asserted: the
+arithmetic is checked with a fake clock, the audit's account by its structure."""
+import json
+
+import pytest
+import torch
+
+import geolie
+from geolie import _cost
+from geolie._cost import CostAccount, accounting, part, table
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_parts_are_exclusive_and_add_up(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(_cost.time, "perf_counter", clock)
+    with accounting() as acc:
+        clock.t += 1.0  # other
+        with part("a"):
+            clock.t += 2.0
+            with part("b"):
+                clock.t += 3.0
+            clock.t += 0.5
+        with part("b"):
+            clock.t += 1.0
+        acc.reference(lambda: setattr(clock, "t", clock.t + 0.25), n_structures=5, repeat=3)  # 4 calls, excluded
+    acc.close(n_structures=10)
+    d = acc.to_dict()
+    assert d["wall_seconds"] == pytest.approx(7.5)
+    secs = {k: v["seconds"] for k, v in d["parts"].items()}
+    assert secs == pytest.approx({"a": 2.5, "b": 4.0, "other": 1.0})
+    assert d["ef_seconds_per_structure"] == pytest.approx(0.05)
+    assert d["parts"]["b"]["ef_equivalents_per_structure"] == pytest.approx(4.0 / 10 / 0.05)
+    assert d["ef_equivalents_per_structure"] == pytest.approx(7.5 / 10 / 0.05)
+    assert d["parts"]["b"]["calls"] == 2
+    text = table(d)
+    assert "E+F-equivalents per structure" in text and "b" in text
+
+
+def test_part_outside_an_account_is_free():
+    with part("nothing"):
+        pass
+    assert not _cost._ACTIVE
+
+
+def test_audit_accounts_for_every_part(tmp_path):
+    sts = geolie.data.load("xtb-md/ethanol", "test")[:3]
+    rep = geolie.audit("pair-mlp", sts, out_dir=str(tmp_path), progress=False, profile=True, n_finite=1)
+    c = rep.cost
+    assert c["structures"] == 3 and c["ef_seconds_per_structure"] > 0
+    for name in ("base evaluation", "adjoint test", "floors", "finite companions", "I/O", "metrics and rows",
+                 "reading the data", "other"):
+        assert name in c["parts"], name
+    assert any(k.startswith("tangents (") for k in c["parts"])
+    assert sum(v["seconds"] for v in c["parts"].values()) == pytest.approx(c["wall_seconds"], rel=1e-9)
+    geolie.write_report(rep, str(tmp_path))
+    assert json.load(open(tmp_path / "report.json"))["cost"] == json.loads(json.dumps(c))
+    plain = geolie.audit("pair-mlp", sts[:1], progress=False, n_finite=0, hunt=True)  # no reference: seconds only
+    assert plain.cost["ef_seconds_per_structure"] is None and "hunt" in plain.cost["parts"]
+    assert "finite companions" not in plain.cost["parts"]
+
+
+def test_cli_profile_prints_the_account(tmp_path, capsys):
+    from geolie.cli import main
+
+    assert main(["audit", "--model", "pair-mlp", "--data", "xtb-md/ethanol:test", "--limit", "2", "--n-finite", "1",
+                 "--out", str(tmp_path), "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "cost account:" in out and "E+F-eq/structure" in out and "finite companions" in out
