@@ -17,7 +17,9 @@ of one energy + forces evaluation of the same batch (measured in the same run). 
 with 1 and 2 threads against ``torchrun --nproc-per-node 2`` (1 thread each, gloo) on ``--n-large`` structures,
 wall time including start-up and merge. ``--against REF`` times the default, the random-no-finite and the one-per-call
 modes with geolie at git revision ``REF`` and at the working tree, alternating A/B runs in fresh processes (median of
-``--repeat`` each): the before/after of a change, measured in one run. Writes
+``--repeat`` each): the before/after of a change, measured in one run. ``--account`` prints the cost account
+(:mod:`geolie._cost`, ``profile=True``) of the default, the random-no-finite and the hunted audits: per part, E+F-
+equivalents per structure against one batched E+F call timed in the same run (median of ``--repeat``). Writes
 ``benchmarks/results/audit_scale[_cuda].json`` (``audit_scale_ab.json`` for ``--against``).
 """
 from __future__ import annotations
@@ -101,6 +103,38 @@ def _ab(ref: str, n: int, repeat: int):
         print(f"| {r['mode']} | {r['before_per_s']:.1f} | {r['after_per_s']:.1f} | {r['after_over_before']:.2f} |")
 
 
+def _accounts(n: int, repeat: int, device: str):
+    """Per mode, the median over ``repeat`` runs of each part's E+F-equivalents per structure (geolie._cost)."""
+    import statistics
+
+    mols = geolie.data.load("xtb-md/aspirin", "all")[:n]
+    pot = load_model("schnet", device=device)
+    modes = [("default", dict(), mols), ("random, no finite", dict(estimator="random", n_finite=0), mols),
+             ("hunt (4 structures)", dict(hunt=True), mols[:4])]
+    geolie.audit(pot, mols[:8], progress=False, device=device)  # warm-up
+    out = {}
+    for name, kw, data in modes:
+        runs = [geolie.audit(pot, data, progress=False, device=device, profile=True, **kw).cost for _ in range(repeat)]
+        parts = sorted({p for r in runs for p in r["parts"]})
+        out[name] = {"total": statistics.median(r["ef_equivalents_per_structure"] for r in runs),
+                     "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+                     "ef_ms_per_structure": 1e3 * statistics.median(r["ef_seconds_per_structure"] for r in runs),
+                     "parts": {p: statistics.median(r["parts"].get(p, {}).get("ef_equivalents_per_structure", 0.0)
+                                                    for r in runs) for p in parts}}
+        print(name, out[name], file=sys.stderr, flush=True)
+    write_json(result_path("audit_account", device), {"benchmark": "audit_account", "env": device_info(device),
+                                                      "model": "schnet", "dtype": "float64", "structures": n,
+                                                      "repeat": repeat, "modes": out})
+    names = list(out)
+    parts = sorted({p for m in out.values() for p in m["parts"]}, key=lambda p: -out[names[0]]["parts"].get(p, 0.0))
+    print("| part (E+F-equivalents per structure) | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for p in parts:
+        print(f"| {p} | " + " | ".join(f"{out[m]['parts'].get(p, 0.0):.2f}" for m in names) + " |")
+    print("| **total** | " + " | ".join(f"**{out[m]['total']:.1f}**" for m in names) + " |")
+    print("| one E+F call, ms per structure | " + " | ".join(f"{out[m]['ef_ms_per_structure']:.2f}" for m in names)
+          + " |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -109,11 +143,14 @@ def main(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 512, 2048])
     ap.add_argument("--processes", action="store_true", help="also time one process against torchrun with two")
     ap.add_argument("--n-large", type=int, default=2400, help="structures of the process runs (frames cycled)")
+    ap.add_argument("--account", action="store_true", help="the cost account per part, by mode, then stop")
     ap.add_argument("--against", default=None, metavar="REF",
                     help="before/after: time three modes at git revision REF and at the working tree (CPU)")
     args = ap.parse_args(argv)
     if args.against:
         return _ab(args.against, args.n, args.repeat)
+    if args.account:
+        return _accounts(args.n, args.repeat, args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = torch.float64
     frames = geolie.data.load("xtb-md/aspirin", "all")
