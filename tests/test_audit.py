@@ -522,9 +522,12 @@ def test_rows_stay_on_disk_with_bounded_memory(tmp_path):
     assert growth < 0.3 * row_bytes, (growth, row_bytes)
     mem = geolie.audit(_Quadratic(), atoms[:400], **kw)
     disk = geolie.audit(_Quadratic(), atoms[:400], out_dir=str(tmp_path / "again"), **kw)
-    assert disk.to_dict() == mem.to_dict()
+    def figures(d):  # everything but the cost account (wall times differ from run to run)
+        return {k: v for k, v in d.items() if k != "cost"}
+
+    assert figures(disk.to_dict()) == figures(mem.to_dict())
     geolie.write_report(disk, str(tmp_path / "again"))
-    assert json.load(open(tmp_path / "again" / "report.json")) == json.loads(json.dumps(mem.to_dict()))
+    assert figures(json.load(open(tmp_path / "again" / "report.json"))) == json.loads(json.dumps(figures(mem.to_dict())))
 
 
 def test_floor_sample_is_reused_and_shard_invariant():
