@@ -11,8 +11,9 @@ An audit runs inside :func:`accounting`; the engine marks its parts with :func:`
 * ``I/O``: rows, CSV, report and plots written;
 * ``other``: what no part claims (loading and converting structures, batching, bookkeeping).
 
-Times are exclusive (a part inside another is counted once, in the inner one), so the parts add up to the wall time
-of the run. With a reference (``geolie audit --profile``, ``audit(..., profile=True)``) the account also measures,
+Times are exclusive (a part inside another is counted once, in the inner one, except inside the parts that own
+everything they call, :data:`ABSORBING`: the floors' own tangents are the floors' cost), so the parts add up to the
+wall time of the run. With a reference (``geolie audit --profile``, ``audit(..., profile=True)``) the account also measures,
 in the same run, one batched energy+forces call of the same model on the first call's structures (median of 3 after
 a warm-up; forces by the model's autograd or geolie's ``-dE/dx``, as the audit gets them), and expresses every part
 per structure in **E+F-equivalents**: seconds per structure divided by that call's seconds per structure.
@@ -27,6 +28,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 __all__ = ["CostAccount", "accounting", "part", "table"]
 
 _ACTIVE: List["CostAccount"] = []
+#: parts that own everything inside them: the other precision's base evaluation, tangents and adjoint test are
+#: the floors' cost; the finite companions', the hunt's and the conservativeness checks' model calls are theirs
+ABSORBING = frozenset({"floors", "finite companions", "hunt", "conservativeness", "layer-wise attribution",
+                       "reading the data"})
 
 
 class CostAccount:
@@ -45,6 +50,9 @@ class CostAccount:
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
+        if self._stack and self._stack[-1][0] in ABSORBING:  # e.g. the floors' own tangents are the floors' cost
+            yield
+            return
         now = time.perf_counter()
         if self._stack:  # the enclosing part pauses
             outer = self._stack[-1]

@@ -31,15 +31,19 @@ def test_parts_are_exclusive_and_add_up(monkeypatch):
             clock.t += 0.5
         with part("b"):
             clock.t += 1.0
+        with part("floors"):  # absorbing: its inner parts are its own cost
+            clock.t += 0.5
+            with part("b"):
+                clock.t += 0.25
         acc.reference(lambda: setattr(clock, "t", clock.t + 0.25), n_structures=5, repeat=3)  # 4 calls, excluded
     acc.close(n_structures=10)
     d = acc.to_dict()
-    assert d["wall_seconds"] == pytest.approx(7.5)
+    assert d["wall_seconds"] == pytest.approx(8.25)
     secs = {k: v["seconds"] for k, v in d["parts"].items()}
-    assert secs == pytest.approx({"a": 2.5, "b": 4.0, "other": 1.0})
+    assert secs == pytest.approx({"a": 2.5, "b": 4.0, "floors": 0.75, "other": 1.0})
     assert d["ef_seconds_per_structure"] == pytest.approx(0.05)
     assert d["parts"]["b"]["ef_equivalents_per_structure"] == pytest.approx(4.0 / 10 / 0.05)
-    assert d["ef_equivalents_per_structure"] == pytest.approx(7.5 / 10 / 0.05)
+    assert d["ef_equivalents_per_structure"] == pytest.approx(8.25 / 10 / 0.05)
     assert d["parts"]["b"]["calls"] == 2
     text = table(d)
     assert "E+F-equivalents per structure" in text and "b" in text
