@@ -215,12 +215,14 @@ class _HuntTarget:
                     break  # deterministic: one more call says so
         return out
 
-    def rounding_at(self, R: torch.Tensor, t: Optional[torch.Tensor], draws: int = 8) -> List[float]:
+    def rounding_at(self, R: torch.Tensor, t: Optional[torch.Tensor], draws: int = 8, seed: int = 54321,
+                    ref: Optional[List[torch.Tensor]] = None) -> List[float]:
         """The input-rounding measurement at the moved input ``g·x`` (absolute, per hunted quantity): the largest
-        change of ``φ(g)`` over ``draws`` perturbations of ``g·x`` by its rounding, plus ``16 u ‖f(x)‖``."""
-        gen = torch.Generator().manual_seed(54321)
+        change of ``φ(g)`` over ``draws`` perturbations of ``g·x`` by its rounding (signs drawn from ``seed``), plus
+        ``16 u ‖f(x)‖``. ``ref``: ``φ(g)`` when already known (one call fewer)."""
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            ref = self.pulled_back(R, t)
+            ref = self.pulled_back(R, t) if ref is None else ref
             est = [16 * torch.finfo(y.dtype).eps * float(y.double().norm()) for y in self.y0]
             for _ in range(draws):
                 out = self.pulled_back(R, t, rounding=gen)
@@ -229,17 +231,9 @@ class _HuntTarget:
         return est
 
     def rounding_estimate(self) -> List[float]:
-        """The input-rounding floor estimate (absolute) per hunted quantity, for a model in one precision only."""
-        vals = list(self.inputs.values)
-        est = [16 * torch.finfo(y.dtype).eps * float(y.double().norm()) for y in self.y0]
-        with torch.no_grad(), torch.enable_grad():
-            for pert in input_roundings(vals, self.inputs.moving):
-                out = self.quantities([o.detach() for o in flatten_outputs(self.ev.fn(*self.inputs.call_args(pert)))])
-                self.calls += 1
-                est = [max(e, float((o.double() - y.double()).norm()) + 16 * torch.finfo(y.dtype).eps
-                           * float(y.double().norm())) for e, o, y in zip(est, out, self.y0)]
-        return est
-
+        """The input-rounding floor estimate (absolute) per hunted quantity, for a model in one precision only: the
+        measurement at the base orientation (the identity moves nothing: exact), two draws."""
+        return self.rounding_at(torch.eye(3, dtype=torch.float64), None, draws=2, seed=12345, ref=self.y0)
 
 def _structure(obj):
     from .adapters import Structure
