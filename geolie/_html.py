@@ -92,8 +92,7 @@ def _identity(report) -> str:
     return _table(["field", "value"], rows, "identity")
 
 
-def _verdict_table(report) -> str:
-    agg = report.aggregates()
+def _verdict_table(report, agg: Dict[str, Any]) -> str:
     gens = report.generator_names
     head = ["output", "stat"] + gens + ["iso rot", "floor", "Lie", "finite", "hunt", "overall"]
     rows = []
@@ -145,8 +144,7 @@ def _distributions(report) -> Tuple[str, List[Dict[str, Any]]]:
     return "".join(divs), specs
 
 
-def _finite_and_hunt(report) -> str:
-    agg = report.aggregates()
+def _finite_and_hunt(report, agg: Dict[str, Any]) -> str:
     parts = []
     fams = sorted({f for a in agg.values() for f in a["finite_max_rel"]})
     if fams:
@@ -314,6 +312,7 @@ def _plotly_js() -> str:
 
 def render_html(report, n_structures: int = 6) -> str:
     """The page as a string (see the module docstring)."""
+    agg = report.aggregates()  # once: a report whose rows are in memory gathers them afresh on every call
     dist_divs, dist_specs = _distributions(report)
     st_divs, st_specs = _structures(report, n_structures)
     specs = json.dumps(dist_specs + st_specs, default=float)  # NaN is a JavaScript literal
@@ -327,8 +326,8 @@ def render_html(report, n_structures: int = 6) -> str:
         "(indistinguishable from zero at this precision), <b>above floor</b> (measurably "
         "non-zero, below the threshold or none given), <b>BREAKS</b> (above floor and above the threshold).</p>"
         "<h2>Verdicts</h2><p class='small'>Relative Lie derivative ‖L_X y‖/‖y‖, median and max over structures "
-        "(the numbers of report.json's aggregates).</p>" + _verdict_table(report)
-        + "<h2>Distributions</h2>" + dist_divs + _finite_and_hunt(report)
+        "(the numbers of report.json's aggregates).</p>" + _verdict_table(report, agg)
+        + "<h2>Distributions</h2>" + dist_divs + _finite_and_hunt(report, agg)
         + "<h2>Structures</h2>" + st_divs + "<h2>Run</h2>" + _identity(report) + _floors_and_notes(report)
         + f"<script>const SPECS = {specs};\nfor (const s of SPECS) {{ Plotly.newPlot(s.div, s.data, s.layout, "
           "{responsive: true, displaylogo: false}); }</script></body></html>")

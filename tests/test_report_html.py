@@ -139,6 +139,10 @@ def _closed_form_per_atom(x, eps):
     return float(np.sqrt(np.mean(np.square(norms))))
 
 
+#: JavaScript: a structure plot's trace of atoms coloured by their Lie derivative (the one with a colour scale)
+_COLOURED = "(d => d.data.find(t => t.mode === 'markers' && t.marker.cmax !== undefined))"
+
+
 def _browser():
     """(playwright's sync_playwright, chromium path) or a skip naming what is missing."""
     try:
@@ -194,7 +198,7 @@ def test_report_html_in_a_browser(folders, tmp_path):
         assert page.inner_text("#run-verdict") == rep["verdict"]
         # the coloured atoms of the worst structure are the planted ones
         worst = page.evaluate("() => { const d = document.querySelector('[id^=structure-]'); "
-                              "const t = d.data.find(t => t.mode === 'markers' && t.marker.cmax !== undefined); "
+                              f"const t = {_COLOURED}(d); "
                               "return [d.id, t.marker.color, t.marker.cmax, t.marker.colorscale]; }")
         div, colour, cmax, scale = worst
         colour = np.asarray(colour)
@@ -216,9 +220,8 @@ def test_report_html_in_a_browser_exact_model_is_grey(folders, tmp_path):
     folder, _ = folders["exact"]
 
     def check(page):
-        data = page.evaluate("() => [...document.querySelectorAll('[id^=structure-]')].map(d => { const t = "
-                             "d.data.find(t => t.mode === 'markers' && t.marker.cmax !== undefined); "
-                             "return [t.marker.color, t.marker.colorscale]; })")
+        data = page.evaluate("() => [...document.querySelectorAll('[id^=structure-]')].map(d => { "
+                             f"const t = {_COLOURED}(d); return [t.marker.color, t.marker.colorscale]; }})")
         assert data
         for colour, scale in data:
             assert scale[-1][1] == scale[0][1]  # one colour: every atom at floor
