@@ -38,7 +38,8 @@ from ._evaluation import NotStackable
 from ._groups import SE3, as_group
 from ._io import Centers, check_outputs, flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._reps import PointRep, Tensor2Rep, has_antisymmetric_part, tensor2_parts
-from ._verdict import at_floor, finite_floor, input_roundings, precision_scale, verdict
+from ._verdict import (CONFIRM_DRAWS, CONFIRM_SEED, at_floor, confirmed_floor, finite_floor, input_roundings,
+                       precision_scale, verdict)
 
 __all__ = ["finite_equivariance_error", "FiniteReport"]
 
@@ -154,7 +155,8 @@ def finite_equivariance_error(
     outs, rounded = outs[:len(trials)], outs[len(trials):]
     floors = _trial_floors(floor, reference, side, elements, rounded, stack_atoms, in_rep, out_rep, about, batch,
                            precision, inputs)
-    return FiniteReport(_tabulate(leaves, y0, trials, outs, floors, batch))
+    at_moved = _AtMoved(side, stack, [vals for _, vals, _ in trials], outs, stack_atoms)
+    return FiniteReport(_tabulate(leaves, y0, trials, outs, floors, batch, at_moved))
 
 
 class _Side:
@@ -284,7 +286,28 @@ def _trial_floors(floor, reference, side, elements, rounded, stack_atoms, in_rep
     return ("rounding", rounded)
 
 
-def _tabulate(leaves, y0, trials, outs, floors, batch) -> Dict[str, Dict[str, Dict[str, Any]]]:
+class _AtMoved:
+    """The outputs at ``CONFIRM_DRAWS`` rounding perturbations of each trial's own moved input, evaluated when a
+    trial's error is above its floor (:func:`geolie._verdict.confirmed_floor`) and kept for the trial's other outputs
+    and structures."""
+
+    def __init__(self, side, stack, inputs, outs, stack_atoms):
+        self.side, self.stack, self.inputs, self.outs, self.stack_atoms = side, stack, inputs, outs, stack_atoms
+        self.cache: Dict[int, List[List[torch.Tensor]]] = {}
+
+    def outputs(self, t: int) -> List[List[torch.Tensor]]:
+        if t not in self.cache:
+            vals = self.inputs[t]
+            gen = torch.Generator().manual_seed(CONFIRM_SEED)
+            perturbed = input_roundings(vals, self.side.inputs.moving, draws=CONFIRM_DRAWS, generator=gen)
+            # the trial's own input leads (the stacked call's check reproduces its outputs), then the draws
+            ys = [o.detach() for o in check_outputs(self.outs[t], self.side.leaves)]
+            got = _evaluate_trials(self.side.call, self.stack, [vals] + perturbed, ys, self.stack_atoms)
+            self.cache[t] = [check_outputs(o, self.side.leaves) for o in got[1:]]
+        return self.cache[t]
+
+
+def _tabulate(leaves, y0, trials, outs, floors, batch, at_moved) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Per output (and rank-2 part) and family: the errors, their floors and the verdict's figures, for the whole
     call and (with ``batch``) per structure."""
     names = [leaf_name(lf.path) for lf in leaves]
@@ -302,11 +325,12 @@ def _tabulate(leaves, y0, trials, outs, floors, batch) -> Dict[str, Dict[str, Di
         o = check_outputs(o, leaves)
         for j, (nm, oj, e, y) in enumerate(zip(names, o, expected, y0)):
             diff = oj.detach().to(e) - e
-            fl = _FloorOf(floors, t, j, oj, y, noise[j] if family != "repeat" else None)
+            fl = _FloorOf(floors, t, j, oj, y, noise[j] if family != "repeat" else None, at_moved)
             tab.add(nm, family, diff, y, fl)
             if nm in split:
                 for part, dpart in tensor2_parts(diff, with_l1=split[nm]).items():
                     tab.add(f"{nm}[{part}]", family, dpart, y, fl)  # relative to (and the floor of) the whole tensor
+    tab.fold()
     for nm in tab.errors:
         for fam in tab.errors[nm].values():
             fam["n"] = len(fam["abs"])
@@ -317,84 +341,123 @@ def _tabulate(leaves, y0, trials, outs, floors, batch) -> Dict[str, Dict[str, Di
 class _FloorOf:
     """The floor of one trial of one output, over a set of rows (the whole tensor, or one structure's)."""
 
-    def __init__(self, floors, t, j, out, y, noise):
+    def __init__(self, floors, t, j, out, y, noise, at_moved):
         self.floors, self.t, self.j, self.out, self.y, self.noise = floors, t, j, out, y, noise
+        self.at_moved = at_moved
 
     def __call__(self, mask=None) -> float:
-        sel = (lambda a: a) if mask is None else (lambda a: a[mask])
+        """The floor from the base input's rounding draws (and the other precision, when there is one)."""
         if self.floors is None:
             return 0.0
+        sel = _rows(mask)
         if self.noise is None:  # the repeat check: two calls at the same inputs; a deterministic model gives 0
             return 16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
         noise = float(sel(self.noise).double().norm())
         perturbed = self.floors[-1]
         est = max(float((sel(p[self.j]).double() - sel(self.y).double()).norm()) for p in perturbed)
-        est += finite_floor(sel(self.out), None, sel(self.y), None, 1.0, noise) + \
-            16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
+        est += self._arithmetic(sel, noise)
         if self.floors[0] == "reference":
             _, ref_outs, ref_y0, scale, _ = self.floors
             return max(est, finite_floor(sel(self.out), sel(ref_outs[self.t][self.j]), sel(self.y),
                                          sel(ref_y0[self.j]), scale, noise))
         return est
 
+    def confirmed(self, error: float, mask=None) -> float:
+        """The floor, confirmed at the trial's own moved input where ``error`` is above it
+        (:func:`geolie._verdict.confirmed_floor`)."""
+        fl = self(mask)
+        if self.floors is None or self.noise is None:  # the repeat check's floor is no rounding estimate
+            return fl
+        sel = _rows(mask)
+
+        def at_moved() -> float:
+            outs = self.at_moved.outputs(self.t)
+            noise = float(sel(self.noise).double().norm())
+            return max(float((sel(p[self.j]).double() - sel(self.out).double()).norm()) for p in outs) + \
+                self._arithmetic(sel, noise)
+
+        return confirmed_floor(error, fl, at_moved)
+
+    def _arithmetic(self, sel, noise: float) -> float:
+        """The terms beside the measured rounding: ``ρ(g)``'s product, the call-to-call noise, ``16 u ‖f(x)‖``."""
+        return finite_floor(sel(self.out), None, sel(self.y), None, 1.0, noise) + \
+            16 * torch.finfo(self.y.dtype).eps * float(sel(self.y).double().norm())
+
+
+def _rows(mask):
+    return (lambda a: a) if mask is None else (lambda a: a[mask])
+
 
 class _Table:
-    """The errors of every trial gathered per output and family (and per structure of a batch)."""
+    """The errors of every trial gathered per output and family (and per structure of a batch), folded into the
+    figures once all trials are in (:meth:`fold`)."""
 
     def __init__(self, n_graphs, batch):
         self.errors: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self.n_graphs, self.batch = n_graphs, batch
+        # (output, family) -> structure (None: the whole call) -> [(error, reference norm, floor, rows)]
+        self.trials: Dict[Tuple[str, str], Dict[Optional[int], List[Tuple[float, float, _FloorOf, Any]]]] = {}
 
     def add(self, nm, family, diff, y, floor_of) -> None:
         a = float(diff.double().norm())
-        ref = float(y.double().norm())
-        fl = floor_of()
         d = self.errors[nm].setdefault(family, {"abs": [], "max_abs": 0.0, "max_rel": 0.0, "floor_rel": 0.0,
                                                 "max_above_floor": 0.0})
         d["abs"].append(a)
         d["max_abs"] = max(d["max_abs"], a)
-        _worst(d, None, _rel(a, ref), _rel(fl, ref), at_floor(a, fl), first=len(d["abs"]) == 1)
+        per = self.trials.setdefault((nm, family), {})
+        per.setdefault(None, []).append((a, float(y.double().norm()), floor_of, None))
         if self.n_graphs is not None:  # per structure of the batch: its own rows, relative to its own output
             from ._metrics import _sample_slices
 
             masks, _ = _sample_slices(y, self.batch, self.n_graphs)
             if masks is not None:
                 for b, m in enumerate(masks):
-                    ab, rb, fb = float(diff[m].double().norm()), float(y[m].double().norm()), floor_of(m)
-                    _worst(d, b, _rel(ab, rb), _rel(fb, rb), at_floor(ab, fb), first=len(d["abs"]) == 1)
+                    per.setdefault(b, []).append((float(diff[m].double().norm()), float(y[m].double().norm()),
+                                                  floor_of, m))
+
+    def fold(self) -> None:
+        """Each family's figures: the largest error and the floor of that trial, and the largest error of a trial
+        above its floor (0 when none), for the whole call and in the ``per_sample_*`` lists per structure. Trials
+        are taken from the largest error down, so that only the ones that could set ``max_above_floor`` are
+        confirmed at their moved input."""
+        for (nm, family), per in self.trials.items():
+            d = self.errors[nm][family]
+            for b, items in per.items():
+                worst, floor_rel, above = _fold(items)
+                if b is None:
+                    d["max_rel"], d["floor_rel"], d["max_above_floor"] = worst, floor_rel, above
+                else:
+                    for key, v in (("per_sample_max_rel", worst), ("per_sample_floor_rel", floor_rel),
+                                   ("per_sample_above", above)):
+                        lst = d.setdefault(key, [])
+                        while len(lst) <= b:
+                            lst.append(0.0)
+                        lst[b] = v
 
 
 def _rel(a: float, ref: float) -> float:
     return a / ref if ref > 0 else (0.0 if a == 0 else float("inf"))
 
 
-def _worst(d: Dict[str, Any], b: Optional[int], rel: float, floor_rel: float, is_at_floor: bool, first: bool) -> None:
-    """Fold one trial into a family's figures: the largest error and the floor of that trial, and the largest error
-    of a trial above its floor (0 when none): the whole call's (``b`` None), or structure ``b``'s in the
-    ``per_sample_*`` lists."""
-    if b is None:
-        keys, at = ("max_rel", "floor_rel", "max_above_floor"), None
-    else:
-        keys, at = ("per_sample_max_rel", "per_sample_floor_rel", "per_sample_above"), b
-        for key in keys:
-            lst = d.setdefault(key, [])
-            while len(lst) <= b:
-                lst.append(0.0)
-
-    def get(k):
-        return d[k] if at is None else d[k][at]
-
-    def put(k, v):
-        if at is None:
-            d[k] = v
-        else:
-            d[k][at] = v
-
-    if first or rel > get(keys[0]) or rel != rel:
-        put(keys[0], rel)
-        put(keys[1], floor_rel)
-    if not is_at_floor:
-        put(keys[2], max(get(keys[2]), rel) if rel == rel else rel)
+def _fold(items) -> Tuple[float, float, float]:
+    """``(largest relative error, its floor relative, largest relative error above its confirmed floor)`` of one
+    family's trials (a NaN error is the largest, and never at floor)."""
+    rels = [_rel(a, ref) for a, ref, _, _ in items]
+    order = sorted(range(len(items)), key=lambda i: (rels[i] == rels[i], -rels[i] if rels[i] == rels[i] else 0.0))
+    confirmed: Dict[int, float] = {}
+    above = 0.0
+    for i in order:
+        a, _, floor_of, m = items[i]
+        if a == a and at_floor(a, floor_of(m)):
+            continue
+        confirmed[i] = floor_of.confirmed(a, m)
+        if not at_floor(a, confirmed[i]):
+            above = rels[i]
+            break
+    w = order[0]
+    a, ref, floor_of, m = items[w]
+    fl = confirmed[w] if w in confirmed else floor_of(m)
+    return rels[w], _rel(fl, ref), above
 
 
 def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):

@@ -33,7 +33,8 @@ derived from the equivariance error itself. A model that runs in one precision o
 (named in ``floor_source``). ``at_floor``: the worst error is within ``FLOOR_FACTOR`` times the floor at the worst
 orientation; ``max_above_floor``: the largest error of an orientation above its own floor (0 when none). An error
 above its floor is confirmed before it counts: the hunt takes the worst of hundreds of orientations, so each such
-error is compared again with the input-rounding measurement at its own moved input (8 draws; ``_Search.confirmed_floor``). Every
+error is compared again with the input-rounding measurement at its own moved input
+(:func:`geolie._verdict.confirmed_floor`, the rule the finite checks use too). Every
 rotation is orthonormal to float64 rounding (:func:`geolie._verdict.orthonormal`), and the worst error is evaluated
 again at the rotation as reported, so that auditing the written structure reproduces it.
 
@@ -60,7 +61,8 @@ import torch
 from ._groups import SO3, as_group, hat, so3_log
 from ._io import flatten_outputs, leaf_name, pair_outputs, prepare_inputs
 from ._metrics import measure
-from ._verdict import at_floor, finite_floor, input_roundings, orthonormal, precision_scale
+from ._verdict import (CONFIRM_DRAWS, CONFIRM_SEED, at_floor, confirmed_floor, finite_floor, input_roundings,
+                       orthonormal, precision_scale)
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 
 __all__ = ["hunt", "HuntResult"]
@@ -215,8 +217,8 @@ class _HuntTarget:
                     break  # deterministic: one more call says so
         return out
 
-    def rounding_at(self, R: torch.Tensor, t: Optional[torch.Tensor], draws: int = 8, seed: int = 54321,
-                    ref: Optional[List[torch.Tensor]] = None) -> List[float]:
+    def rounding_at(self, R: torch.Tensor, t: Optional[torch.Tensor], draws: int = CONFIRM_DRAWS,
+                    seed: int = CONFIRM_SEED, ref: Optional[List[torch.Tensor]] = None) -> List[float]:
         """The input-rounding measurement at the moved input ``g·x`` (absolute, per hunted quantity): the largest
         change of ``φ(g)`` over ``draws`` perturbations of ``g·x`` by its rounding (signs drawn from ``seed``), plus
         ``16 u ‖f(x)‖``. ``ref``: ``φ(g)`` when already known (one call fewer)."""
@@ -369,9 +371,7 @@ class _Search:
         ``floor`` is compared again with the input-rounding measurement at ``g·x`` itself (8 draws); only an error
         above both counts. Errors at floor cost nothing more; a model that breaks is confirmed only when its error
         sets a new maximum."""
-        if at_floor(err, floor):
-            return floor
-        return max(floor, self.prob.rounding_at(R, t)[k] / (self.prob.norms[k] or 1.0))
+        return confirmed_floor(err, floor, lambda: self.prob.rounding_at(R, t)[k] / (self.prob.norms[k] or 1.0))
 
     def ascend(self, n_starts: int, steps: int, lr: float) -> None:
         """Adam on ``Σ log e²`` from the ``n_starts`` best orientations so far, ``R = exp(ω̂) R₀`` (and ``t``)."""
