@@ -296,7 +296,7 @@ def _finite_figures(ev, ref, group, n_finite, seed, permutation, problem, stack_
     relative error of a trial above its floor), ``verdict``), measured against the other precision (``ref``) or the
     input-rounding estimate; with ``floors`` False none (zero: the audit raises them to the sampled floor)."""
     fin = finite_equivariance_error(ev, group=group, n=n_finite, parity=True, permutation=permutation,
-                                    generator=torch.Generator().manual_seed(seed), problem=problem,
+                                    n_permutations=1, generator=torch.Generator().manual_seed(seed), problem=problem,
                                     stack_atoms=stack_atoms, reference=ref if floors else None, floor=floors)
     if not floors:
         src = "none (raised to the sampled floor)"
@@ -498,8 +498,9 @@ def audit(model, structures, *, group=SE3, dtype: torch.dtype = torch.float64, l
           threshold: Optional[float] = None, profile: bool = False) -> AuditReport:
     """Audit ``model`` on ``structures``; see the module docstring.
 
-    ``n_finite``: Haar rotations (and translations, permutations) per structure for the finite companions (the same
-    group elements for every structure, drawn from ``seed``); 0 skips them.
+    ``n_finite``: Haar rotations (and translations) per structure for the finite companions, with one random
+    permutation within each structure, the inversion and a repeated call (the same group elements for every
+    structure, drawn from ``seed``); 0 skips them.
     Batching: by default (``batch_size=None``) consecutive molecules share one call up to ``batch_atoms`` atoms (the
     finite companions' group elements are stacked into calls of the same budget,
     :func:`geolie.finite_equivariance_error`), for
@@ -693,17 +694,20 @@ class _Rows:
 
 
 def _floor_sample(run: "_Rows", src, done: RowFile, sample: List[int], is_done, is_mine) -> Dict[Any, Any]:
-    """The floor sample first, one structure per call (the same in every shard and batching; rows of an earlier run
+    """The floor sample first, batched as the run batches (the same calls in every shard; rows of an earlier run
     reused): its measured floors, pooled (:func:`_sampled_floor`). Its rows that are this run's are stored."""
     kept = [done.row(i) for i in sample if is_done[i]]
     sample_rows = [r for r in kept if r.get("floor_sampled")]
     have = {r["index"] for r in sample_rows}
-    for i, st in src.iterate([i for i in sample if i not in have]):
-        row = run.compute([(i, st)], True)[0]
-        row["floor_sampled"] = True
-        sample_rows.append(row)
-        if is_mine[i] and not is_done[i]:
-            run.finish([row], [st])
+    todo = src.iterate([i for i in sample if i not in have])
+    for chunk in _chunks(todo, run.batch_size, run.batch_atoms, run.pot if not (run.layerwise or run.hunt) else None):
+        rows = run.compute(chunk, True)
+        for row in rows:
+            row["floor_sampled"] = True
+        sample_rows += rows
+        mine = [(row, st) for row, (i, st) in zip(rows, chunk) if is_mine[i] and not is_done[i]]
+        if mine:
+            run.finish([r for r, _ in mine], [st for _, st in mine])
     return _sampled_floor(sample_rows)
 
 

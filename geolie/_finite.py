@@ -89,6 +89,7 @@ def finite_equivariance_error(
     n: int = 8,
     parity: bool = False,
     permutation: Optional[Dict[str, Any]] = None,
+    n_permutations: Optional[int] = None,
     about: str = "origin",
     batch: Optional[torch.Tensor] = None,
     box: float = 1.0,
@@ -105,6 +106,9 @@ def finite_equivariance_error(
     ``permutation``: ``None`` (skip) or ``{"inputs": flags, "outputs": flags}`` where ``flags`` say which
     inputs/output leaves are per-atom (permuted along their first dimension); unmarked outputs must be invariant.
     ``f`` may be a :class:`geolie.Evaluation`: its inputs, representations, batch and per-atom flags are used.
+    ``n_permutations``: how many random permutations (default ``n``). A model that is not permutation-equivariant
+    (it reads atom indices or their order) differs under almost every permutation, and one random permutation of a
+    structure moves all but about one of its atoms: the audit checks one.
     ``wrap``: translate periodic structures' atoms back into the cell after a finite translation (atoms that cross a
     cell face are replaced by their periodic image, ``x - floor(x C⁻¹) C``): a periodic model must not see the
     difference. On by default when an input has the ``"cell"`` representation.
@@ -146,7 +150,10 @@ def finite_equivariance_error(
             out0 = f(*inputs.call_args(list(inputs.values)))
         leaves, _ = pair_outputs(out0, out_rep)
         y0 = [t.detach() for t in check_outputs(flatten_outputs(out0), leaves)]
-    elements = _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator)
+    n_perm = n if n_permutations is None else n_permutations
+    if n_perm < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_perm}")
+    elements = _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator, n_perm)
     side = _Side(f, inputs, centers, leaves, y0, wrap)
     trials = [(fam, *side.trial(op)) for fam, op in elements]
     # the input-rounding perturbations (floors) ride in the same stacked calls as the trials
@@ -211,7 +218,8 @@ def _wrap_inputs(in_rep, inputs, wrap):
     return (cell_i[0], point_i) if wrap else None
 
 
-def _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator) -> List[Tuple[str, Any]]:
+def _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, generator, n_perm
+                    ) -> List[Tuple[str, Any]]:
     """The trials' group elements, drawn once (the same random draws, in the same order, whatever the batching and
     precision): ``("repeat", ("repeat",))``, ``("rotation", ("move", R, None))``, ``("translation", ("move", I, t))``,
     ``("inversion", ("move", −I, None))``, ``("permutation", ("perm", p, input flags, output flags))``."""
@@ -232,7 +240,7 @@ def _group_elements(group, n, box, parity, permutation, inputs, leaves, batch, g
         rows = [inputs.values[i].shape[0] for i in range(len(pin)) if pin[i]]
         if not rows or len(set(rows)) != 1:
             raise ValueError("permutation: mark at least one per-atom input; all marked inputs need the same rows")
-        for _ in range(n):
+        for _ in range(n_perm):
             els.append(("permutation", ("perm", _permutation(rows[0], batch, generator), pin, pout)))
     return els
 

@@ -61,7 +61,8 @@ direction plus the normalised pull-backs ``g_j``: for an equivariant model the g
 could not reveal a tangent that was dropped, ``⟨g_j, w⟩`` is not. A method that fails the check is not used: geolie
 warns (:class:`GeolieADCheckWarning`, naming the output and the disagreement), tries double backward, then finite
 differences, and records the failure (:attr:`LieResult.notes`); the check's value for each output of the accepted
-method is :attr:`LieResult.ad_check`. The check costs one reverse pass per output leaf and one tangent more.
+method is :attr:`LieResult.ad_check`. The check costs one reverse pass per output leaf and one tangent more (in
+the ``hvp`` path the energy's pull-back is ``u ∇E`` from the gradient the base evaluation holds: no pass).
 """
 from __future__ import annotations
 
@@ -394,8 +395,10 @@ def _adjoint_probes(prob: Problem, primals):
     us, gs = [], []
     for o in prob.base_raw:
         u = torch.randn(tuple(o.shape), generator=gen, dtype=torch.float64).to(o)
-        with torch.enable_grad():
-            g = torch.autograd.grad((o * u).sum(), prob.base_inputs, retain_graph=True, allow_unused=True)
+        g = _energy_pullback(prob, o, u)
+        if g is None:
+            with torch.enable_grad():
+                g = torch.autograd.grad((o * u).sum(), prob.base_inputs, retain_graph=True, allow_unused=True)
         us.append(u)
         gs.append([torch.zeros_like(x) if gi is None else gi.detach() for gi, x in zip(g, primals)])
     rnd = [torch.randn(tuple(p.shape), generator=gen, dtype=torch.float64).to(p) for p in primals]
@@ -405,6 +408,18 @@ def _adjoint_probes(prob: Problem, primals):
         if n > 0 and torch.isfinite(torch.tensor(n)):
             w = [wi + gi / n for wi, gi in zip(w, g)]
     return us, gs, w
+
+
+def _energy_pullback(prob: Problem, o, u) -> Optional[List[torch.Tensor]]:
+    """In the ``hvp`` path, the energy leaf's pull-back ``J_Eᵀ u = u_b ∇E`` (per structure ``b`` of a batch) from
+    the gradient the base evaluation already holds (one reverse pass fewer); ``None`` for any other leaf."""
+    if prob.hvp_state is None or o is not prob.hvp_state[1]:
+        return None
+    p, e, g = prob.hvp_state
+    if e.numel() == 1:
+        return [(u.reshape(()) * g).detach()]
+    b = torch.as_tensor(prob.batch, device=p.device).long()
+    return [(u.reshape(-1)[b][:, None] * g).detach()]
 
 
 def _norm(ts) -> float:

@@ -27,7 +27,7 @@ def _audit_parser(sub):
     a.add_argument("--group", default="SE3", choices=["SO3", "SE3"])
     a.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     a.add_argument("--layerwise", action="store_true", help="layer-wise attribution of the energy's Lie derivative")
-    a.add_argument("--n-finite", type=int, default=4, help="finite Haar rotations/translations per structure")
+    a.add_argument("--n-finite", type=int, default=4, help="finite Haar rotations/translations per structure (with one permutation, the inversion, a repeat)")
     a.add_argument("--limit", type=int, default=None, help="audit only the first N structures")
     a.add_argument("--batch-size", type=int, default=None,
                    help="molecules per call (default: batched by --batch-atoms where the model can batch; 1: none)")

@@ -535,7 +535,7 @@ def test_rows_stay_on_disk_with_bounded_memory(tmp_path):
 
 
 def test_floor_sample_is_reused_and_shard_invariant():
-    """floor_sample=k measures the floor on k evenly spread structures (one per call) and raises every other
+    """floor_sample=k measures the floor on k evenly spread structures (batched as the run) and raises every other
     structure's rounding estimate to the sample's median relative floor: the same figures in every shard."""
     from geolie._audit import floor_sample_indices
 
