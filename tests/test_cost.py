@@ -79,3 +79,16 @@ def test_cli_profile_prints_the_account(tmp_path, capsys):
                  "--out", str(tmp_path), "--profile"]) == 0
     out = capsys.readouterr().out
     assert "cost account:" in out and "E+F-eq/structure" in out and "finite companions" in out
+
+
+def test_benchmarks_page_states_the_saved_account():
+    """The docs' account table (before → after) ends in the totals of ``benchmarks/results/audit_account.json``."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = json.load(open(os.path.join(root, "benchmarks", "results", "audit_account.json")))["modes"]
+    page = open(os.path.join(root, "docs", "src", "benchmarks.md")).read()
+    row = next(line for line in page.splitlines() if line.startswith("| **total** |") and "→" in line)
+    after = [float(m) for m in re.findall(r"→ ([0-9.]+)\*\*", row)]
+    assert after == [round(saved[m]["total"], 1) for m in ("default", "random, no finite", "hunt (4 structures)")]
