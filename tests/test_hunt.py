@@ -110,3 +110,35 @@ def test_audit_and_cli_with_hunt(tmp_path, capsys):
     assert all("hunt" in s and "worst_error" in s["hunt"]["outputs"]["energy"] for s in rep["structures"])
     assert sorted(os.listdir(out / "hunt")) == ["hunt_0_C2H6O_energy.extxyz", "hunt_0_C2H6O_forces.extxyz",
                                                 "hunt_1_C2H6O_energy.extxyz", "hunt_1_C2H6O_forces.extxyz"]
+
+
+class _OneAtATime(torch.nn.Module):
+    """The same model without a ``batch`` argument: geolie cannot stack copies of it (one call per orientation)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, z, pos):
+        return self.m(z, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stacked_hunt_equals_one_call_per_orientation(dtype):
+    """The random and seeded orientations, the ascents' starts and the discontinuity probes go through the model
+    stacked: the same worst orientations, errors (to rounding) and verdicts as one call each, in far fewer calls."""
+    from truth_models import Morse, YBond
+
+    kw = dict(dtype=dtype, n_random=8, n_starts=2, steps=4, max_pairs=6, seed=1)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-3}[dtype]
+    for model in (YBond(), Morse()):
+        stacked = geolie.hunt(model, MOL, **kw).to_dict()
+        single = geolie.hunt(_OneAtATime(model), MOL, **kw).to_dict()
+        assert stacked["model_calls"] < single["model_calls"] / 2, (stacked["model_calls"], single["model_calls"])
+        for name, a in stacked["outputs"].items():
+            b = single["outputs"][name]
+            assert (a["at_floor"], a["found_by"]) == (b["at_floor"], b["found_by"]), name
+            if not a["at_floor"]:  # a break: its size is the model's, whatever the calls
+                assert a["worst_error"] == pytest.approx(b["worst_error"], rel=tol), name
+        # the planted break is found both ways; the exact model is at its floor both ways
+        assert stacked["outputs"]["energy"]["at_floor"] is not isinstance(model, YBond)
