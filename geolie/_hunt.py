@@ -164,7 +164,7 @@ class _HuntTarget:
         self.leaves, _ = pair_outputs(out0, ev.out_rep)
         y0 = [t.detach() for t in flatten_outputs(out0)]
         self.raw0 = y0  # the leaves as the model returns them at the base orientation
-        self.joint_ok = True  # stacked copies reproduce one call each (pulled_back_joint's check)
+        self.joint_ok = True  # stacked copies reproduce one call each (else off for this target)
         self._stacked: Dict[int, Any] = {}
         # the quantities hunted: every output leaf, and the irreducible parts of rank-2 ones (stress l = 0, 2)
         self.items: List[Tuple[int, Optional[str]]] = []
@@ -216,11 +216,13 @@ class _HuntTarget:
         from ._finite import _evaluate_trials
 
         ev = self.ev
-        if ev.stack is None or not all(ev.per_atom_inputs) or len(elements) < 2:
+        if ev.stack is None or not all(ev.per_atom_inputs) or len(elements) < 2 or not self.joint_ok:
             return [self.pulled_back(R, t) for R, t in elements]
+        plain = []
 
         def call(vals):
             self.calls += 1
+            plain.append(1)
             with torch.enable_grad():
                 return [o.detach() for o in flatten_outputs(ev.fn(*self.inputs.call_args(vals)))]
 
@@ -235,6 +237,8 @@ class _HuntTarget:
 
         outs = _evaluate_trials(call, stack, [list(self.inputs.values)] + [self.moved(R, t) for R, t in elements],
                                 self.raw0, stack_atoms)
+        if len(plain) > len(elements):  # every element went one call each: the stacked copies failed their check
+            self.joint_ok = False
         return [self.pull(o, R, t) for o, (R, t) in zip(outs[1:], elements)]
 
     def pulled_back_joint(self, elements: List[Tuple[torch.Tensor, Optional[torch.Tensor]]], check: bool = False,
