@@ -27,6 +27,14 @@ Methods
   problem per device, dtype and size class (atoms rounded up to a power of two) runs both, timed, and the faster is
   kept for the process (both pass the adjoint test; their values agree to the floor). A batched pass that fails
   (an op without a batching rule, out of memory) leaves the loop.
+* ``"hvp-forces"``: for models whose forces are the autograd gradient of their energy, computed with its graph
+  kept, as MACE computes them (the function declares it: ``fn._geolie_autograd_forces = ("energy", "forces")``, the
+  package adapters set it; other outputs of the energy pass, such as MACE's per-atom energies, by forward mode
+  through ``fn._geolie_energy_outputs``, the model without its forces, when the adapter provides it). Their Jacobian ``J_F = −H`` is symmetric, so ``J_F v = J_Fᵀ v``: one reverse pass through
+  the forces' graph per tangent (3-5x faster than forward mode through the model's own ``autograd.grad``:
+  ``benchmarks/potential_packages.py``), and ``J_E v = ∇E·v`` from one reverse pass. It holds only for a symmetric
+  Jacobian: its adjoint test compares ``⟨u, Jᵀv⟩`` with ``⟨Jᵀu, v⟩``, a test of that symmetry, and the strategy is
+  accepted only when they agree to :data:`SYMMETRY_TOLERANCE` (rounding); else forward mode runs.
 * ``"jvp"``: forward-mode AD. One ``torch.autograd.forward_ad`` pass per generator (``"jvp-loop"``), which also
   runs through ``torch.autograd.grad(..., create_graph=True)`` inside the model (forces): forward-over-reverse;
   or all generators in one ``torch.func.vmap(torch.func.jvp)`` call (``"jvp-vmap"``), which cannot run models that
@@ -79,12 +87,13 @@ from ._groups import LieGroup, SE3, as_group
 from ._reps import PointRep
 from ._torch_utils import segment_sum
 from ._io import (
-    Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, pair_outputs, prepare_inputs,
+    Centers, Inputs, Leaf, _to_tensor, check_outputs, flatten_outputs, leaf_name, pair_outputs, prepare_inputs,
 )
 
 __all__ = ["lie_derivative", "lie_result", "LieResult", "HVP_BATCHED_UP_TO", "hvp_choice"]
 
-METHODS = ("auto", "hvp", "hvp-loop", "hvp-batched", "jvp", "jvp-vmap", "jvp-loop", "double-backward", "fd")
+METHODS = ("auto", "hvp", "hvp-loop", "hvp-batched", "hvp-forces", "jvp", "jvp-vmap", "jvp-loop", "double-backward",
+           "fd")
 
 #: per device type, the largest call (in atoms) for which ``"hvp"`` takes the batched pass, as measured
 #: (``benchmarks/lie_derivative.py``, 2-core CPU, float32: batched 0.5-0.7x the loop's time at 10 atoms, 0.8-1.0x at
@@ -108,6 +117,8 @@ def ad_check_tolerance(dtype: torch.dtype) -> float:
 
 
 PRECISION_TOLERANCE = {torch.float64: 1e-9}  # above it (and below ad_check_tolerance): a note on the precision
+#: ``"hvp-forces"`` is accepted when its adjoint test (then a test of the force Jacobian's symmetry) agrees to this
+SYMMETRY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
 @dataclass
@@ -289,6 +300,73 @@ def _jvp_hvp(prob: Problem, tangents, batched: bool = False):
             b = torch.as_tensor(prob.batch, device=p.device).long()
             dE.append(segment_sum(gv.detach().sum(-1), b, e.shape[0]))
     return [torch.stack(dE), torch.stack(dF)]
+
+
+def _autograd_forces(prob: Problem) -> Optional[Tuple[int, int]]:
+    """``(energy leaf, forces leaf)`` when ``"hvp-forces"`` applies: the function declares its forces the autograd
+    gradient of its energy, positions are the one moving input, the outputs are exactly energy and forces, and the
+    forces carry their graph."""
+    spec = getattr(prob.f, "_geolie_autograd_forces", None)
+    if spec is None or prob.inputs.moving != [0] or not isinstance(prob.inputs.reps[0], PointRep):
+        return None
+    names = [leaf_name(lf.path) for lf in prob.leaves]
+    rest = [n for n in names if n not in spec]
+    if not all(n in names for n in spec) or (rest and not set(rest) <= set(_energy_outputs(prob.f))):
+        return None
+    ie, i_f = names.index(spec[0]), names.index(spec[1])
+    F = prob.base_raw[i_f]
+    if not isinstance(F, torch.Tensor) or not F.requires_grad or F.shape != prob.base_inputs[0].shape:
+        return None
+    return ie, i_f
+
+
+def _jvp_autograd_forces(prob: Problem, tangents):
+    """``"hvp-forces"`` (see the module docstring): ``J_F v = J_Fᵀ v`` by one reverse pass through the forces' graph
+    per tangent, ``J_E v = ∇E·v`` (per structure with ``batch``)."""
+    ie, i_f = _autograd_forces(prob)
+    p = prob.base_inputs[0]
+    E, F = prob.base_raw[ie], prob.base_raw[i_f]
+    gE = torch.autograd.grad(E.sum(), p, retain_graph=True, allow_unused=True)[0]
+    gE = torch.zeros_like(p) if gE is None else gE.detach()
+    v = tangents[0]
+    dE, dF = [], []
+    for k in range(v.shape[0]):
+        h = torch.autograd.grad((F * v[k].to(F)).sum(), p, retain_graph=True, allow_unused=True)[0]
+        dF.append(torch.zeros_like(F) if h is None else h.detach().to(F.dtype))
+        gv = (gE * v[k]).sum(-1)
+        if prob.batch is None:
+            dE.append(gv.sum().reshape(E.shape).to(E.dtype))
+        else:
+            b = torch.as_tensor(prob.batch, device=p.device).long()
+            dE.append(segment_sum(gv, b, E.numel()).reshape(E.shape).to(E.dtype))
+    out: List[Any] = [None] * len(prob.base_raw)
+    out[ie], out[i_f] = torch.stack(dE), torch.stack(dF)
+    rest = [j for j in range(len(out)) if out[j] is None]
+    if rest:  # other outputs of the energy pass (per-atom energies): forward mode through it, without the forces
+        names = [leaf_name(prob.leaves[j].path) for j in rest]
+        energy_outputs = getattr(prob.f, "_geolie_energy_outputs")
+        args = list(prob.inputs.values)
+        per_k = []
+        for k in range(v.shape[0]):
+            with fwAD.dual_level():
+                dual = fwAD.make_dual(prob.inputs.values[0], v[k].to(p))
+                res = energy_outputs(dual, *args[1:])
+                per_k.append([_tangent_of(res[n]) for n in names])
+        for i, j in enumerate(rest):
+            out[j] = torch.stack([per_k[k][i] for k in range(v.shape[0])]).reshape(v.shape[0], *prob.y[j].shape)
+    return out
+
+
+def _energy_outputs(f) -> Tuple[str, ...]:
+    """The outputs ``f._geolie_energy_outputs`` (an energy pass without the forces) returns, declared as
+    ``f._geolie_energy_outputs.outputs``."""
+    g = getattr(f, "_geolie_energy_outputs", None)
+    return tuple(getattr(g, "outputs", ())) if g is not None else ()
+
+
+def _tangent_of(o: torch.Tensor) -> torch.Tensor:
+    t = fwAD.unpack_dual(o).tangent
+    return torch.zeros_like(o).detach() if t is None else t.detach()
 
 
 def _size_class(n_atoms: int) -> int:
@@ -490,6 +568,11 @@ def _ad(prob: Problem, method: str, chunk_size=None):
             if "double-backward" not in tried and all(n != "double-backward" for n, _ in strategies):
                 strategies.append(("double-backward", _strategy("double-backward", prob, primals, chunk_size)))
             continue
+        sym = SYMMETRY_TOLERANCE.get(jv[0].dtype if jv else torch.float64, 0.0)
+        if name == "hvp-forces" and not max(checks, default=0.0) <= sym:
+            notes.append(f"hvp-forces not used: the force Jacobian is symmetric only to {max(checks):.1e} (more than "
+                         f"{sym:.0e}): the forces are not exactly the energy's gradient; forward mode instead")
+            continue
         soft = PRECISION_TOLERANCE.get(jv[0].dtype if jv else torch.float64)
         if soft is not None and max(checks, default=0.0) > soft:
             notes.append(f"{name}: its adjoint test agrees only to {max(checks):.1e} in "
@@ -512,6 +595,7 @@ def _strategy(name: str, prob: Problem, primals, chunk_size) -> Callable:
         "hvp": lambda ts: _jvp_hvp_chosen(prob, ts),
         "hvp-loop": lambda ts: _jvp_hvp(prob, ts),
         "hvp-batched": lambda ts: _jvp_hvp(prob, ts, batched=True),
+        "hvp-forces": lambda ts: _jvp_autograd_forces(prob, ts),
         "jvp": lambda ts: _jvp_chosen(prob, primals, ts, chunk_size),
         "jvp-loop": lambda ts: _jvp_forward_ad(prob, primals, ts),
         "jvp-vmap": lambda ts: _jvp_vmap(prob, primals, ts, chunk_size),
@@ -527,6 +611,11 @@ def _strategies(prob, method, primals, chunk_size, errors):
         elif method != "auto":
             errors.append(f"{method}: needs f = geolie.conservative(energy_fn) of positions alone, with one energy "
                           "(or one per structure and `batch`)")
+    if method in ("jvp", "auto", "hvp-forces") and _autograd_forces(prob) is not None:
+        names.append("hvp-forces")  # accepted only if the forces' Jacobian is symmetric to rounding (see _ad)
+    elif method == "hvp-forces":
+        errors.append("hvp-forces: needs a function that declares its forces the autograd gradient of its energy "
+                      "(fn._geolie_autograd_forces), outputs energy and forces only, positions the one moving input")
     if method in ("jvp", "auto"):
         names += ["jvp", "jvp-loop", "jvp-vmap"]  # the measured choice; the explicit ones as fallbacks
     elif method in ("jvp-loop", "jvp-vmap"):

@@ -193,6 +193,15 @@ class GraphPotentialAdapter(Adapter):
         when ``stress`` (periodic), and any other :attr:`OUTPUTS` the model returns."""
         raise NotImplementedError
 
+    def _energy_pass_outputs(self) -> set:
+        """Outputs :meth:`_run_energy` returns (the model's energy pass without its forces); none by default."""
+        return set()
+
+    def _run_energy(self, m: torch.nn.Module, pos: torch.Tensor, g: Graph) -> Dict[str, torch.Tensor]:
+        """The model on a molecule's (or batch's) ``pos`` without computing forces: the outputs of
+        :meth:`_energy_pass_outputs`, as :meth:`_run` returns them."""
+        raise NotImplementedError
+
     def _graph(self, z: torch.Tensor, pos: torch.Tensor, cell: Optional[torch.Tensor], batch: Optional[torch.Tensor],
                dtype: torch.dtype):
         """The neighbour graph handed to :meth:`_run` (geolie's :func:`build_graph` at ``cutoff``; a package whose
@@ -244,6 +253,20 @@ class GraphPotentialAdapter(Adapter):
                     v = v.reshape(v.shape[1:]) if v.dim() > 0 and v.shape[0] == 1 else v
                 res[k] = v.to(p.dtype)
             return res
+
+        if self.sources().get("forces") == ev_mod.MODEL_AUTOGRAD_FORCES:
+            # the forces are the energy's autograd gradient: the Lie derivative may use their symmetric Jacobian
+            # (geolie._lie's "hvp-forces", accepted only where its adjoint test finds it symmetric to rounding)
+            fn._geolie_autograd_forces = ("energy", "forces")
+            energy_keys = [k for k in keys if k not in ("energy", "forces")]
+            if energy_keys and not periodic and self._energy_pass_outputs() >= set(energy_keys):
+
+                def energy_outputs(p, zz):  # the model without its forces: forward mode for per-atom energies
+                    g = base if near(p, zz, None, p0, z0, c0) else self._graph(zz, p, None, batch, dtype)
+                    return self._run_energy(m, p, g)
+
+                energy_outputs.outputs = tuple(energy_keys)
+                fn._geolie_energy_outputs = energy_outputs
 
         def stack(k: int):  # k copies of these molecules as one batch, one graph per copy built from its positions
             bk = stacked_batch(batch, pos.shape[0], k, self.device)

@@ -52,7 +52,20 @@ class MACEAdapter(GraphPotentialAdapter):
     def notes(self, dtype: torch.dtype) -> List[str]:
         return [f"MACE head {self.heads[self.head]!r}"] if len(self.heads) > 1 else []
 
+    def _energy_pass_outputs(self) -> set:
+        return {"node_energy"}
+
+    def _run_energy(self, m, pos, g: Graph) -> Dict[str, torch.Tensor]:
+        out = m(self._data(pos, None, g), training=True, compute_force=False)
+        return {"node_energy": out["node_energy"]}
+
     def _run(self, m, pos, cell, g: Graph, stress: bool) -> Dict[str, torch.Tensor]:
+        out = m(self._data(pos, cell, g), training=True, compute_force=True, compute_stress=stress)
+        res = {k: out.get(k) for k in ("energy", "forces", "stress", "node_energy")}
+        return {k: v for k, v in res.items() if v is not None}
+
+    def _data(self, pos, cell, g: Graph) -> Dict[str, torch.Tensor]:
+        """MACE's input dict for ``pos``, ``cell`` (or ``None``) and the graph."""
         n_el = len(self.elements)
         idx = self._index.to(g.z.device)[g.z]
         node_attrs = torch.nn.functional.one_hot(idx, n_el).to(pos.dtype)
@@ -63,12 +76,9 @@ class MACEAdapter(GraphPotentialAdapter):
         else:
             cells = torch.zeros(3 * B, 3, dtype=pos.dtype, device=pos.device)
             shifts = torch.zeros_like(g.S)
-        data = {"positions": pos, "node_attrs": node_attrs, "edge_index": torch.stack([g.i, g.j]),
+        return {"positions": pos, "node_attrs": node_attrs, "edge_index": torch.stack([g.i, g.j]),
                 "shifts": shifts, "unit_shifts": g.S, "cell": cells, "batch": g.batch, "ptr": g.ptr,
                 "head": torch.full((B,), self.head, dtype=torch.long, device=pos.device)}
-        out = m(data, training=True, compute_force=True, compute_stress=stress)
-        res = {k: out.get(k) for k in ("energy", "forces", "stress", "node_energy")}
-        return {k: v for k, v in res.items() if v is not None}
 
 
 def load(path: str, head: Optional[str] = None) -> MACEAdapter:
