@@ -525,3 +525,31 @@ def test_hvp_forces_refused_where_the_forces_are_not_the_gradient():
         ref = geolie.lie_derivative(fn, pos, method="jvp-loop", **kw)
         assert res.method.startswith("jvp") and any(said in n for n in res.notes), (res.method, res.notes)
         assert torch.allclose(res.structured()["forces"], ref["forces"], rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_probe_runs_only_where_the_generators_cannot_test_the_forces(monkeypatch):
+    """Away from equilibrium the generators' tangents give the forces' adjoint test non-zero sides: no probe (one
+    Hessian-vector product fewer). At an equilibrium (two atoms at a pair potential's minimum: F = 0, every
+    generator side 0) the probe runs. Both results pass the adjoint test."""
+    import geolie._lie as L
+
+    seen = []
+    orig = L._jvp_hvp
+
+    def spy(prob, tangents, batched=False):
+        seen.append(tangents[0].shape[0])
+        return orig(prob, tangents, batched)
+
+    monkeypatch.setattr(L, "_jvp_hvp", spy)
+
+    def energy(p):  # a pair well with its minimum at r = 1
+        r = (p[0] - p[1]).norm()
+        return (r - 1.0) ** 2 + 0.1 * (r - 1.0) ** 3
+
+    fn = geolie.conservative(energy)
+    kw = dict(out_rep=("scalar", "vector"), method="hvp-loop")
+    generic = geolie.lie_result(fn, cloud(n=2), **kw)
+    at_minimum = torch.tensor([[0.0, 0.0, 0.0], [0.6, 0.0, 0.8]], dtype=torch.float64)
+    eq = geolie.lie_result(fn, at_minimum, **kw)
+    assert seen == [6, 7]  # six SE(3) generators; the probe only at the minimum
+    assert generic.ad_check and eq.ad_check and max(eq.ad_check.values()) <= 1e-3
