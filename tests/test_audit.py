@@ -614,8 +614,10 @@ def test_audit_with_batched_hvp_equals_the_loop(monkeypatch):
     assert {r["method"] for r in loop.rows} == {"hvp"} and {r["method"] for r in batched.rows} == {"hvp-batched"}
     for a, b in zip(loop.rows, batched.rows):
         for name in ("energy", "forces"):
+            # to the floor: below it the two variants' rounding differs (a batched backward pass of 6 tangents
+            # rounds one way, of 7 another), and a Lie derivative of 0.0 in one is 1e-17 in the other
             np.testing.assert_allclose(a["outputs"][name]["abs"], b["outputs"][name]["abs"], rtol=1e-9,
-                                       atol=1e-3 * max(a["outputs"][name]["floor"]))
+                                       atol=max(a["outputs"][name]["floor"]))
 
 
 def test_dataset_objects_are_read_item_by_item():
