@@ -613,7 +613,6 @@ def _audit(profile_account, model, structures, *, group, dtype, layerwise, n_fin
                        dict(run_meta, identity=identity), run.gallery.entries)
 
 
-
 def _ef_call(pot, sts, dtype):
     """One energy+forces call of ``pot`` on ``sts`` (batched where it can), as the audit gets them: for the cost
     account's reference (:mod:`geolie._cost`)."""
@@ -625,6 +624,7 @@ def _ef_call(pot, sts, dtype):
         return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
     return call
+
 
 class _Rows:
     """An audit's rows as they are made: ``compute`` a call's rows (batched where the model can, one draw of the

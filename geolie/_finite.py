@@ -370,10 +370,9 @@ class _FloorOf:
                                          sel(ref_y0[self.j]), scale, noise))
         return est
 
-    def confirmed(self, error: float, mask=None) -> float:
-        """The floor, confirmed at the trial's own moved input where ``error`` is above it
-        (:func:`geolie._verdict.confirmed_floor`)."""
-        fl = self(mask)
+    def confirmed(self, error: float, mask, fl: float) -> float:
+        """The floor ``fl`` (this trial's, from :meth:`__call__`), confirmed at the trial's own moved input where
+        ``error`` is above it (:func:`geolie._verdict.confirmed_floor`)."""
         if self.floors is None or self.noise is None:  # the repeat check's floor is no rounding estimate
             return fl
         sel = _rows(mask)
@@ -452,20 +451,19 @@ def _fold(items) -> Tuple[float, float, float]:
     family's trials (a NaN error is the largest, and never at floor)."""
     rels = [_rel(a, ref) for a, ref, _, _ in items]
     order = sorted(range(len(items)), key=lambda i: (rels[i] == rels[i], -rels[i] if rels[i] == rels[i] else 0.0))
-    confirmed: Dict[int, float] = {}
+    floors: Dict[int, float] = {}  # each visited trial's floor, confirmed where it was measured again
     above = 0.0
     for i in order:
         a, _, floor_of, m = items[i]
-        if a == a and at_floor(a, floor_of(m)):
+        floors[i] = floor_of(m)
+        if a == a and at_floor(a, floors[i]):
             continue
-        confirmed[i] = floor_of.confirmed(a, m)
-        if not at_floor(a, confirmed[i]):
+        floors[i] = floor_of.confirmed(a, m, floors[i])
+        if not at_floor(a, floors[i]):
             above = rels[i]
             break
-    w = order[0]
-    a, ref, floor_of, m = items[w]
-    fl = confirmed[w] if w in confirmed else floor_of(m)
-    return rels[w], _rel(fl, ref), above
+    w = order[0]  # always visited
+    return rels[w], _rel(floors[w], items[w][1]), above
 
 
 def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):

@@ -26,8 +26,8 @@ pass), ``26`` per output for the discontinuity probes (around the worst orientat
 one audit measurement at each worst orientation; the same evaluations once more in the other precision (no ascent)
 for the floor when the model runs in both. Where the model stacks copies of a structure (``Evaluation.stack``, as
 the finite checks use it) the random and seeded orientations, the probes and each ascent step's starts go through
-it together, up to 512 atoms a call: the numbers of one call per orientation (tested), in a fraction of the calls
-(SchNet on aspirin: 63 calls instead of 338, 2.3× faster).
+it together, up to ``STACK_ATOMS`` (512) atoms a call: the numbers of one call per orientation (tested), in a
+fraction of the calls (SchNet on aspirin: 63 calls instead of 338, 2.3× faster).
 
 Floor (:mod:`geolie._verdict`, the same as every finite check's): at each orientation evaluated in both
 precisions (the random and seeded ones, and each output's worst), the distance between the model's outputs in its
@@ -70,6 +70,9 @@ from ._verdict import (CONFIRM_DRAWS, CONFIRM_SEED, at_floor, confirmed_floor, f
 from ._reps import Tensor2Rep, has_antisymmetric_part, tensor2_parts
 
 __all__ = ["hunt", "HuntResult"]
+
+#: at most this many atoms in one stacked call of the hunt (the audit's default batch budget)
+STACK_ATOMS = 512
 
 
 @dataclass
@@ -208,7 +211,7 @@ class _HuntTarget:
         return vals
 
     def pulled_back_many(self, elements: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
-                         stack_atoms: int = 512) -> List[List[torch.Tensor]]:
+                         stack_atoms: int = STACK_ATOMS) -> List[List[torch.Tensor]]:
         """:meth:`pulled_back` at several group elements (no gradient): stacked ``K`` copies to a call, at most
         ``stack_atoms`` atoms, when the model stacks (``Evaluation.stack``, as the finite checks): the numbers of one
         call per element, checked on an unmoved copy in the first stacked call (else one call per element,
@@ -221,10 +224,8 @@ class _HuntTarget:
         plain = []
 
         def call(vals):
-            self.calls += 1
             plain.append(1)
-            with torch.enable_grad():
-                return [o.detach() for o in flatten_outputs(ev.fn(*self.inputs.call_args(vals)))]
+            return self._raw(vals)
 
         def stack(k):
             fn = ev.stack(k)
@@ -242,7 +243,7 @@ class _HuntTarget:
         return [self.pull(o, R, t) for o, (R, t) in zip(outs[1:], elements)]
 
     def pulled_back_joint(self, elements: List[Tuple[torch.Tensor, Optional[torch.Tensor]]], check: bool = False,
-                          stack_atoms: int = 512) -> List[List[torch.Tensor]]:
+                          stack_atoms: int = STACK_ATOMS) -> List[List[torch.Tensor]]:
         """:meth:`pulled_back` at several group elements, differentiable: one stacked call (``Evaluation.stack``)
         when the model stacks and the copies fit in ``stack_atoms`` atoms, else one call each. ``check``: compare the
         stacked copies with one call each first (no gradient); copies that differ by more than ``STACK_TOL`` machine
@@ -270,15 +271,15 @@ class _HuntTarget:
             with torch.no_grad():
                 for c, (R, t) in enumerate(elements):
                     if not _same_as_unstacked([p[c].detach() for p in parts],
-                                              self._raw_at(R.detach(), None if t is None else t.detach())):
+                                              self._raw(self.moved(R.detach(), None if t is None else t.detach()))):
                         self.joint_ok = False
                         return [self.pulled_back(R_, t_) for R_, t_ in elements]
         return [self.pull([p[c] for p in parts], R, t) for c, (R, t) in enumerate(elements)]
 
-    def _raw_at(self, R: torch.Tensor, t: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """The model's leaves at ``g·x``, one plain call."""
+    def _raw(self, vals: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The model's leaves at the inputs ``vals``, one plain call (counted), detached."""
         with torch.enable_grad():
-            out = [o.detach() for o in flatten_outputs(self.ev.fn(*self.inputs.call_args(self.moved(R, t))))]
+            out = [o.detach() for o in flatten_outputs(self.ev.fn(*self.inputs.call_args(vals)))]
         self.calls += 1
         return out
 

@@ -244,12 +244,7 @@ def _jvp_forward_ad(prob, primals, tangents):
     for k in range(K):
         with fwAD.dual_level():
             duals = [fwAD.make_dual(p, t[k]) for p, t in zip(primals, tangents)]
-            outs = fn(*duals)
-            tans = []
-            for o in outs:
-                tan = fwAD.unpack_dual(o).tangent
-                tans.append(torch.zeros_like(o) if tan is None else tan.detach())
-        per_k.append(tans)
+            per_k.append([_tangent_of(o) for o in fn(*duals)])
     return [torch.stack([per_k[k][j] for k in range(K)]) for j in range(len(per_k[0]))]
 
 
@@ -297,12 +292,17 @@ def _jvp_hvp(prob: Problem, tangents, batched: bool = False):
         else:
             h = None
         dF.append(torch.zeros_like(p) if h is None else -h)
-        if e.numel() == 1:
-            dE.append(s.detach().reshape(e.shape))
-        else:
-            b = torch.as_tensor(prob.batch, device=p.device).long()
-            dE.append(segment_sum(gv.detach().sum(-1), b, e.shape[0]))
+        dE.append(_energy_tangent(prob, gv, e))
     return [torch.stack(dE), torch.stack(dF)]
+
+
+def _energy_tangent(prob: Problem, gv: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``J_E v = ∇E·v`` from the products ``gv = ∇E ⊙ v`` ``[N, 3]``: one number, or one per structure (``batch``)."""
+    gv = gv.detach()
+    if e.numel() == 1:
+        return gv.sum().reshape(e.shape).to(e.dtype)
+    b = torch.as_tensor(prob.batch, device=gv.device).long()
+    return segment_sum(gv.sum(-1), b, e.numel()).reshape(e.shape).to(e.dtype)
 
 
 def _autograd_forces(prob: Problem) -> Optional[Tuple[int, int]]:
@@ -336,12 +336,7 @@ def _jvp_autograd_forces(prob: Problem, tangents):
     for k in range(v.shape[0]):
         h = torch.autograd.grad((F * v[k].to(F)).sum(), p, retain_graph=True, allow_unused=True)[0]
         dF.append(torch.zeros_like(F) if h is None else h.detach().to(F.dtype))
-        gv = (gE * v[k]).sum(-1)
-        if prob.batch is None:
-            dE.append(gv.sum().reshape(E.shape).to(E.dtype))
-        else:
-            b = torch.as_tensor(prob.batch, device=p.device).long()
-            dE.append(segment_sum(gv, b, E.numel()).reshape(E.shape).to(E.dtype))
+        dE.append(_energy_tangent(prob, gE * v[k], E))
     out: List[Any] = [None] * len(prob.base_raw)
     out[ie], out[i_f] = torch.stack(dE), torch.stack(dF)
     rest = [j for j in range(len(out)) if out[j] is None]

@@ -202,14 +202,14 @@ class _Planted:
     def __call__(self, mask=None):
         return self.base
 
-    def confirmed(self, error, mask=None):
+    def confirmed(self, error, mask, fl):
         from geolie._verdict import confirmed_floor
 
         def at_moved():
             self.measured += 1
             return self.moved
 
-        return confirmed_floor(error, self.base, at_moved)
+        return confirmed_floor(error, fl, at_moved)
 
 
 def test_a_trial_above_its_base_floor_counts_only_above_its_moved_input_rounding_too():
