@@ -1,29 +1,74 @@
 r"""The study's analysis: statistics, tables, findings and plots from the finished runs' ``result.json`` files.
 
 The headline number of a potential is the *relative isotropic rotational Lie derivative of its forces*,
-``sqrt(mean_k ‖L_{r_k} F‖² ) / ‖F‖`` (float64, median over the audited test structures): 0 for an equivariant
-model, measured against its floor (~1e-15). Statistics:
+``L(F) = sqrt(mean_k ‖L_{r_k} F‖²) / ‖F‖`` (float64, median over the audited structures of a split): 0 for an
+equivariant model, measured against its floor (~1e-15). Beside it, per structure: the absolute
+``sqrt(mean_k ‖L_{r_k} F‖²)`` (eV/Å) and the same relative to the *label* forces' norm (which does not move with the
+model), so that a change of ``L(F)`` can be told apart from a change of the normalising norm.
 
-* rank correlation (Spearman's ρ) between test force MAE and that Lie derivative within a family, with a 95%
-  percentile bootstrap interval (2000 resamples of the models); a finding is stated as a correlation only when
-  the interval excludes 0;
-* per family and training mode: the median over sizes of the Lie derivative, the force MAE and the training time;
-* off-distribution: the ratio of the Lie derivative on the 300 K ``shift`` split to the 500 K ``test`` split;
-* aliasing: the grid models' Lie derivative against the grid resolution;
-* where violations sit: the layer-wise attribution's largest modules (share of the summed contributions).
+Analysis as the study was designed (:mod:`study_stats`):
 
-Findings are written from the numbers (``findings.md``): nothing is claimed that the numbers do not show.
+* a configuration is (molecule, family, width, recipe); it is trained from several seeds, and a configuration's
+  numbers are given with a 95% t-interval over its seeds;
+* a potential *learned the forces* when its force MAE on the held-out-by-time split is at least 10% below predicting
+  zero forces; trends and remedies are read over these runs only, the others are listed;
+* trends with size and accuracy are read within each training recipe: a pooled fit ``log L(F) = b log x + c_recipe``
+  (seeds as replicates) with the slope's interval, and per recipe Spearman's ρ of the seed means across widths;
+* a remedy's effect is the paired ratio (same width and seed) of ``L(F)`` to the plain recipe's, with its interval;
+* off-distribution (300 K shift against the 500 K time split): the paired per-run ratio of absolute ``L(F)``, of
+  ``L(F)`` relative to the label forces, and of ``L(F)`` relative to the predictions;
+* aliasing: the vector family's pointwise nonlinearity against its norm-gated twin (paired by seed and recipe),
+  and the share of the energy's rotational derivative that layer-wise attribution puts on the nonlinearities.
+
+Every statement of ``findings.md`` is a :class:`Claim` (value, interval, n, verdict); the verdict is the claim's
+positive or negative reading only when the interval excludes the null (:func:`study_stats.claim`), otherwise "not
+distinguishable". The claims are saved in ``results.json`` beside the numbers they come from, and a test
+recomputes them.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+import study_stats as stats
 
+#: a potential learned the forces when its force MAE is at least this fraction below the zero-force baseline
+LEARNED_MARGIN = 0.1
+
+
+@dataclass
+class Claim:
+    """One statement of the findings: ``text`` with its estimate, 95% interval, n and verdict."""
+
+    key: str
+    text: str
+    estimate: float
+    lo: Optional[float]
+    hi: Optional[float]
+    n: int
+    verdict: str
+    unit: str = ""
+    #: the null value on the displayed scale (0 for a slope or a difference, 1 for a factor, 0.5 for a share)
+    null: float = 0.0
+
+    def line(self) -> str:
+        iv = ("no interval" if self.lo is None or self.hi is None
+              else f"95% CI [{_fmt(self.lo)}, {_fmt(self.hi)}]")
+        return f"- {self.text}: {_fmt(self.estimate)}{self.unit} ({iv}, n = {self.n}): {self.verdict}."
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None or not np.isfinite(v):
+        return "nan"
+    return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------- reading runs
 def load_results(out: str) -> Dict[str, Dict[str, Any]]:
     res = {}
     runs = os.path.join(out, "runs")
@@ -39,7 +84,6 @@ def _rank(a: np.ndarray) -> np.ndarray:
     order = np.argsort(a, kind="mergesort")
     r = np.empty(len(a))
     r[order] = np.arange(len(a))
-    # average ranks over ties
     for v in np.unique(a):
         m = a == v
         if m.sum() > 1:
@@ -70,8 +114,16 @@ def spearman(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: i
 
 
 def lie(r: Dict[str, Any], split: str = "test", output: str = "forces", stat: str = "median") -> float:
+    """The relative isotropic rotational Lie derivative (median over the split's audited structures)."""
     v = r.get(f"lie_{split}", {}).get(output, {}).get("rot_iso", {}).get(stat)
     return math.nan if v is None else float(v)
+
+
+def lie_per(r: Dict[str, Any], split: str, kind: str) -> float:
+    """Median over structures of the forces' rotational Lie derivative: ``kind`` = ``"abs"`` (eV/Å), ``"label"``
+    (relative to the label forces) or ``"iso"`` (relative to the predictions)."""
+    v = r.get(f"lie_{split}", {}).get("forces", {}).get(f"per_structure_rot_{kind}")
+    return float(np.median(v)) if v else math.nan
 
 
 def train_seconds(r: Dict[str, Any]) -> float:
@@ -80,259 +132,319 @@ def train_seconds(r: Dict[str, Any]) -> float:
     return float(r["training"]["train_seconds"]) - sum(mon.values())
 
 
-def _md(results):
-    return {k: r for k, r in results.items() if r.get("task") == "md"}
+def _md(results, molecule: Optional[str] = None):
+    return {k: r for k, r in results.items() if r.get("task") == "md"
+            and (molecule is None or r["molecule"] == molecule)}
 
 
-def correlations(results) -> Dict[str, Dict[str, float]]:
-    out = {}
-    md = _md(results)
-    for fam in sorted({r["family"] for r in md.values() if r["kind"] == "unconstrained"}):
-        rs = [r for r in md.values() if r["family"] == fam]
-        out[fam] = spearman([r["test"]["forces_mae"] for r in rs], [lie(r) for r in rs])
-        out[fam + " (size)"] = spearman([r["n_parameters"] for r in rs], [lie(r) for r in rs])
-    rs = [r for r in md.values() if r["kind"] == "unconstrained"]
-    out["all unconstrained"] = spearman([r["test"]["forces_mae"] for r in rs], [lie(r) for r in rs])
-    return out
-
-
-def _median(v):
-    v = [x for x in v if x is not None and np.isfinite(x)]
-    return float(np.median(v)) if v else math.nan
-
-
-def mode_table(results) -> Dict[str, Dict[str, Dict[str, float]]]:
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for r in _md(results).values():
-        if r["kind"] != "unconstrained":
-            continue
-        out.setdefault(r["family"], {}).setdefault(r["mode"], {"lie": [], "mae": [], "shift_mae": [], "sec": [],
-                                                                "ratio": []})
-        e = out[r["family"]][r["mode"]]
-        e["lie"].append(lie(r))
-        e["mae"].append(r["test"]["forces_mae"])
-        e["shift_mae"].append(r["shift"]["forces_mae"])
-        e["sec"].append(train_seconds(r))
-        e["ratio"].append(lie(r, "shift") / lie(r) if lie(r) > 0 else math.nan)
-    return {f: {m: {k: _median(v) for k, v in e.items()} | {"n": len(e["lie"])} for m, e in d.items()}
-            for f, d in out.items()}
-
-
-def layer_shares(results, top: int = 3) -> Dict[str, List[Tuple[str, float]]]:
-    out = {}
-    for name, r in _md(results).items():
-        lw = r.get("lie_test", {}).get("layerwise")
-        if not lw:
-            continue
-        tot = sum(abs(v) for v in lw.values()) or 1.0
-        out[name] = [(k, v / tot) for k, v in sorted(lw.items(), key=lambda kv: -kv[1])[:top]]
-    return out
-
-
-def table(results) -> str:
-    head = ("| model | kind | mode | params | E MAE test | F MAE test | F MAE shift | L(F) test median | L(F) p99 | "
-            "L(F) shift median | L(E) median | finite rot max (F) | train s | structures/s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in sorted(_md(results).items(), key=lambda kv: (kv[1]["kind"], kv[1]["family"], kv[0])):
-        fin = r["lie_test"]["forces"].get("finite_rotation_max")
-        lines.append(f"| {name} | {r['kind']} | {r['mode']} | {r['n_parameters']} | {r['test']['energy_mae']:.3f} | "
-                     f"{r['test']['forces_mae']:.3f} | {r['shift']['forces_mae']:.3f} | {lie(r):.2e} | "
-                     f"{lie(r, stat='p99'):.2e} | {lie(r, 'shift'):.2e} | {lie(r, output='energy'):.2e} | "
-                     f"{fin if fin is None else format(fin, '.1e')} | {train_seconds(r):.0f} | "
-                     f"{r['throughput']:.0f} |")
-    sh = {k: r for k, r in results.items() if r.get("task") == "shapes"}
-    if sh:
-        lines += ["", "| shapes model | mode | params | accuracy | accuracy rotated | L(logits) median | L p99 | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, r in sorted(sh.items()):
-            t = r["test"]
-            lines.append(f"| {name} | {r['mode']} | {r['n_parameters']} | {t['accuracy']:.3f} | "
-                         f"{t['accuracy_rotated']:.3f} | {t['logits']['rot_iso']['median']:.2e} | "
-                         f"{t['logits']['rot_iso']['p99']:.2e} | {r['training']['train_seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-#: a potential learned the forces when its test force MAE is at least this fraction below the zero-force baseline
-LEARNED_MARGIN = 0.1
-
-
-def _learned(r, base) -> bool:
-    """A potential that learned the forces: test force MAE at least 10% below predicting zero forces (the trends of
-    L(F) are read over these; the energy is judged against the constant predictor separately)."""
+def learned(r: Dict[str, Any], base: Dict[str, float]) -> bool:
+    """Learned the forces: time-split force MAE at least 10% below predicting zero forces."""
     return r["test"]["forces_mae"] < (1 - LEARNED_MARGIN) * base["forces_mae_zero"]
 
 
-def within_recipe(results, family: str, base) -> Dict[str, Any]:
-    """The family's trends read within each training recipe: the pooled fits ``log L(F) = b log x + c_recipe`` for
-    ``x`` = parameters and ``x`` = test force MAE (:func:`stats.factor_fit`), over the runs that learned the task, and
-    per recipe Spearman's ρ with its exact p-value (:func:`stats.spearman_exact`)."""
-    import study_stats as stats
-
-    rs = [r for r in _md(results).values() if r["family"] == family and r["kind"] == "unconstrained"]
-    ok = [r for r in rs if _learned(r, base)]
-    out: Dict[str, Any] = {"n_runs": len(rs), "n_learned": len(ok)}
-    if ok:
-        ly = [math.log(lie(r)) for r in ok]
-        grp = [r["mode"] for r in ok]
-        out["size"] = stats.factor_fit(ly, [math.log(r["n_parameters"]) for r in ok], grp)
-        out["mae"] = stats.factor_fit(ly, [math.log(r["test"]["forces_mae"]) for r in ok], grp)
-    out["per_recipe"] = {}
-    for mode in sorted({r["mode"] for r in ok}):
-        m = [r for r in ok if r["mode"] == mode]
-        out["per_recipe"][mode] = {"size": stats.spearman_exact([r["n_parameters"] for r in m], [lie(r) for r in m]),
-                                   "mae": stats.spearman_exact([r["test"]["forces_mae"] for r in m],
-                                                               [lie(r) for r in m])}
+def configurations(results) -> Dict[tuple, List[Dict[str, Any]]]:
+    """Runs grouped by configuration ``(molecule, family, width, mode)`` (or ``("shapes", ...)``), seeds together."""
+    out: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in results.values():
+        key = (r.get("molecule", "shapes"), r["family"], r["width"], r["mode"]) + (
+            (tuple(r["resolution"]),) if "resolution" in r else ())
+        out.setdefault(key, []).append(r)
     return out
 
 
-def shift_test(results, base) -> Dict[str, Any]:
-    """Off-distribution: per unconstrained model that learned the forces the ratio of L(F) on the shift split to the test split, against
-    the ratio of the splits' median label force norms (a relative Lie derivative scales as 1/‖F‖: with equal absolute
-    derivatives the ratio would be about that), with a two-sided sign test of "ratio above the normalisation"."""
+def _log_interval(values: Sequence[float]) -> Dict[str, Any]:
+    """Geometric mean over seeds with the 95% t-interval of the mean of ``log10``."""
+    si = stats.seed_interval([math.log10(v) for v in values if v > 0 and np.isfinite(v)])
+    g = (lambda x: None if x is None else 10 ** x)
+    return {"mean": g(si["mean"]) if np.isfinite(si["mean"]) else math.nan, "lo": g(si["lo"]), "hi": g(si["hi"]),
+            "n": si["n"]}
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+def trend_claims(results, molecule: str, family: str, base) -> List[Claim]:
+    """Within-recipe trends of ``log L(F)`` with size and with accuracy (pooled fit, recipe as a factor)."""
+    ok = [r for r in _md(results, molecule).values() if r["family"] == family and learned(r, base)]
+    if len({r["width"] for r in ok}) < 2:
+        return []
+    ly = [math.log10(lie(r)) for r in ok]
+    grp = [r["mode"] for r in ok]
+    out = []
+    for key, x, pos, neg in (
+            ("size", [math.log10(r["n_parameters"]) for r in ok], "larger models have larger Lie derivatives",
+             "larger models are more equivariant"),
+            ("mae", [math.log10(r["test"]["forces_mae"]) for r in ok], "more accurate models are more equivariant",
+             "more accurate models are less equivariant")):
+        fit = stats.factor_fit(ly, x, grp)
+        what = "parameters" if key == "size" else "force MAE"
+        out.append(Claim(f"trend/{molecule}/{family}/{key}",
+                         f"{molecule}, {family}: slope b of log L(F) = b·log({what}) + c_recipe, within recipe "
+                         f"({fit['groups']} recipes, seeds as replicates)", fit["slope"], fit["lo"], fit["hi"],
+                         fit["n"], "within a recipe, " + stats.claim(fit["lo"], fit["hi"], pos, neg)))
+    return out
+
+
+def per_recipe_rho(results, molecule: str, family: str, base) -> List[str]:
+    """Per recipe Spearman's ρ (exact p) of the seed means across widths: descriptive lines, not claims."""
+    ok = [r for r in _md(results, molecule).values() if r["family"] == family and learned(r, base)]
+    lines = []
+    for mode in sorted({r["mode"] for r in ok}):
+        widths = sorted({r["width"] for r in ok if r["mode"] == mode})
+        if len(widths) < 3:
+            continue
+        rs = {w: [r for r in ok if r["mode"] == mode and r["width"] == w] for w in widths}
+        params = [rs[w][0]["n_parameters"] for w in widths]
+        ly = [float(np.mean([math.log10(lie(r)) for r in rs[w]])) for w in widths]
+        lm = [float(np.mean([math.log10(r["test"]["forces_mae"]) for r in rs[w]])) for w in widths]
+        a, b = stats.spearman_exact(params, ly), stats.spearman_exact(lm, ly)
+        lines.append(f"{mode}: ρ(parameters, L) = {a['rho']:.2f} (exact p = {a['p']:.3f}), ρ(force MAE, L) = "
+                     f"{b['rho']:.2f} (p = {b['p']:.3f}), n = {a['n']} widths")
+    return lines
+
+
+def _paired(rs: List[Dict], key_fn, a_sel, b_sel, value) -> tuple:
+    """Pairs ``(value(a), value(b))`` of runs matched by ``key_fn`` (width and seed)."""
+    A = {key_fn(r): r for r in rs if a_sel(r)}
+    B = {key_fn(r): r for r in rs if b_sel(r)}
+    keys = sorted(set(A) & set(B))
+    return [value(A[k]) for k in keys], [value(B[k]) for k in keys]
+
+
+def remedy_claims(results, molecule: str, family: str, base) -> List[Claim]:
+    """Each recipe against plain (paired by width and seed, both learned): the factor on ``L(F)`` and on the force
+    MAE; the penalty against augmentation the same way."""
+    rs = [r for r in _md(results, molecule).values() if r["family"] == family and learned(r, base)]
+    key = (lambda r: (r["width"], r["seed"]))
+    out = []
+    modes = sorted({r["mode"] for r in rs} - {"plain"})
+    pairs = [(m, "plain") for m in modes] + ([("penalty", "augment")] if {"penalty", "augment"} <= set(modes) else [])
+    for a, b in pairs:
+        x, y = _paired(rs, key, lambda r: r["mode"] == a, lambda r: r["mode"] == b, lie)
+        lr = stats.log_ratio(x, y)
+        out.append(Claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/lie",
+                         f"{molecule}, {family}: L(F) of {a} over {b} (paired by width and seed; factor)",
+                         lr["factor"], lr["factor_lo"], lr["factor_hi"], lr["n"],
+                         stats.claim(lr["lo"], lr["hi"], f"{a} has the larger Lie derivative",
+                                     f"{a} lowers the Lie derivative"), null=1.0))
+        x, y = _paired(rs, key, lambda r: r["mode"] == a, lambda r: r["mode"] == b,
+                       lambda r: r["test"]["forces_mae"])
+        lr = stats.log_ratio(x, y)
+        out.append(Claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/mae",
+                         f"{molecule}, {family}: force MAE of {a} over {b} (paired; factor)",
+                         lr["factor"], lr["factor_lo"], lr["factor_hi"], lr["n"],
+                         stats.claim(lr["lo"], lr["hi"], f"{a} has the larger force error",
+                                     f"{a} has the smaller force error"), null=1.0))
+    return out
+
+
+def shift_claims(results, molecule: str, base) -> List[Claim]:
+    """Off-distribution: per learned unconstrained run, shift over time split of the forces' rotational Lie
+    derivative, absolute, relative to the label forces and relative to the predictions; and of the force MAE."""
+    rs = [r for r in _md(results, molecule).values() if r["kind"] == "unconstrained" and learned(r, base)]
+    out = []
+    for kind, what in (("abs", "absolute L(F) (eV/Å)"), ("label", "L(F) relative to the label forces"),
+                       ("iso", "L(F) relative to the predicted forces")):
+        lr = stats.log_ratio([lie_per(r, "shift", kind) for r in rs], [lie_per(r, "test", kind) for r in rs])
+        out.append(Claim(f"shift/{molecule}/{kind}", f"{molecule}: {what}, 300 K shift over 500 K time split "
+                         "(per learned unconstrained run; factor)", lr["factor"], lr["factor_lo"], lr["factor_hi"],
+                         lr["n"], stats.claim(lr["lo"], lr["hi"], "larger off-distribution",
+                                              "smaller off-distribution"), null=1.0))
+    lr = stats.log_ratio([r["shift"]["forces_mae"] for r in rs], [r["test"]["forces_mae"] for r in rs])
+    out.append(Claim(f"shift/{molecule}/mae", f"{molecule}: force MAE, shift over time split (factor)", lr["factor"],
+                     lr["factor_lo"], lr["factor_hi"], lr["n"],
+                     stats.claim(lr["lo"], lr["hi"], "larger off-distribution", "smaller off-distribution"),
+                     null=1.0))
+    return out
+
+
+#: module-name patterns of the vector family's parts, for attribution shares
+PARTS = {"nonlinearities": ("model.act.",), "input layers": ("model.messages.", "__unattributed__"),
+         "channel mixes": ("model.mix.",)}
+
+
+def part_share(lw: Dict[str, float], part: str) -> float:
+    """Share of the summed ``|contribution|`` of layer-wise attribution in the modules of ``part``; the input layers
+    include what no module explains (the raw edge vector is concatenated outside the modules)."""
+    tot = sum(abs(v) for v in lw.values())
+    if tot == 0:
+        return math.nan
+    return sum(abs(v) for k, v in lw.items() if any(k.startswith(p) or k == p for p in PARTS[part])) / tot
+
+
+def aliasing_claims(results, molecule: str, base) -> List[Claim]:
+    """Pointwise against norm-gated vector nonlinearities, per recipe (paired by seed): the factor on ``L(F)``; and
+    per nonlinearity the share of attribution on the nonlinearities, against one half."""
+    rs = [r for r in _md(results, molecule).values() if r["family"].startswith("vector-")]
+    out = []
+    for mode in sorted({r["mode"] for r in rs}):
+        x, y = _paired(rs, lambda r: r["seed"], lambda r: r["family"] == "vector-pointwise" and r["mode"] == mode,
+                       lambda r: r["family"] == "vector-gated" and r["mode"] == mode, lie)
+        lr = stats.log_ratio(x, y)
+        out.append(Claim(f"aliasing/{molecule}/{mode}/lie", f"{molecule}, vector features, {mode}: L(F) pointwise "
+                         "over norm-gated nonlinearity (paired by seed; factor)", lr["factor"], lr["factor_lo"],
+                         lr["factor_hi"], lr["n"],
+                         stats.claim(lr["lo"], lr["hi"], "the pointwise nonlinearity breaks more",
+                                     "the pointwise nonlinearity breaks less"), null=1.0))
+        for fam in ("vector-pointwise", "vector-gated"):
+            shares = [part_share(r["lie_test"]["layerwise"], "nonlinearities") for r in rs
+                      if r["family"] == fam and r["mode"] == mode and r["lie_test"].get("layerwise")]
+            si = stats.seed_interval(shares)
+            out.append(Claim(f"aliasing/{molecule}/{mode}/{fam}/share",
+                             f"{molecule}, {fam}, {mode}: share of the energy's rotational derivative attributed to "
+                             "the nonlinearities (seed mean)", si["mean"], si["lo"], si["hi"], si["n"],
+                             stats.claim(si["lo"], si["hi"], "most of it sits in the nonlinearities",
+                                         "most of it sits elsewhere (the input layers)", null=0.5), null=0.5))
+    return out
+
+
+def best_forces_claim(results, molecule: str) -> List[Claim]:
+    """The configuration with the lowest seed-mean force MAE, against the runner-up (unpaired difference)."""
+    cfg = {k: v for k, v in configurations(_md(results, molecule)).items() if len(v) >= 2}
+    if len(cfg) < 2:
+        return []
+    mean = {k: float(np.mean([r["test"]["forces_mae"] for r in v])) for k, v in cfg.items()}
+    first, second = sorted(mean, key=mean.get)[:2]
+    a = [r["test"]["forces_mae"] for r in cfg[first]]
+    b = [r["test"]["forces_mae"] for r in cfg[second]]
     from scipy import stats as sst
 
-    ratios = [lie(r, "shift") / lie(r) for r in _md(results).values()
-              if r["kind"] == "unconstrained" and lie(r) > 0 and _learned(r, base)]
-    norm = base["force_norm_test_median"] / base["force_norm_shift_median"]
-    above = sum(x > norm for x in ratios)
-    p = float(sst.binomtest(above, len(ratios), 0.5).pvalue) if ratios else math.nan
-    return {"ratios": ratios, "median": float(np.median(ratios)) if ratios else math.nan, "norm_ratio": norm,
-            "above_norm": above, "n": len(ratios), "sign_p": p}
+    t = sst.ttest_ind(b, a, equal_var=False)
+    ci = t.confidence_interval(0.95)
+    name = (lambda k: f"{k[1]} w{k[2]} {k[3]}")
+    return [Claim(f"best/{molecule}", f"{molecule}: lowest mean force MAE {name(first)} ({mean[first]:.3f} eV/Å), "
+                  f"runner-up {name(second)} ({mean[second]:.3f}); difference runner-up minus best", float(
+                      np.mean(b) - np.mean(a)), float(ci.low), float(ci.high), len(a) + len(b),
+                  stats.claim(float(ci.low), float(ci.high), f"{name(first)} has the best forces",
+                              f"{name(second)} has the best forces"), " eV/Å")]
 
 
-def findings(results, corr, modes, shares, base: Dict[str, float]) -> str:
-    """Statements from the numbers, each with its interval and n, analysed as the study was designed (within
-    recipe); a claim only where its interval excludes the null (training times exclude the monitor's measurements).
-    ``base``: the label baselines (:func:`stats.label_baselines`)."""
-    import study_stats as stats
+def all_claims(results, molecules: Sequence[str], bases: Dict[str, Dict[str, float]]) -> List[Claim]:
+    out: List[Claim] = []
+    for mol in molecules:
+        if not _md(results, mol):
+            continue
+        out += trend_claims(results, mol, "mpnn", bases[mol])
+        out += remedy_claims(results, mol, "mpnn", bases[mol])
+    main = molecules[0]
+    if _md(results, main):
+        out += remedy_claims(results, main, "reltransformer", bases[main])
+        out += shift_claims(results, main, bases[main])
+        out += aliasing_claims(results, main, bases[main])
+        out += best_forces_claim(results, main)
+    return out
 
-    L: List[str] = ["# Findings (generated from the runs' numbers)", ""]
+
+# ---------------------------------------------------------------------------------------------------- findings
+def _training_lines(results, mol: str, base) -> List[str]:
+    md = _md(results, mol)
+    L = [f"- {mol}: predicting the training-mean energy gives energy MAE {base['energy_mae_constant']:.3f} eV on the "
+         f"time split ({base['energy_mae_constant_shift']:.3f} on shift); zero forces give force MAE "
+         f"{base['forces_mae_zero']:.3f} eV/Å ({base['forces_mae_zero_shift']:.3f} on shift); median label ‖F‖ "
+         f"{base['force_norm_test_median']:.2f} (time), {base['force_norm_shift_median']:.2f} (shift) eV/Å."]
+    for fam in sorted({r["family"] for r in md.values()}):
+        rs = [r for r in md.values() if r["family"] == fam]
+        conv = sum(bool(r["training"].get("converged")) for r in rs)
+        ok = sum(learned(r, base) for r in rs)
+        e_ok = sum(r["test"]["energy_mae"] < base["energy_mae_constant"] for r in rs)
+        mae = stats.seed_interval([r["test"]["forces_mae"] for r in rs])
+        L.append(f"  - {fam}: {len(rs)} runs; {conv} stopped on the validation criterion (the others at the "
+                 f"step cap); {ok} learned the forces; {e_ok} beat the constant energy predictor; force MAE mean "
+                 f"{mae['mean']:.3f} eV/Å over its runs.")
+    failed = sorted(k for k, r in md.items() if not learned(r, base))
+    if failed:
+        L.append(f"  - did not learn the forces (left out of trends, remedies and the shift test): {', '.join(failed)}.")
+    return L
+
+
+def findings(results, claims: List[Claim], bases: Dict[str, Dict[str, float]], molecules: Sequence[str],
+             extra: Optional[Dict[str, Any]] = None) -> str:
+    """The findings page: the training summary against the label baselines, then every claim as one line, grouped;
+    descriptive lines (per-recipe ρ, grid resolution, shapes, eSCN, pretrained) carry no verdict."""
     md = _md(results)
-    L.append(f"{len(md)} potentials and {len(results) - len(md)} shape classifiers finished; one seed per "
-             "configuration (no seed intervals: a configuration's spread over seeds is not measured).")
+    n_seeds = sorted({r.get("seed", 0) for r in results.values()})
+    L = ["# Findings (generated from the runs' numbers)", "",
+         f"{len(md)} potentials and {len(results) - len(md)} shape classifiers finished (seeds {n_seeds}). Each "
+         "line gives the estimate, its 95% interval and n; a verdict is stated only when the interval excludes the "
+         "null, otherwise \"not distinguishable\".", "",
+         "## Did the models learn the task? (time split: the last 2 ps of the 500 K trajectory)"]
+    for mol in molecules:
+        if _md(results, mol):
+            L += _training_lines(results, mol, bases[mol])
     L.append("")
-    L.append("## Did the models learn the task? (label baselines, test split)")
-    L.append(f"- predicting the training-mean energy: energy MAE {base['energy_mae_constant']:.3f} eV; predicting zero "
-             f"forces: force MAE {base['forces_mae_zero']:.3f} eV/Å.")
-    learned = sorted(k for k, r in md.items() if _learned(r, base))
-    failed = sorted(k for k in md if k not in learned)
-    e_ok = sorted(k for k, r in md.items() if r["test"]["energy_mae"] < base["energy_mae_constant"])
-    L.append(f"- forces: {len(learned)} of {len(md)} potentials are at least {100 * LEARNED_MARGIN:.0f}% below the "
-             f"zero-force error; the others did not learn the forces and are left out of the trends: "
-             f"{', '.join(failed) if failed else 'none'}.")
-    L.append(f"- energies: {len(e_ok)} of {len(md)} beat the constant predictor: {', '.join(e_ok) or 'none'}; "
-             "1000 steps of 8 frames is about ten epochs: most models are not converged.")
-    L.append("")
-    L.append("## Is accuracy correlated with learned equivariance within a family? (read within each recipe)")
-    for fam in sorted({r["family"] for r in md.values() if r["kind"] == "unconstrained"}):
-        w = within_recipe(results, fam, base)
-        if not w["n_learned"]:
-            L.append(f"- {fam}: none of its {w['n_runs']} runs learned the task: its Lie derivatives are not "
-                     "interpreted.")
-            continue
-        sz, ma = w["size"], w["mae"]
-        L.append(f"- {fam}, pooled fit log L(F) = b·log(parameters) + c_recipe over {sz['n']} runs in {sz['groups']} "
-                 f"recipes: b = {sz['slope']:.2f}, 95% CI [{sz['lo']:.2f}, {sz['hi']:.2f}]: " + stats.claim(
-                     sz["lo"], sz["hi"], "within a recipe, larger models have larger Lie derivatives",
-                     "within a recipe, larger models are more equivariant") + ".")
-        L.append(f"- {fam}, pooled fit log L(F) = b·log(force MAE) + c_recipe over {ma['n']} runs: b = "
-                 f"{ma['slope']:.2f}, 95% CI [{ma['lo']:.2f}, {ma['hi']:.2f}]: " + stats.claim(
-                     ma["lo"], ma["hi"], "within a recipe, more accurate models are more equivariant",
-                     "within a recipe, more accurate models are less equivariant") + ".")
-        per = "; ".join(f"{mode} ρ(params, L) = {v['size']['rho']:.2f} (p = {v['size']['p']:.3f}), ρ(MAE, L) = "
-                        f"{v['mae']['rho']:.2f} (p = {v['mae']['p']:.3f}), n = {v['size']['n']}"
-                        for mode, v in w["per_recipe"].items())
-        L.append(f"- {fam}, per recipe (exact permutation p; with n = 4 no ρ can reach p < 0.05): {per}.")
-    for fam, c in corr.items():
-        if "size" in fam or not np.isfinite(c["rho"]):
-            continue
-        L.append(f"- pooled across recipes, not the design's reading (the recipe moves L(F) without moving the "
-                 f"error): {fam} ρ(force MAE, L(F)) = {c['rho']:.2f}, bootstrap 95% CI [{c['lo']:.2f}, "
-                 f"{c['hi']:.2f}], n = {c['n']}.")
-    L.append("")
-    L += _remedies(md, modes, base)
-    L.append("## Does learned equivariance hold off-distribution (300 K shift vs 500 K test)?")
-    sh = shift_test(results, base)
-    if sh["n"]:
-        verdict = ("weaker off-distribution beyond the normalisation" if sh["sign_p"] < 0.05 and sh["above_norm"] > sh["n"] / 2
-                   else "not distinguishable from the normalisation by the label force norms")
-        L.append(f"- shift/test ratio of the relative L(F) over the {sh['n']} unconstrained models that learned the "
-                 f"forces: median "
-                 f"{sh['median']:.2f}, range [{min(sh['ratios']):.2f}, {max(sh['ratios']):.2f}]; the label force "
-                 f"norms alone give {sh['norm_ratio']:.2f} (median ‖F‖ {base['force_norm_test_median']:.1f} test, "
-                 f"{base['force_norm_shift_median']:.1f} shift); above it for {sh['above_norm']} of {sh['n']} "
-                 f"(sign test p = {sh['sign_p']:.3f}): {verdict}. The normalisation is accounted for only through the "
-                 "splits' median label force norms: absolute Lie derivatives were not saved by these runs.")
-    L.append("")
-    L += _aliasing_and_layers(md, shares, results)
+    groups = [("Is accuracy correlated with learned equivariance? (within recipe)", "trend/"),
+              ("Augmentation vs penalty vs equigrad", "remedy/"),
+              ("Does learned equivariance hold off-distribution (300 K shift vs 500 K time split)?", "shift/"),
+              ("Aliasing: do pointwise nonlinearities on vector features break equivariance?", "aliasing/"),
+              ("Best forces", "best/")]
+    for title, prefix in groups:
+        L.append(f"## {title}")
+        L += [c.line() for c in claims if c.key.startswith(prefix)] or ["- no runs for this question yet."]
+        if prefix == "trend/":
+            for mol in molecules:
+                for ln in per_recipe_rho(results, mol, "mpnn", bases.get(mol, {})) if _md(results, mol) else []:
+                    L.append(f"- {mol}, mpnn, per recipe (seed means; with 4 widths no ρ can reach p < 0.05): {ln}.")
+        L.append("")
+    L += _descriptive(results, molecules, extra or {})
     return "\n".join(L) + "\n"
 
 
-def _remedies(md, modes, base) -> List[str]:
-    L = ["## Augmentation vs penalty vs equigrad (median over sizes; augment-x5 trains five times the steps)"]
-    for fam, d in modes.items():
-        if not any(_learned(r, base) for r in md.values() if r["family"] == fam):
-            L.append(f"- {fam}: no run learned the forces (force MAE {min(e['mae'] for e in d.values()):.3f} at best, "
-                     f"zero-force {base['forces_mae_zero']:.3f} eV/Å): its Lie derivatives are not interpreted.")
-            continue
-        base_l = d.get("plain", {}).get("lie", math.nan)
-        for mode, e in d.items():
-            fac = base_l / e["lie"] if e["lie"] > 0 and np.isfinite(base_l) else math.nan
-            L.append(f"- {fam} / {mode}: L(F) {e['lie']:.2e} ({fac:.1f}x below plain), force MAE {e['mae']:.3f} eV/Å "
-                     f"(zero-force {base['forces_mae_zero']:.3f}), training {e['sec']:.0f} s (n = {e['n']}).")
-        facs = [base_l / e["lie"] for m, e in d.items() if m != "plain" and e["lie"] > 0]
-        if facs and np.isfinite(base_l):
-            L.append(f"- {fam}: every remedy lowers the median L(F), by {min(facs):.1f}x to {max(facs):.1f}x "
-                     f"(one seed, n = 4 sizes per recipe: no interval)." if min(facs) > 1 else
-                     f"- {fam}: not every remedy lowers the median L(F) (factors {min(facs):.1f}x to {max(facs):.1f}x).")
-    for fam, d in modes.items():
-        if "penalty" in d and "augment-x5" in d:
-            p, a = d["penalty"], d["augment-x5"]
-            better = "the penalty" if p["lie"] < a["lie"] else "augmentation"
-            L.append(f"- {fam}, at about equal training time (penalty {p['sec']:.0f} s, augment-x5 {a['sec']:.0f} s): "
-                     f"L(F) {p['lie']:.2e} with the penalty vs {a['lie']:.2e} with augmentation, force MAE "
-                     f"{p['mae']:.3f} vs {a['mae']:.3f} eV/Å: {better} gives the smaller Lie derivative (medians "
-                     "of one seed each).")
-    eq = {k: r for k, r in md.items() if r["kind"] == "equivariant"}
-    if eq:
-        worst = max(eq.items(), key=lambda kv: lie(kv[1]))
-        maes = ", ".join(f"{k} {r['test']['forces_mae']:.3f}" for k, r in sorted(eq.items()))
-        L.append(f"- exactly equivariant baselines: largest L(F) {lie(worst[1]):.1e} ({worst[0]}); "
-                 f"force MAE {maes} eV/Å.")
-    best = min(md.items(), key=lambda kv: kv[1]["test"]["forces_mae"])
-    L.append(f"- best test forces of all potentials: {best[0]} ({best[1]['test']['forces_mae']:.3f} eV/Å).")
-    L.append("")
-    return L
-
-
-def _aliasing_and_layers(md, shares, results) -> List[str]:
+def _descriptive(results, molecules, extra) -> List[str]:
     L: List[str] = []
-    grid = sorted(((r["resolution"], lie(r)) for r in md.values() if r["family"] == "grid"),
-                  key=lambda t: t[0][0] * t[0][1])
+    main = molecules[0]
+    eq = [r for r in _md(results, main).values() if r["kind"] == "equivariant"]
+    if eq:
+        L.append("## Exactly equivariant baselines")
+        for fam in sorted({r["family"] for r in eq}):
+            rs = [r for r in eq if r["family"] == fam]
+            mae = stats.seed_interval([r["test"]["forces_mae"] for r in rs])
+            L.append(f"- {fam}: largest L(F) {max(lie(r) for r in rs):.1e} (floor level); force MAE "
+                     f"{mae['mean']:.3f} eV/Å, n = {mae['n']}.")
+        L.append("")
+    grid = [r for r in _md(results, main).values() if r["family"] == "grid"]
     if grid:
-        L.append("## Aliasing against grid resolution (spherical-grid SiLU, trained)")
-        L.append("- " + ", ".join(f"{a}x{b}: {v:.1e}" for (a, b), v in grid))
-        mono = all(grid[i][1] >= grid[i + 1][1] for i in range(len(grid) - 1))
-        L.append(f"- {'monotone' if mono else 'not monotone'}: finer grids {'alias less' if mono else 'do not always alias less'}. "
-                 "This is the quadrature accuracy of a purpose-built equivariant layer, not a test of whether "
-                 "learned models break equivariance in their nonlinearities (Gruver et al.'s aliasing claim).")
+        L.append("## Spherical-grid SiLU against grid resolution (quadrature accuracy, not learned equivariance)")
+        for res in sorted({tuple(r["resolution"]) for r in grid}, key=lambda t: t[0] * t[1]):
+            g = _log_interval([lie(r) for r in grid if tuple(r["resolution"]) == res])
+            L.append(f"- {res[0]}x{res[1]}: L(F) geometric mean {g['mean']:.1e} over {g['n']} seeds.")
         L.append("")
-    if shares:
-        L.append("## Where in the network do the violations sit? (energy's rotational derivative, largest modules)")
-        L.append("- the unconstrained families' hidden features are invariant scalars: pointwise nonlinearities "
-                 "cannot break rotations there, so attribution lands on the layers that read coordinates by "
-                 "construction; the aliasing question needs hidden features that transform.")
-        for name, top in sorted(shares.items()):
-            L.append(f"- {name}: " + ", ".join(f"{k} {100 * s:.0f}%" for k, s in top))
-        L.append("")
-    sh = {k: r for k, r in results.items() if r.get("task") == "shapes"}
+    sh = [r for r in results.values() if r.get("task") == "shapes"]
     if sh:
-        L.append("## Shapes (classification in canonical orientation)")
-        for name, r in sorted(sh.items()):
-            t = r["test"]
-            L.append(f"- {name}: accuracy {t['accuracy']:.2f} canonical, {t['accuracy_rotated']:.2f} rotated; "
-                     f"L(logits) median {t['logits']['rot_iso']['median']:.1e}.")
+        L.append("## Shapes (classification in canonical orientation; seed means)")
+        for key, rs in sorted(configurations({r["name"]: r for r in sh}).items()):
+            acc = np.mean([r["test"]["accuracy"] for r in rs])
+            rot = np.mean([r["test"]["accuracy_rotated"] for r in rs])
+            lg = _log_interval([r["test"]["logits"]["rot_iso"]["median"] for r in rs])
+            L.append(f"- {key[1]} w{key[2]} {key[3]}: accuracy {acc:.2f} canonical, {rot:.2f} rotated; L(logits) "
+                     f"geometric mean {lg['mean']:.1e} (n = {len(rs)}).")
+        L.append("")
+    for name, lines in extra.items():
+        L.append(f"## {name}")
+        L += lines
+        L.append("")
     return L
+
+
+# ---------------------------------------------------------------------------------------------------- table, plots
+def table(results) -> str:
+    head = ("| configuration | n seeds | params | E MAE time | F MAE time | F MAE shift | L(F) time | L(F) shift | "
+            "abs L(F) time (eV/Å) | L(F)/‖F_label‖ time | converged | train s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, rs in sorted(configurations(_md(results)).items(), key=lambda kv: tuple(map(str, kv[0]))):
+        def mean(f):
+            return float(np.mean([f(r) for r in rs]))
+
+        def g(f):
+            v = _log_interval([f(r) for r in rs])
+            ci = "" if v["lo"] is None else f" [{v['lo']:.1e}, {v['hi']:.1e}]"
+            return f"{v['mean']:.1e}{ci}"
+
+        res = f" {key[4][0]}x{key[4][1]}" if len(key) > 4 else ""
+        lines.append(f"| {key[0]} {key[1]} w{key[2]} {key[3]}{res} | {len(rs)} | {rs[0]['n_parameters']} | "
+                     f"{mean(lambda r: r['test']['energy_mae']):.3f} | {mean(lambda r: r['test']['forces_mae']):.3f} | "
+                     f"{mean(lambda r: r['shift']['forces_mae']):.3f} | {g(lie)} | {g(lambda r: lie(r, 'shift'))} | "
+                     f"{g(lambda r: lie_per(r, 'test', 'abs'))} | {g(lambda r: lie_per(r, 'test', 'label'))} | "
+                     f"{sum(bool(r['training'].get('converged')) for r in rs)}/{len(rs)} | "
+                     f"{mean(train_seconds):.0f} |")
+    return "\n".join(lines)
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -345,76 +457,120 @@ def _save(fig, out: str, name: str) -> str:
     return path
 
 
-_MARK = {"plain": "o", "augment": "s", "augment-x5": "P", "penalty": "^", "equigrad": "D"}
+_MARK = {"plain": "o", "augment": "s", "penalty": "^", "equigrad": "D"}
 
 
-def plots(out: str, results) -> List[str]:
+def plots(out: str, results, molecule: str) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md = _md(results)
-    paths = []
+    md = _md(results, molecule)
+    paths: List[str] = []
+    if not md:
+        return paths
     fams = sorted({r["family"] for r in md.values()})
-    col = {f: f"C{i}" for i, f in enumerate(fams)}
+    col = {f: f"C{i % 10}" for i, f in enumerate(fams)}
     floor = 1e-16
 
-    def scatter(xkey, fname, xlabel):
+    def scatter(xf, fname, xlabel):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for name, r in md.items():
-            x = r["test"]["forces_mae"] if xkey == "mae" else r["n_parameters"]
-            ax.scatter(x, max(lie(r), floor), c=col[r["family"]], marker=_MARK.get(r["mode"], "o"),
-                       label=f"{r['family']}" if r["mode"] == "plain" else None, s=30)
+        for r in md.values():
+            ax.scatter(xf(r), max(lie(r), floor), c=col[r["family"]], marker=_MARK.get(r["mode"], "o"),
+                       label=r["family"], s=22, alpha=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("relative rotational Lie derivative of forces (median)")
+        ax.set_ylabel("L(F), time split (median over structures)")
         h, lab = ax.get_legend_handles_labels()
         uniq = dict(zip(lab, h))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, title="o plain  s augment  P augment-x5  ^ penalty  D equigrad",
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, title="o plain  s augment  ^ penalty  D equigrad",
                   title_fontsize=7)
+        ax.set_title(f"{molecule}: every run (one point per seed)", fontsize=9)
         return _save(fig, out, fname)
 
-    if md:
-        paths.append(scatter("mae", "lie_vs_error.png", "test force MAE (eV/Å)"))
-        paths.append(scatter("params", "lie_vs_size.png", "parameters"))
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for name, r in md.items():
-            if r["kind"] != "unconstrained" or not r.get("monitor"):
-                continue
-            rows = [m for m in r["monitor"] if m["output"] == "forces"]
-            ax.plot([m["step"] for m in rows], [max(m["rot_iso_median"], floor) for m in rows],
-                    color=col[r["family"]], marker=_MARK.get(r["mode"], "o"), ms=3, lw=0.8, alpha=0.8)
+    paths.append(scatter(lambda r: r["test"]["forces_mae"], "lie_vs_error.png", "force MAE, time split (eV/Å)"))
+    paths.append(scatter(lambda r: r["n_parameters"], "lie_vs_size.png", "parameters"))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in md.values():
+        if r["kind"] == "equivariant":
+            continue
+        ax.scatter(lie_per(r, "test", "abs"), lie_per(r, "shift", "abs"), c=col[r["family"]],
+                   marker=_MARK.get(r["mode"], "o"), s=22, label=r["family"])
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("absolute L(F), time split (eV/Å)")
+    ax.set_ylabel("absolute L(F), 300 K shift (eV/Å)")
+    h, lab = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(lab, h)).values(), dict(zip(lab, h)).keys(), fontsize=7)
+    paths.append(_save(fig, out, "lie_shift.png"))
+    vec = [r for r in md.values() if r["family"].startswith("vector-") and r["lie_test"].get("layerwise")]
+    if vec:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        labels = sorted({(r["family"], r["mode"]) for r in vec})
+        for i, (fam, mode) in enumerate(labels):
+            rs = [r for r in vec if (r["family"], r["mode"]) == (fam, mode)]
+            left = 0.0
+            for j, part in enumerate(PARTS):
+                s = float(np.mean([part_share(r["lie_test"]["layerwise"], part) for r in rs]))
+                ax.barh(i, s, left=left, color=f"C{j}", label=part if i == 0 else None)
+                left += s
+        ax.set_yticks(range(len(labels)), [f"{f} {m}" for f, m in labels], fontsize=7)
+        ax.set_xlabel("share of |attributed contribution| (seed mean)")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out, "lie_per_layer.png"))
+    grid = [r for r in md.values() if r["family"] == "grid"]
+    if grid:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in grid:
+            a, b = r["resolution"]
+            ax.scatter(a * b, max(lie(r), floor), c="C0")
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("L(F) on held-out frames (median)")
-        ax.set_title("Lie derivative over training (colour: family, marker: mode)", fontsize=9)
-        paths.append(_save(fig, out, "lie_over_training.png"))
-        shares = layer_shares(results, top=6)
-        if shares:
-            big = sorted(shares, key=lambda n: -md[n]["n_parameters"])[:4]
-            fig, axes = plt.subplots(1, len(big), figsize=(4 * len(big), 3.5), squeeze=False)
-            for ax, n in zip(axes[0], big):
-                ks, vs = zip(*shares[n])
-                ax.barh(range(len(ks)), vs)
-                ax.set_yticks(range(len(ks)), [k[-28:] for k in ks], fontsize=6)
-                ax.set_title(n, fontsize=8)
-                ax.set_xlabel("share of |contribution|", fontsize=7)
-            paths.append(_save(fig, out, "lie_per_layer.png"))
-        grid = sorted(((r["resolution"], lie(r)) for r in md.values() if r["family"] == "grid"),
-                      key=lambda t: t[0][0] * t[0][1])
-        if grid:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot([a * b for (a, b), _ in grid], [max(v, floor) for _, v in grid], "o-")
-            for (a, b), v in grid:
-                ax.annotate(f"{a}x{b}", (a * b, max(v, floor)), fontsize=7)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("grid points")
-            ax.set_ylabel("L(F) median")
-            paths.append(_save(fig, out, "lie_vs_grid.png"))
+        ax.set_xlabel("grid points")
+        ax.set_ylabel("L(F) median (one point per seed)")
+        paths.append(_save(fig, out, "lie_vs_grid.png"))
     return paths
+
+
+def extra_sections(out: str) -> Dict[str, List[str]]:
+    """Descriptive sections from side studies saved beside the runs (``escn.json``, ``pretrained.json``)."""
+    secs: Dict[str, List[str]] = {}
+    for fname, fn in (("escn.json", _escn_lines), ("pretrained.json", _pretrained_lines)):
+        p = os.path.join(out, fname)
+        if os.path.exists(p):
+            with open(p) as fh:
+                title, lines = fn(json.load(fh))
+            secs[title] = lines
+    return secs
+
+
+def _escn_lines(d):
+    lines = []
+    for row in d.get("rows", []):
+        lines.append(f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
+                     f"{row['lie_energy_median']:.1e} over {row['n']} structures" +
+                     (f"; attribution's largest modules: {row['top_modules']}" if row.get("top_modules") else "") + ".")
+    return "fairchem eSCN-MD: grid against spectral feed-forward, Lie derivative against grid resolution", lines
+
+
+def _pretrained_lines(d):
+    lines = [f"- {row['model']}: L(F) median {row['lie_forces_median']:.1e} (time), force MAE against GFN2-xTB "
+             f"{row['forces_mae']:.3f} eV/Å (a different level of theory), n = {row['n']} structures."
+             if row.get("ok") else f"- {row['model']}: not audited ({row['why']})." for row in d.get("rows", [])]
+    return "Pretrained models on the same frames", lines
+
+
+def analyse(out: str, results, c: Dict[str, Any]):
+    """``(claims, findings text, label baselines)`` of the finished runs ``results`` in ``out`` under config ``c``:
+    what :func:`write_all` saves, and what the tests regenerate to compare with the saved files."""
+    molecules = [c["molecule"]] + list(c.get("molecules_extra", []))
+    bases = {m: stats.label_baselines(m) for m in molecules}
+    claims = all_claims(results, molecules, bases)
+    return claims, findings(results, claims, bases, molecules, extra_sections(out)), bases
 
 
 def write_all(out: str, results, c: Dict[str, Any], device: str = "cpu") -> List[str]:
@@ -423,15 +579,10 @@ def write_all(out: str, results, c: Dict[str, Any], device: str = "cpu") -> List
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from _common import device_info
 
-    import study_stats as stats
-
-    corr = correlations(results) if _md(results) else {}
-    modes = mode_table(results)
-    shares = layer_shares(results)
-    base = stats.label_baselines(c["molecule"])
+    claims, text, bases = analyse(out, results, c)
     summary = {"device": device_info(device), "config": {k: v for k, v in c.items() if k != "runs"},
-               "n_runs_planned": len(c["runs"]), "n_runs_finished": len(results), "correlations": corr,
-               "modes": modes, "layer_shares": shares, "label_baselines": base,
+               "n_runs_planned": len(c["runs"]), "n_runs_finished": len(results), "label_baselines": bases,
+               "claims": [asdict(cl) for cl in claims],
                "runs": {k: {kk: vv for kk, vv in r.items() if kk != "monitor"} for k, r in results.items()}}
     paths = []
     p = os.path.join(out, "results.json")
@@ -444,6 +595,6 @@ def write_all(out: str, results, c: Dict[str, Any], device: str = "cpu") -> List
     paths.append(p)
     p = os.path.join(out, "findings.md")
     with open(p, "w") as fh:
-        fh.write(findings(results, corr, modes, shares, base))
+        fh.write(text)
     paths.append(p)
-    return paths + plots(out, results)
+    return paths + plots(out, results, c["molecule"])

@@ -3,9 +3,19 @@ r"""The study's unconstrained models (not built equivariant) and their size ladd
 * :class:`EdgeMPNN` — message passing on raw edge vectors: ``m_ij = MLP([h_i, h_j, rbf(r_ij), d_ij / r_c]) f_c(r_ij)``,
   ``h_i ← h_i + Σ_j m_ij``, ``E = Σ_i MLP(h_i)``. The Cartesian components of ``d_ij = x_j − x_i`` enter the MLP
   directly: translation invariant, rotation invariant only as far as it learns to be.
-* :class:`PointTransformer` — a transformer over atoms with tokens ``emb(z_i) + W (x_i − x̄)`` (centred coordinates,
-  no distances), full softmax attention within each structure (written out so that forces, and the penalty's
-  third derivatives, can differentiate through it), ``E = Σ_i MLP(t_i)``.
+* :class:`RelTransformer` — a transformer whose tokens see relative geometry: ``t_i = emb(z_i) + Σ_j
+  MLP([rbf(r_ij), d_ij / r_c]) f_c(r_ij)`` (a geometric tokenizer on raw edge vectors, like the MPNN's messages),
+  then full attention within each structure (written out so that forces, and the penalty's third derivatives, can
+  differentiate through it) with a per-head bias ``w_h · rbf(r_ij)`` from pair distances. The earlier study's
+  transformer on centred coordinates (tokens ``emb(z_i) + W (x_i − x̄)``) never left the zero-force solution; this
+  one reads the geometry the forces depend on.
+* :class:`VectorMPNN` — the aliasing family: hidden features that transform, ``h_i`` (scalars) and ``v_i [C, 3]``
+  (vectors). Messages read raw edge vectors as the MLP's input (not built equivariant, as the MPNN), vector messages
+  are ``a_ij d̂_ij + b_ij v_j`` with gates from that MLP, a channel mix (:class:`VectorLinear`) then a vector
+  nonlinearity: ``"pointwise"`` applies SiLU to each Cartesian component (Gruver et al.'s aliasing: a pointwise
+  nonlinearity on features that rotate does not commute with the rotation) or ``"gated"`` multiplies each vector by
+  ``sigmoid(a |v| + b)`` (commutes exactly). Scalars receive ``MLP(|v_i|²)``. Both variants break rotations at
+  their input; only the pointwise one has a second source, and layer-wise attribution says which dominates.
 * :class:`PointNetClassifier` — ``shapes`` classification from centred coordinates: a per-point MLP, max pooling,
   an MLP to 12 logits.
 
@@ -71,24 +81,29 @@ class _Block(nn.Module):
         self.n1, self.n2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.ff = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
 
-    def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, n, w = t.shape
         q, k, v = self.qkv(self.n1(t)).reshape(B, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         a = (q @ k.transpose(-1, -2)) / math.sqrt(w // self.heads)
+        if bias is not None:
+            a = a + bias
         a = a.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
         t = t + self.out((a @ v).transpose(1, 2).reshape(B, n, w))
         return t + self.ff(self.n2(t))
 
 
-class PointTransformer(nn.Module):
-    """A transformer on centred coordinates (see the module docstring); ``forward(z, pos, batch) -> energy [B]``."""
+class RelTransformer(nn.Module):
+    """A transformer on relative geometry (see the module docstring); ``forward(z, pos, batch) -> energy [B]``."""
 
-    def __init__(self, width: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):
+    def __init__(self, width: int = 32, layers: int = 2, heads: int = 4, cutoff: float = 5.0, n_rbf: int = 16,
+                 seed: int = 0):
         super().__init__()
+        self.cutoff, self.n_rbf, self.heads = cutoff, n_rbf, heads
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.embed = nn.Embedding(100, width)
-            self.coords = nn.Linear(3, width)
+            self.tokenizer = _mlp(n_rbf + 3, width, width)
+            self.bias = nn.Linear(n_rbf, heads * layers)
             self.blocks = nn.ModuleList([_Block(width, heads) for _ in range(layers)])
             self.readout = _mlp(width, width, 1)
 
@@ -97,13 +112,84 @@ class PointTransformer(nn.Module):
         b = torch.zeros_like(z) if batch is None else batch
         counts = torch.bincount(b, minlength=B)
         slot = torch.arange(len(z), device=z.device) - (torch.cumsum(counts, 0) - counts)[b]
-        t = self.embed(z).to(pos.dtype) + self.coords(_centred(pos, batch, B))
-        dense = t.new_zeros(B, int(counts.max()), t.shape[-1]).index_put((b, slot), t)
-        mask = torch.zeros(B, dense.shape[1], dtype=torch.bool, device=z.device).index_put(
+        n = int(counts.max())
+        x = pos.new_zeros(B, n, 3).index_put((b, slot), pos)
+        mask = torch.zeros(B, n, dtype=torch.bool, device=z.device).index_put(
             (b, slot), torch.ones_like(b, dtype=torch.bool))
-        for blk in self.blocks:
-            dense = blk(dense, mask)
+        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=z.device)
+        d = x[:, None, :, :] - x[:, :, None, :]  # d[b, i, j] = x_j - x_i
+        r = torch.sqrt((d * d).sum(-1) + 1e-12)  # the diagonal is masked; the epsilon keeps its gradient finite
+        rbf = gaussian_rbf(r, self.n_rbf, self.cutoff)
+        w = (cosine_cutoff(r, self.cutoff) * pair)[..., None]
+        t = self.embed(z).to(pos.dtype)
+        dense = t.new_zeros(B, n, t.shape[-1]).index_put((b, slot), t)
+        dense = dense + (self.tokenizer(torch.cat([rbf, d / self.cutoff], -1)) * w).sum(2)
+        bias = self.bias(rbf).masked_fill(~pair[..., None], 0.0).permute(0, 3, 1, 2)  # [B, heads·layers, n, n]
+        for k, blk in enumerate(self.blocks):
+            dense = blk(dense, mask, bias[:, k * self.heads:(k + 1) * self.heads])
         return sum_per_graph(self.readout(dense[b, slot])[:, 0], batch, B)
+
+
+class VectorLinear(nn.Module):
+    """``v [N, C_in, 3] -> W v [N, C_out, 3]``: mixes channels, never components (commutes with rotations)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in) / math.sqrt(c_in))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oc,nck->nok", self.weight.to(v.dtype), v)
+
+
+class NormGate(nn.Module):
+    """``v -> v · sigmoid(a |v| + b)`` per channel (``|v|`` over the 3 components): commutes with rotations."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        norm = torch.sqrt((v * v).sum(-1) + 1e-12)
+        return v * torch.sigmoid(self.a.to(v.dtype) * norm + self.b.to(v.dtype))[..., None]
+
+
+class VectorMPNN(nn.Module):
+    """Scalar and vector hidden features (see the module docstring); ``forward(z, pos, batch) -> energy [B]``.
+
+    ``nonlinearity``: ``"pointwise"`` (SiLU per Cartesian component of each vector: aliases) or ``"gated"``
+    (:class:`NormGate`: equivariant). Both read raw edge vectors in the message MLP."""
+
+    def __init__(self, width: int = 32, layers: int = 2, cutoff: float = 5.0, n_rbf: int = 16,
+                 nonlinearity: str = "pointwise", seed: int = 0):
+        super().__init__()
+        if nonlinearity not in ("pointwise", "gated"):
+            raise ValueError(f"VectorMPNN: nonlinearity must be 'pointwise' or 'gated', not {nonlinearity!r}")
+        self.cutoff, self.n_rbf, self.nonlinearity, self.width = cutoff, n_rbf, nonlinearity, width
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(100, width)
+            self.messages = nn.ModuleList([_mlp(2 * width + n_rbf + 3, width, 3 * width) for _ in range(layers)])
+            self.mix = nn.ModuleList([VectorLinear(width, width) for _ in range(layers)])
+            self.act = nn.ModuleList([nn.SiLU() if nonlinearity == "pointwise" else NormGate(width)
+                                      for _ in range(layers)])
+            self.to_scalar = nn.ModuleList([_mlp(width, width, width) for _ in range(layers)])
+            self.readout = _mlp(width, width, 1)
+
+    def forward(self, z: torch.Tensor, pos: torch.Tensor, batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        src, dst, vec, r = edge_geometry(pos, None, self.cutoff, batch)
+        fc = cosine_cutoff(r, self.cutoff)[:, None]
+        unit = vec / r[:, None]
+        edge = torch.cat([gaussian_rbf(r, self.n_rbf, self.cutoff), vec / self.cutoff], -1)
+        h = self.embed(z).to(pos.dtype)
+        v = h.new_zeros(len(z), self.width, 3)
+        C = self.width
+        for mlp, mix, act, sc in zip(self.messages, self.mix, self.act, self.to_scalar):
+            m = mlp(torch.cat([h[dst], h[src], edge], -1)) * fc
+            msg_v = m[:, C:2 * C, None] * unit[:, None, :] + m[:, 2 * C:, None] * v[src]
+            h = h + torch.zeros_like(h).index_add(0, dst, m[:, :C])
+            v = act(mix(v + torch.zeros_like(v).index_add(0, dst, msg_v)))
+            h = h + sc((v * v).sum(-1))
+        return sum_per_graph(self.readout(h)[:, 0], batch, _n_graphs(batch))
 
 
 class PointNetClassifier(nn.Module):

@@ -1,0 +1,166 @@
+r"""The study's side rows (``python benchmarks/study/side.py escn|pretrained [--out DIR] [--quick]``).
+
+* ``escn`` — a real architecture whose nonlinearity aliases: fairchem's eSCN-MD backbone (the UMA/eSEN backbone) with
+  ``ff_type="grid"`` (its constructor's default) applies its feed-forward pointwise on a finite sphere grid, with
+  ``ff_type="spectral"`` it does not. Random-init models (no weights can be fetched) of the same size and seed at
+  several ``grid_resolution`` values and the spectral twin, audited in float64 on the study's audited aspirin
+  frames. geolie's layer-wise attribution does not read fairchem's feature layout (see
+  :mod:`geolie.adapters.fairchem`), so where the break sits is answered by intervention: the grid refined with every
+  weight fixed, and the grid feed-forward replaced by the spectral one with every other weight fixed
+  (:func:`escn_checkpoint`).
+  Writes ``OUT/escn.json``.
+* ``pretrained`` — ANI-1x, SevenNet-0 and CHGNet (weights inside their wheels; ``geolie[pretrained,sevenn,chgnet]``)
+  audited on the same frames as the study's models (float64 for ANI-1x; SevenNet-0 and CHGNet in float32, the
+  precision their packages run in), with their force MAE against the GFN2-xTB labels (a different level of theory:
+  not a measure of their quality). A model whose package is missing gets a row that says so. Writes
+  ``OUT/pretrained.json``.
+
+The analysis (:mod:`analysis`) reads both files into ``findings.md`` as descriptive sections.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import study_stats  # noqa: E402
+
+#: the eSCN-MD variants: (label, ff_type, grid_resolution); ``None`` is fairchem's default grid for lmax = 2
+ESCN_VARIANTS = [("grid, default resolution", "grid", None), ("grid, resolution 8", "grid", 8),
+                 ("grid, resolution 12", "grid", 12), ("grid, resolution 18", "grid", 18),
+                 ("grid, resolution 24", "grid", 24), ("spectral (same weights but the feed-forward)", "spectral", None)]
+
+
+def _escn_config(ff_type: str, grid_resolution: Optional[int], channels: int) -> Dict[str, Any]:
+    uma = "fairchem.core.models.uma.escn_md."
+    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=channels, lmax=2, mmax=2,
+                    otf_graph=True, max_neighbors=300, cutoff=5.0, edge_channels=channels, num_distance_basis=16,
+                    direct_forces=False, regress_forces=True, regress_stress=True, num_layers=2,
+                    hidden_channels=channels, dataset_mapping={"omat": "omat"}, use_dataset_embedding=True,
+                    always_use_pbc=False, ff_type=ff_type, act_type="gate", grid_resolution=grid_resolution)
+    return dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone,
+                heads={"efs": dict(module=uma + "MLP_EFS_Head")}, pass_through_head_outputs=True)
+
+
+def escn_checkpoint(path: str, ff_type: str, grid_resolution: Optional[int], seed: int = 0,
+                    channels: int = 32) -> str:
+    """A random-init eSCN-MD conserving model (energy head, forces and stress from its gradient), saved as
+    fairchem's inference checkpoint. Every weight the variants share is the grid model's of the same ``seed``
+    (the grid feed-forward's weights do not depend on the resolution); the spectral variant differs only in its
+    feed-forward modules, which have weights of their own (drawn after the shared ones were copied)."""
+    import hydra
+    from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
+
+    cfg = _escn_config(ff_type, grid_resolution, channels)
+    torch.manual_seed(seed)
+    reference = hydra.utils.instantiate(_escn_config("grid", None, channels)).state_dict()
+    torch.manual_seed(seed)
+    model = hydra.utils.instantiate(cfg)
+    own = model.state_dict()
+    shared = {k: v for k, v in reference.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    tasks = []
+    for prop, level, dim in (("energy", "system", [1]), ("forces", "atom", [3]), ("stress", "system", [1, 9])):
+        tasks.append(dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.Task", name=prop, level=level,
+                          property=prop, datasets=["omat"],
+                          out_spec=dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.OutputSpec", dim=dim,
+                                        dtype="float32"),
+                          normalizer=dict(_target_="fairchem.core.modules.normalization.normalizer.Normalizer",
+                                          mean=0.0, rmsd=1.0)))
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=model.state_dict(),
+                                       ema_state_dict=ema.state_dict(), tasks_config=tasks), path)
+    return path
+
+
+def _audit_row(pot, frames, dtype=torch.float64) -> Dict[str, Any]:
+    import geolie
+
+    rep = geolie.audit(pot, frames, dtype=dtype, n_finite=1, progress=False)
+    row: Dict[str, Any] = {"n": len(frames)}
+    for name in ("energy", "forces"):
+        rel = rep.values(name, "rel")
+        row[f"lie_{name}_median"] = float(np.median(np.sqrt(np.mean(rel[:, :3] ** 2, axis=1))))
+        row[f"{name}_floor_rel_median"] = rep.aggregates()[name]["floor_rel_median"]
+    row["verdicts"] = {k: v.get("overall") for k, v in rep.verdicts().items()}
+    return row
+
+
+def escn(frames, quick: bool) -> Dict[str, Any]:
+    from geolie.adapters import load_model
+
+    rows: List[Dict[str, Any]] = []
+    variants = ESCN_VARIANTS[:1] + ESCN_VARIANTS[-1:] if quick else ESCN_VARIANTS
+    with tempfile.TemporaryDirectory() as d:
+        for label, ff, res in variants:
+            path = escn_checkpoint(os.path.join(d, "m.pt"), ff, res, channels=8 if quick else 32)
+            row = _audit_row(load_model(f"fairchem:{path}"), frames)
+            rows.append(dict(row, label=label, ff_type=ff, grid_resolution=res))
+            print(f"escn: {label}: L(F) median {row['lie_forces_median']:.1e}", flush=True)
+    return {"what": "random-init eSCN-MD (lmax = mmax = 2, 2 layers), same weights, float64 audit", "rows": rows}
+
+
+def pretrained(frames, quick: bool) -> Dict[str, Any]:
+    from geolie.adapters import load_model
+
+    rows = []
+    labels = np.stack([a.get_forces() for a in frames])
+    for name, dtype in (("ani1x", torch.float64), ("sevenn-0", torch.float32), ("chgnet", torch.float32)):
+        try:
+            pot = load_model(name)
+        except (ValueError, ImportError) as e:
+            rows.append({"model": name, "ok": False, "why": str(e).splitlines()[0]})
+            continue
+        row = _audit_row(pot, frames, dtype)
+        pred = _forces(pot, frames, dtype)
+        rows.append(dict(row, model=name, ok=True, dtype=str(dtype).replace("torch.", ""),
+                         forces_mae=float(np.abs(pred - labels).mean())))
+        print(f"pretrained: {name}: L(F) median {row['lie_forces_median']:.1e}", flush=True)
+    return {"what": "pretrained potentials on the study's audited frames of the time split", "rows": rows}
+
+
+def _forces(pot, frames, dtype) -> np.ndarray:
+    """The adapter's forces on each frame (its :class:`geolie.Evaluation`, one call each)."""
+    from geolie.adapters import Structure
+
+    out = []
+    for a in frames:
+        ev = pot.evaluation(Structure.from_atoms(a), dtype)
+        out.append(ev.fn(*ev.inputs)["forces"].detach().double().cpu().numpy())
+    return np.stack(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["escn", "pretrained"])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "results", "study"))
+    ap.add_argument("--quick", action="store_true", help="two variants, small channels, two frames")
+    ap.add_argument("--molecule", default="aspirin")
+    ap.add_argument("--frames", type=int, default=8)
+    args = ap.parse_args(argv)
+    import run
+
+    time_split = study_stats.study_splits(args.molecule)["time"]
+    frames = run._spread(time_split, 2 if args.quick else args.frames)
+    res = escn(frames, args.quick) if args.what == "escn" else pretrained(frames, args.quick)
+    res["molecule"] = args.molecule
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.what}.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"side: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
