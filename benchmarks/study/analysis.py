@@ -537,9 +537,11 @@ def plots(out: str, results, molecule: str) -> List[str]:
 
 
 def extra_sections(out: str) -> Dict[str, List[str]]:
-    """Descriptive sections from side studies saved beside the runs (``escn.json``, ``pretrained.json``)."""
+    """Descriptive sections from side studies saved beside the runs (``escn.json``, ``escn_trained.json``,
+    ``pretrained.json``: :mod:`side`)."""
     secs: Dict[str, List[str]] = {}
-    for fname, fn in (("escn.json", _escn_lines), ("pretrained.json", _pretrained_lines)):
+    for fname, fn in (("escn.json", _escn_lines), ("escn_trained.json", _escn_trained_lines),
+                      ("pretrained.json", _pretrained_lines)):
         p = os.path.join(out, fname)
         if os.path.exists(p):
             with open(p) as fh:
@@ -555,6 +557,17 @@ def _escn_lines(d):
                      f"{row['lie_energy_median']:.1e} over {row['n']} structures" +
                      (f"; attribution's largest modules: {row['top_modules']}" if row.get("top_modules") else "") + ".")
     return "fairchem eSCN-MD: grid against spectral feed-forward, Lie derivative against grid resolution", lines
+
+
+def _escn_trained_lines(d):
+    tr = d.get("training", {})
+    lines = [f"- {d.get('what', '')}: best validation force MAE {tr.get('val_forces_mae', math.nan):.3f} eV/Å at "
+             f"step {tr.get('best_step')} of a fixed budget (no early stopping; the zero-force baseline is in the "
+             "first section)."]
+    lines += [f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
+              f"{row['lie_energy_median']:.1e}, force MAE {row['forces_mae']:.3f} eV/Å over {row['n']} structures."
+              for row in d.get("rows", [])]
+    return "fairchem eSCN-MD after training, against grid resolution", lines
 
 
 def _pretrained_lines(d):
