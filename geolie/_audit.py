@@ -679,6 +679,7 @@ class _Rows:
                 opts.setdefault("seed", self.seed + row["index"])
                 opts.setdefault("tag", f"{row['index']}_{row['name']}")
                 with part("hunt"):
+                    opts.setdefault("stack_atoms", self.batch_atoms)  # one memory budget for every stacked call
                     res = hunt_orientation(self.pot, st, group=self.group, dtype=self.dtype,
                                            out_dir=os.path.join(self.out_dir, "hunt") if self.out_dir else None,
                                            **opts)

@@ -26,8 +26,9 @@ pass), ``26`` per output for the discontinuity probes (around the worst orientat
 one audit measurement at each worst orientation; the same evaluations once more in the other precision (no ascent)
 for the floor when the model runs in both. Where the model stacks copies of a structure (``Evaluation.stack``, as
 the finite checks use it) the random and seeded orientations, the probes and each ascent step's starts go through
-it together, up to ``STACK_ATOMS`` (512) atoms a call: the numbers of one call per orientation (tested), in a
-fraction of the calls (SchNet on aspirin: 63 calls instead of 338, 2.3× faster).
+it together, up to ``stack_atoms`` atoms a call (default ``STACK_ATOMS``, 512; the audit passes its
+``batch_atoms``): the numbers of one call per orientation (tested), in a fraction of the calls (SchNet on aspirin:
+63 calls instead of 338, 2.3× faster).
 
 Floor (:mod:`geolie._verdict`, the same as every finite check's): at each orientation evaluated in both
 precisions (the random and seeded ones, and each output's worst), the distance between the model's outputs in its
@@ -349,14 +350,16 @@ def _declared_cutoff(adapter, cutoff):
 
 def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_random: int = 16, n_starts: int = 3,
          steps: int = 25, lr: float = 0.05, max_pairs: int = 24, seed: int = 0, cutoff: Optional[float] = None,
-         delta: float = 1e-6, out_dir: Optional[str] = None, tag: Optional[str] = None) -> HuntResult:
+         delta: float = 1e-6, out_dir: Optional[str] = None, tag: Optional[str] = None,
+         stack_atoms: int = STACK_ATOMS) -> HuntResult:
     """Find, for each output of ``model`` on ``structure``, the group element with the largest relative finite
     equivariance error (see the module docstring for the search, the floor and the discontinuity test).
 
     ``model``: anything :func:`geolie.adapters.load_model` takes. ``structure``: an ``ase.Atoms`` or a
     :class:`geolie.adapters.Structure`. ``out_dir``: writes each output's worst orientation as
     ``hunt_<tag>_<output>.extxyz`` (``tag``: the structure's name unless given; the rotated, translated structure:
-    auditing it reproduces the finding).
+    auditing it reproduces the finding). ``stack_atoms``: the most atoms one stacked call holds (the audit passes its
+    ``batch_atoms``: a model's memory is sized by it).
     Per output, :meth:`HuntResult.to_dict` holds ``"worst_error"`` (relative), ``"rotation"`` (3×3),
     ``"axis_angle"`` (radians), ``"translation"``, ``"random_error"``, ``"floor"``, ``"at_floor"``, ``"found_by"``,
     ``"lie_rel"`` (the relative Lie derivative per generator at the worst orientation) and ``"discontinuous"``
@@ -365,6 +368,8 @@ def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_r
     from .adapters import load_model
 
     group = as_group(group)
+    if stack_atoms < 1:
+        raise ValueError(f"hunt: stack_atoms must be >= 1, got {stack_atoms}")
     for name, v in (("n_random", n_random), ("n_starts", n_starts), ("steps", steps), ("max_pairs", max_pairs)):
         if v < 0:
             raise ValueError(f"hunt: {name} must be >= 0, got {v}")
@@ -373,7 +378,7 @@ def hunt(model, structure, *, group=SO3, dtype: torch.dtype = torch.float64, n_r
         raise ValueError(f"hunt: model {adapter.name!r} runs in {[str(d) for d in adapter.dtypes]} only, not {dtype}")
     st = _structure(structure)
     adapter.check(st, f"hunt on {st.name or 'structure'}")
-    search = _Search(adapter, st, group, dtype)
+    search = _Search(adapter, st, group, dtype, stack_atoms)
     gen = torch.Generator().manual_seed(seed)
     # 1. random orientations: what a random test sees
     Rs = group.random(n_random, gen) if not group.has_translations else group.random(n_random, gen)[0]
@@ -400,8 +405,8 @@ class _Search:
     """The hunt's state on one structure: the model in its precision (``prob``) and the other (``ref``, for floors),
     each output's worst orientation so far with its floor, and the largest error of an orientation above its floor."""
 
-    def __init__(self, adapter, st, group, dtype):
-        self.adapter, self.st, self.group, self.dtype = adapter, st, group, dtype
+    def __init__(self, adapter, st, group, dtype, stack_atoms: int = STACK_ATOMS):
+        self.adapter, self.st, self.group, self.dtype, self.stack_atoms = adapter, st, group, dtype, stack_atoms
         self.prob = _HuntTarget(adapter.evaluation(st, dtype))
         other = torch.float32 if dtype == torch.float64 else torch.float64
         self.ref = _HuntTarget(adapter.evaluation(st, other)) if other in adapter.dtypes else None
@@ -445,8 +450,8 @@ class _Search:
         (:meth:`_HuntTarget.pulled_back_many`), then recorded in order."""
         els = [(orthonormal(R), None if t is None else t.detach().to(torch.float64)) for _, R, t in items]
         with torch.no_grad():
-            pulled = self.prob.pulled_back_many(els)
-            his = self.ref.pulled_back_many(els) if self.ref is not None else [None] * len(els)
+            pulled = self.prob.pulled_back_many(els, self.stack_atoms)
+            his = self.ref.pulled_back_many(els, self.stack_atoms) if self.ref is not None else [None] * len(els)
         return [self._record(label, R, t, p, hi) for (label, _, _), (R, t), p, hi in zip(items, els, pulled, his)]
 
     def _record(self, label, R, t, pulled, hi) -> List[float]:
@@ -490,7 +495,7 @@ class _Search:
             for step in range(steps):
                 els = [(torch.linalg.matrix_exp(hat(omega)) @ R0, tau if self.group.has_translations else None)
                        for _, R0, omega, tau, _, _ in runs]
-                pulled = self.prob.pulled_back_joint(els, check=step == 0)
+                pulled = self.prob.pulled_back_joint(els, check=step == 0, stack_atoms=self.stack_atoms)
                 obj = 0.0
                 for (label, *_), (R, t), p in zip(runs, els, pulled):
                     errs = self.prob.errors(R, t, p)
@@ -541,7 +546,8 @@ class _Search:
                 "translation": None if t is None else t.tolist(), "random_error": random_error, "floor": floor,
                 "floor_source": self.floor_source, "at_floor": at_floor(err, floor),
                 "max_above_floor": self.above[k], "found_by": b["label"], "lie_rel": lie_rel,
-                "discontinuous": _discontinuity(self.prob, k, R, t, delta, lie_base, arith, st_g, rc, u)}
+                "discontinuous": _discontinuity(self.prob, k, R, t, delta, lie_base, arith, st_g, rc, u,
+                                                self.stack_atoms)}
 
 
 def _write(out_dir: str, tag: str, name: str, st, R: torch.Tensor, t: Optional[torch.Tensor]) -> None:
@@ -567,7 +573,8 @@ def _moved(st, R: torch.Tensor, t: Optional[torch.Tensor]):
     return Structure(st.numbers, pos, cell, st.name, dict(st.labels))
 
 
-def _discontinuity(prob: _HuntTarget, k: int, R, t, delta: float, lie_base, floor: float, st_g, rc, u):
+def _discontinuity(prob: _HuntTarget, k: int, R, t, delta: float, lie_base, floor: float, st_g, rc, u,
+                   stack_atoms: int = STACK_ATOMS):
     """Compare the pulled-back output at ``g`` (and at the identity, the base orientation, which is as special as any)
     with its values a rotation ``±s`` away (see the module doc); the larger jump above the threshold, or ``None``."""
     scale = prob.norms[k] if prob.norms[k] > 0 else 1.0
@@ -581,7 +588,7 @@ def _discontinuity(prob: _HuntTarget, k: int, R, t, delta: float, lie_base, floo
                 w = torch.zeros(3, dtype=torch.float64)
                 w[axis] = sign * step
                 near.append((torch.linalg.matrix_exp(hat(w)) @ Rc, tc))
-            for (R2, _), pulled in zip(near, prob.pulled_back_many(near)):  # stacked where the model stacks
+            for (R2, _), pulled in zip(near, prob.pulled_back_many(near, stack_atoms)):  # stacked where it stacks
                 jump = float((pulled[k] - base).norm()) / scale
                 if jump > worst[0]:
                     worst = (jump, Rc, R2)

@@ -142,3 +142,26 @@ def test_stacked_hunt_equals_one_call_per_orientation(dtype):
                 assert a["worst_error"] == pytest.approx(b["worst_error"], rel=tol), name
         # the planted break is found both ways; the exact model is at its floor both ways
         assert stacked["outputs"]["energy"]["at_floor"] is not isinstance(model, YBond)
+
+
+def test_hunt_stacking_budget_is_the_callers(monkeypatch):
+    """``stack_atoms`` bounds every stacked call of the hunt: a budget below two copies of the molecule gives one call
+    per orientation (the same numbers, in more than twice the calls), and the audit hands the hunt its own ``batch_atoms``."""
+    from truth_models import YBond
+
+    import geolie._audit as audit_mod
+
+    kw = dict(n_random=6, n_starts=2, steps=3, max_pairs=4, seed=2)
+    n = len(MOL)
+    small = geolie.hunt(YBond(), MOL, stack_atoms=2 * n - 1, **kw).to_dict()
+    default = geolie.hunt(YBond(), MOL, **kw).to_dict()
+    assert small["model_calls"] > 2 * default["model_calls"]
+    assert small["outputs"]["energy"]["worst_error"] == pytest.approx(default["outputs"]["energy"]["worst_error"],
+                                                                       rel=1e-9)
+    with pytest.raises(ValueError, match="stack_atoms"):
+        geolie.hunt(YBond(), MOL, stack_atoms=0, **kw)
+    seen = []
+    real = audit_mod.hunt_orientation
+    monkeypatch.setattr(audit_mod, "hunt_orientation", lambda *a, **k: seen.append(k["stack_atoms"]) or real(*a, **k))
+    geolie.audit(YBond(), [MOL], hunt=dict(kw), batch_atoms=40, progress=False, n_finite=1)
+    assert seen == [40]
