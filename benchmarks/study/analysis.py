@@ -550,11 +550,19 @@ def extra_sections(out: str) -> Dict[str, List[str]]:
     return secs
 
 
+def _verdict(row) -> str:
+    """The audit's verdict on the forces with the median floor, as the side row saved them."""
+    if "verdicts" not in row:
+        return ""
+    return (f" (floor median {row.get('forces_floor_rel_median', math.nan):.1e}; the audit's verdict on the forces, "
+            f"every structure and generator: {row['verdicts'].get('forces')})")
+
+
 def _escn_lines(d):
     lines = []
     for row in d.get("rows", []):
         lines.append(f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
-                     f"{row['lie_energy_median']:.1e} over {row['n']} structures" +
+                     f"{row['lie_energy_median']:.1e} over {row['n']} structures{_verdict(row)}" +
                      (f"; attribution's largest modules: {row['top_modules']}" if row.get("top_modules") else "") + ".")
     return "fairchem eSCN-MD: grid against spectral feed-forward, Lie derivative against grid resolution", lines
 
@@ -565,14 +573,15 @@ def _escn_trained_lines(d):
              f"step {tr.get('best_step')} of a fixed budget (no early stopping; the zero-force baseline is in the "
              "first section)."]
     lines += [f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
-              f"{row['lie_energy_median']:.1e}, force MAE {row['forces_mae']:.3f} eV/Å over {row['n']} structures."
-              for row in d.get("rows", [])]
+              f"{row['lie_energy_median']:.1e}, force MAE {row['forces_mae']:.3f} eV/Å over {row['n']} "
+              f"structures{_verdict(row)}." for row in d.get("rows", [])]
     return "fairchem eSCN-MD after training, against grid resolution", lines
 
 
 def _pretrained_lines(d):
-    lines = [f"- {row['model']}: L(F) median {row['lie_forces_median']:.1e} (time), force MAE against GFN2-xTB "
-             f"{row['forces_mae']:.3f} eV/Å (a different level of theory), n = {row['n']} structures."
+    lines = [f"- {row['model']} ({row.get('dtype', '')}): L(F) median {row['lie_forces_median']:.1e} (time split)"
+             f"{_verdict(row)}; force MAE against GFN2-xTB {row['forces_mae']:.3f} eV/Å (a different level of "
+             f"theory), n = {row['n']} structures."
              if row.get("ok") else f"- {row['model']}: not audited ({row['why']})." for row in d.get("rows", [])]
     return "Pretrained models on the same frames", lines
 
