@@ -28,7 +28,7 @@ vector) moves it into that module's local term.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -61,11 +61,40 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
     leaves = _leaves(module)
     pos = pos.detach()
     K = group.dim
-    omega, trans = group.algebra_basis(dtype=pos.dtype, device=pos.device)
+    basis = group.algebra_basis(dtype=pos.dtype, device=pos.device)
+    calls, Y = _record_calls(leaves, energy, pos)  # 1) every leaf call's inputs and output
+    scalar = Y.numel() == 1
+    cot = _cotangents(Y, calls, n_probes, seed)  # the output's sensitivity to each module's output
+    kind = "signed" if scalar else f"norm (Hutchinson, {n_probes} probes)"
+    tangents = _input_tangents(leaves, calls, energy, pos, basis)  # 2) how each module's input moves
+    result: Dict[str, Dict] = {}
+    for name, m in leaves:  # 3) local Lie derivatives, contracted with the cotangents
+        c = calls.get(name)
+        fl = [i for i in c["inputs"] if isinstance(i, torch.Tensor) and i.is_floating_point()] if c else []
+        if name not in cot or not fl:
+            continue
+        u = fl[0]
+        m_in, m_out, status = _module_reps(name, m, u, reps, tangents[name], basis, tol)
+        if m_in is None:
+            result[name] = {"contribution": [0.0] * K, "in_rep": "?", "out_rep": m_out.name,
+                            "status": status, "kind": kind}
+            continue
+        L = _local_lie(m, c, u, m_in, m_out, group, basis)
+        per_probe = torch.stack([(g[None] * L).reshape(K, -1).sum(-1) for g in cot[name]])  # [P, K]
+        contrib = per_probe[0] if scalar else per_probe.pow(2).mean(0).sqrt()
+        result[name] = {"contribution": contrib.tolist(), "in_rep": m_in.name, "out_rep": m_out.name,
+                        "status": status, "kind": kind}
+    total = lie_derivative(energy, pos, group=group, out_rep="scalar" if scalar else out_rep, method="jvp")
+    tot = total.reshape(K) if scalar else total.reshape(K, -1).norm(dim=-1)
+    result["__total__"] = {"contribution": tot.tolist(), "status": "direct L_X y", "kind": kind}
+    if scalar:
+        result["__unattributed__"] = _unattributed(result, tot, kind)
+    return result
 
-    # 1) forward with hooks: inputs and outputs of every leaf call; gradients of E w.r.t. each output
+
+def _record_calls(leaves, energy, pos) -> Tuple[Dict[str, Dict], torch.Tensor]:
+    """One forward pass with hooks: each leaf's first call's inputs (detached) and output (in the graph), and ``y``."""
     calls: Dict[str, Dict] = {}
-    handles = []
 
     def make_hook(name):
         def hook(mod, inp, out):
@@ -75,8 +104,7 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
                            "output": out}
         return hook
 
-    for name, m in leaves:
-        handles.append(m.register_forward_hook(make_hook(name)))
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in leaves]
     try:
         p = pos.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -84,12 +112,15 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    scalar = Y.numel() == 1
+    return calls, Y
+
+
+def _cotangents(Y: torch.Tensor, calls: Dict[str, Dict], n_probes: int, seed: int) -> Dict[str, List[torch.Tensor]]:
+    """Per module output in the graph: ``∂y/∂y_i`` for a scalar ``y``, else ``∂(zᵀy)/∂y_i`` per Rademacher probe."""
     names = [n for n in calls if calls[n]["output"].requires_grad]
     outs = [calls[n]["output"] for n in names]
-    # cotangents at every module output: the exact gradient for a scalar, one per Rademacher probe otherwise
     gen = torch.Generator().manual_seed(seed)
-    probes = [None] if scalar else [
+    probes = [None] if Y.numel() == 1 else [
         (torch.randint(0, 2, Y.shape, generator=gen) * 2 - 1).to(Y) for _ in range(n_probes)]
     cot: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
     for z in probes:
@@ -97,10 +128,14 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
         gs = torch.autograd.grad(s, outs, retain_graph=True, allow_unused=True) if outs else []
         for n, g in zip(names, gs):
             cot[n].append(torch.zeros_like(calls[n]["output"]) if g is None else g.detach())
-    kind = "signed" if scalar else f"norm (Hutchinson, {n_probes} probes)"
-    # 2) how each module's (first floating) input actually moves under each generator (forward mode)
+    return cot
+
+
+def _input_tangents(leaves, calls, energy, pos, basis) -> Dict[str, List[Optional[torch.Tensor]]]:
+    """Per module and generator, the forward-mode tangent of its first floating input as the positions move."""
+    omega, trans = basis
     tangents: Dict[str, List[Optional[torch.Tensor]]] = {n: [] for n in calls}
-    for k in range(K):
+    for k in range(len(omega)):
         tcalls: Dict[str, Optional[torch.Tensor]] = {}
 
         def thook(name):
@@ -126,69 +161,61 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
                 h.remove()
         for n in calls:
             tangents[n].append(tcalls.get(n))
-    # 3) local Lie derivatives, contracted with the cotangents
-    result: Dict[str, Dict] = {}
-    for name, m in leaves:
-        if name not in calls:
-            continue
-        c = calls[name]
-        out = c["output"]
-        fl = [i for i in c["inputs"] if isinstance(i, torch.Tensor) and i.is_floating_point()]
-        if name not in cot or not fl:
-            continue
-        u = fl[0]
-        if name in reps:
-            m_in, m_out = (as_rep(r) for r in reps[name])
-            status = "declared"
-        elif hasattr(m, "irreps_in") and hasattr(m, "irreps_out"):
-            m_in, m_out = as_rep(m.irreps_in), as_rep(m.irreps_out)
-            status = "e3nn irreps"
-        else:
-            m_out = ScalarRep()
-            scale = float(u.norm()) + 1e-300
-            moved = [t for t in tangents[name] if t is not None]
-            rot = moved[:3]
-            if all(float(t.norm()) <= tol * scale for t in moved):
-                m_in, status = ScalarRep(), "invariant"
-            elif u.shape[-1] == 3 and all(
-                    float((t - VectorRep().infinitesimal(u, omega[k:k + 1], trans[k:k + 1])[0]).norm()) <= tol * scale
-                    for k, t in enumerate(rot)) and all(float(t.norm()) <= tol * scale for t in moved[3:]):
-                m_in, status = VectorRep(), "vector input"
-            elif u.shape[-1] == 3 and len(moved) == K and all(
-                    float((t - PointRep().infinitesimal(u, omega[k:k + 1], trans[k:k + 1])[0]).norm()) <= tol * scale
-                    for k, t in enumerate(moved)):
-                m_in, status = PointRep(), "point input (absolute coordinates)"
-            else:
-                result[name] = {"contribution": [0.0] * K, "in_rep": "?", "out_rep": m_out.name,
-                                "status": "receives broken input", "kind": kind}
-                continue
-        if isinstance(m_in, ScalarRep):
-            L = torch.zeros((K,) + tuple(out.shape), dtype=out.dtype, device=out.device) - m_out.infinitesimal(
-                out.detach(), omega.to(out), trans.to(out))
-        else:
-            args = c["inputs"]
-            idx = args.index(u) if any(a is u for a in args) else 0
-            rest = [a for j, a in enumerate(args) if j != idx]
+    return tangents
 
-            def f_local(v, m=m, idx=idx, rest=rest):
-                a = list(rest)
-                a.insert(idx, v)
-                return m(*a)
 
-            L = lie_derivative(f_local, u, group=group, in_rep=m_in, out_rep=m_out, method="jvp")
-        per_probe = torch.stack([(g[None] * L).reshape(K, -1).sum(-1) for g in cot[name]])  # [P, K]
-        contrib = per_probe[0] if scalar else per_probe.pow(2).mean(0).sqrt()
-        result[name] = {"contribution": contrib.tolist(), "in_rep": m_in.name, "out_rep": m_out.name,
-                        "status": status, "kind": kind}
-    total = lie_derivative(energy, pos, group=group, out_rep="scalar" if scalar else out_rep, method="jvp")
-    tot = total.reshape(K) if scalar else total.reshape(K, -1).norm(dim=-1)
-    result["__total__"] = {"contribution": tot.tolist(), "status": "direct L_X y", "kind": kind}
-    if scalar:
-        parts = sum((torch.tensor(v["contribution"], dtype=torch.float64) for k, v in result.items()
-                     if k != "__total__"), torch.zeros(K, dtype=torch.float64))
-        broken = [k for k, v in result.items() if v.get("status") == "receives broken input"]
-        result["__unattributed__"] = {
-            "contribution": (tot.detach().double().cpu() - parts).tolist(), "kind": kind,
+def _module_reps(name, m, u, reps, moved_all, basis, tol):
+    """``(in_rep, out_rep, status)`` of a module: declared, from e3nn irreps, or inferred from how its input ``u``
+    moves (``in_rep`` ``None`` when no representation explains it: "receives broken input")."""
+    if name in reps:
+        m_in, m_out = (as_rep(r) for r in reps[name])
+        return m_in, m_out, "declared"
+    if hasattr(m, "irreps_in") and hasattr(m, "irreps_out"):
+        return as_rep(m.irreps_in), as_rep(m.irreps_out), "e3nn irreps"
+    omega, trans = basis
+    K = len(omega)
+    scale = float(u.norm()) + 1e-300
+    moved = [t for t in moved_all if t is not None]
+
+    def explained(rep, ts, offset=0):
+        return all(float((t - rep.infinitesimal(u, omega[k:k + 1], trans[k:k + 1])[0]).norm()) <= tol * scale
+                   for k, t in enumerate(ts, start=offset))
+
+    if all(float(t.norm()) <= tol * scale for t in moved):
+        return ScalarRep(), ScalarRep(), "invariant"
+    if u.shape[-1] == 3 and explained(VectorRep(), moved[:3]) and all(float(t.norm()) <= tol * scale
+                                                                    for t in moved[3:]):
+        return VectorRep(), ScalarRep(), "vector input"
+    if u.shape[-1] == 3 and len(moved) == K and explained(PointRep(), moved):
+        return PointRep(), ScalarRep(), "point input (absolute coordinates)"
+    return None, ScalarRep(), "receives broken input"
+
+
+def _local_lie(m, c, u, m_in, m_out, group, basis) -> torch.Tensor:
+    """``L_X f_i`` of one module at its recorded call, ``[K, *out.shape]`` (a scalar input: ``−dρ_out(X) f_i``)."""
+    out = c["output"]
+    omega, trans = basis
+    if isinstance(m_in, ScalarRep):
+        return torch.zeros((len(omega),) + tuple(out.shape), dtype=out.dtype, device=out.device) - \
+            m_out.infinitesimal(out.detach(), omega.to(out), trans.to(out))
+    args = c["inputs"]
+    idx = args.index(u) if any(a is u for a in args) else 0
+    rest = [a for j, a in enumerate(args) if j != idx]
+
+    def f_local(v):
+        a = list(rest)
+        a.insert(idx, v)
+        return m(*a)
+
+    return lie_derivative(f_local, u, group=group, in_rep=m_in, out_rep=m_out, method="jvp")
+
+
+def _unattributed(result: Dict[str, Dict], tot: torch.Tensor, kind: str) -> Dict[str, Any]:
+    """``L_X y`` minus the modules' contributions: what no module explains, and where the break entered."""
+    K = len(tot)
+    parts = sum((torch.tensor(v["contribution"], dtype=torch.float64) for k, v in result.items()
+                 if k != "__total__"), torch.zeros(K, dtype=torch.float64))
+    broken = [k for k, v in result.items() if v.get("status") == "receives broken input"]
+    return {"contribution": (tot.detach().double().cpu() - parts).tolist(), "kind": kind,
             "status": "outside leaf modules" + (f", upstream of {broken[0]} (receives broken input: declare its input "
                                                 "representation with reps=)" if broken else "")}
-    return result
