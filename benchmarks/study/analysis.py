@@ -356,15 +356,17 @@ def _training_lines(results, mol: str, base) -> List[str]:
 
 
 def findings(results, claims: List[Claim], bases: Dict[str, Dict[str, float]], molecules: Sequence[str],
-             extra: Optional[Dict[str, Any]] = None) -> str:
+             extra: Optional[Dict[str, Any]] = None, planned: Optional[int] = None) -> str:
     """The findings page: the training summary against the label baselines, then every claim as one line, grouped;
     descriptive lines (per-recipe ρ, grid resolution, shapes, eSCN, pretrained) carry no verdict."""
     md = _md(results)
     n_seeds = sorted({r.get("seed", 0) for r in results.values()})
     L = ["# Findings (generated from the runs' numbers)", "",
-         f"{len(md)} potentials and {len(results) - len(md)} shape classifiers finished (seeds {n_seeds}). Each "
-         "line gives the estimate, its 95% interval and n; a verdict is stated only when the interval excludes the "
-         "null, otherwise \"not distinguishable\".", "",
+         f"{len(md)} potentials and {len(results) - len(md)} shape classifiers finished (seeds {n_seeds})"
+         + (f", {len(results)} of the {planned} planned runs: a partial study, every statement below is about the "
+            "finished runs only" if planned is not None and len(results) < planned else "")
+         + ". Each line gives the estimate, its 95% interval and n; a verdict is stated only when the interval "
+         "excludes the null, otherwise \"not distinguishable\".", "",
          "## Did the models learn the task? (time split: the last 2 ps of the 500 K trajectory)"]
     for mol in molecules:
         if _md(results, mol):
@@ -424,10 +426,17 @@ def _descriptive(results, molecules, extra) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- table, plots
-def table(results) -> str:
-    head = ("| configuration | n seeds | params | E MAE time | F MAE time | F MAE shift | L(F) time | L(F) shift | "
-            "abs L(F) time (eV/Å) | L(F)/‖F_label‖ time | converged | train s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def table(results, bases: Optional[Dict[str, Dict[str, float]]] = None) -> str:
+    """One row per configuration (seed means; geometric means with the 95% interval over seeds for Lie
+    derivatives), with each molecule's label baselines above and, per row, how many seeds learned the forces and
+    beat the constant energy predictor."""
+    bases = bases or {}
+    lines = [f"- {mol}: constant energy predictor {b['energy_mae_constant']:.3f} eV, zero forces "
+             f"{b['forces_mae_zero']:.3f} eV/Å (time split); {b['energy_mae_constant_shift']:.3f} eV, "
+             f"{b['forces_mae_zero_shift']:.3f} eV/Å (shift)" for mol, b in bases.items()]
+    head = ("| configuration | n seeds | params | E MAE time | F MAE time | F MAE shift | learned F | E < const | "
+            "L(F) time | L(F) shift | abs L(F) time (eV/Å) | L(F)/‖F_label‖ time | converged | train s |")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for key, rs in sorted(configurations(_md(results)).items(), key=lambda kv: tuple(map(str, kv[0]))):
         def mean(f):
             return float(np.mean([f(r) for r in rs]))
@@ -437,11 +446,15 @@ def table(results) -> str:
             ci = "" if v["lo"] is None else f" [{v['lo']:.1e}, {v['hi']:.1e}]"
             return f"{v['mean']:.1e}{ci}"
 
+        b = bases.get(key[0])
+        ok = f"{sum(learned(r, b) for r in rs)}/{len(rs)}" if b else "?"
+        e_ok = f"{sum(r['test']['energy_mae'] < b['energy_mae_constant'] for r in rs)}/{len(rs)}" if b else "?"
         res = f" {key[4][0]}x{key[4][1]}" if len(key) > 4 else ""
         lines.append(f"| {key[0]} {key[1]} w{key[2]} {key[3]}{res} | {len(rs)} | {rs[0]['n_parameters']} | "
                      f"{mean(lambda r: r['test']['energy_mae']):.3f} | {mean(lambda r: r['test']['forces_mae']):.3f} | "
-                     f"{mean(lambda r: r['shift']['forces_mae']):.3f} | {g(lie)} | {g(lambda r: lie(r, 'shift'))} | "
-                     f"{g(lambda r: lie_per(r, 'test', 'abs'))} | {g(lambda r: lie_per(r, 'test', 'label'))} | "
+                     f"{mean(lambda r: r['shift']['forces_mae']):.3f} | {ok} | {e_ok} | {g(lie)} | "
+                     f"{g(lambda r: lie(r, 'shift'))} | {g(lambda r: lie_per(r, 'test', 'abs'))} | "
+                     f"{g(lambda r: lie_per(r, 'test', 'label'))} | "
                      f"{sum(bool(r['training'].get('converged')) for r in rs)}/{len(rs)} | "
                      f"{mean(train_seconds):.0f} |")
     return "\n".join(lines)
@@ -592,7 +605,7 @@ def analyse(out: str, results, c: Dict[str, Any]):
     molecules = [c["molecule"]] + list(c.get("molecules_extra", []))
     bases = {m: stats.label_baselines(m) for m in molecules}
     claims = all_claims(results, molecules, bases)
-    return claims, findings(results, claims, bases, molecules, extra_sections(out)), bases
+    return claims, findings(results, claims, bases, molecules, extra_sections(out), len(c["runs"])), bases
 
 
 def write_all(out: str, results, c: Dict[str, Any], device: str = "cpu") -> List[str]:
@@ -613,7 +626,7 @@ def write_all(out: str, results, c: Dict[str, Any], device: str = "cpu") -> List
     paths.append(p)
     p = os.path.join(out, "table.md")
     with open(p, "w") as fh:
-        fh.write(table(results) + "\n")
+        fh.write(table(results, bases) + "\n")
     paths.append(p)
     p = os.path.join(out, "findings.md")
     with open(p, "w") as fh:
