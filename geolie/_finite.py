@@ -466,6 +466,22 @@ def _fold(items) -> Tuple[float, float, float]:
     return rels[w], _rel(floors[w], items[w][1]), above
 
 
+def stacked_outputs(fn, chunk, y0, detach: bool = True) -> Optional[List[torch.Tensor]]:
+    """One call of ``fn`` (an ``Evaluation.stack(K)`` function) on the ``K = len(chunk)`` inputs concatenated along
+    their first dimension: per leaf of ``y0`` the outputs as ``[K, *y.shape]``, or ``None`` when the call's leaves do
+    not have that shape. ``detach=False`` keeps the graph (the hunt's ascent differentiates through it)."""
+    k = len(chunk)
+    vals = [torch.cat([t[i] for t in chunk]) for i in range(len(chunk[0]))]
+    with torch.enable_grad():
+        big = flatten_outputs(fn(*vals))
+    if detach:
+        big = [o.detach() if isinstance(o, torch.Tensor) else o for o in big]
+    if len(big) == len(y0) and all(isinstance(b, torch.Tensor) and b.numel() == k * y.numel()
+                                   for b, y in zip(big, y0)):
+        return [b.reshape(k, *y.shape) for b, y in zip(big, y0)]
+    return None
+
+
 def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):
     """Outputs (flattened leaves) of every trial's inputs: one call each, or ``stack``ed ``K`` at a time (at most
     ``stack_atoms`` atoms per call), split back into ``K`` outputs shaped like ``y0``.
@@ -493,12 +509,7 @@ def _evaluate_trials(call, stack, trials, y0, stack_atoms: int):
             try:
                 if k not in fns:
                     fns[k] = stack(k)
-                vals = [torch.cat([t[i] for t in chunk]) for i in range(len(chunk[0]))]
-                with torch.enable_grad():
-                    big = [o.detach() if isinstance(o, torch.Tensor) else o for o in flatten_outputs(fns[k](*vals))]
-                if len(big) == len(y0) and all(isinstance(b, torch.Tensor) and b.numel() == k * y.numel()
-                                               for b, y in zip(big, y0)):
-                    parts = [b.reshape(k, *y.shape) for b, y in zip(big, y0)]
+                parts = stacked_outputs(fns[k], chunk, y0)
             except NotStackable:
                 parts = None
             except Exception:  # noqa: BLE001 - a model failing on the larger call: one call per trial says its error

@@ -249,7 +249,7 @@ class _HuntTarget:
         when the model stacks and the copies fit in ``stack_atoms`` atoms, else one call each. ``check``: compare the
         stacked copies with one call each first (no gradient); copies that differ by more than ``STACK_TOL`` machine
         epsilons (a model whose stacked structures interact) turn stacking off for this target."""
-        from ._finite import _same_as_unstacked
+        from ._finite import _same_as_unstacked, stacked_outputs
 
         ev, k = self.ev, len(elements)
         n_atoms = int(self.inputs.values[self.inputs.moving[0]].shape[0])
@@ -259,13 +259,12 @@ class _HuntTarget:
         try:
             if k not in self._stacked:
                 self._stacked[k] = ev.stack(k)
-            moved = [self.moved(R, t) for R, t in elements]
-            vals = [torch.cat([m[i] for m in moved]) for i in range(len(moved[0]))]
-            with torch.enable_grad():
-                big = flatten_outputs(self._stacked[k](*vals))
+            parts = stacked_outputs(self._stacked[k], [self.moved(R, t) for R, t in elements], self.raw0,
+                                    detach=False)
             self.calls += 1
-            parts = [b.reshape(k, *y.shape) for b, y in zip(big, self.raw0)]
         except Exception:  # noqa: BLE001 - a model that cannot run stacked copies: one call each
+            parts = None
+        if parts is None:
             self.joint_ok = False
             return [self.pulled_back(R, t) for R, t in elements]
         if check:
