@@ -293,3 +293,44 @@ def test_side_rows_are_read_into_findings(tmp_path):
     assert "grid, resolution 8: L(F) median 1.2e-03" in text and "over 8 structures" in text
     assert "ani1x: L(F) median 3.0e-16" in text and "0.512 eV/Å" in text
     assert "chgnet: not audited (chgnet is not installed)" in text
+
+
+@pytest.mark.parametrize("page, heading", [(("docs", "src", "study.md"), "## What the committed runs say so far"),
+                                           (("README.md",), "## The learned-equivariance study")])
+def test_study_pages_quote_the_committed_findings(page, heading):
+    """Every finding the docs' study page and the README's study section state is a line of the committed
+    findings.md, verbatim: neither can say more than the runs do."""
+    text = open(os.path.join(ROOT, *page)).read()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    findings = open(os.path.join(ROOT, "benchmarks", "results", "study", "findings.md")).read().splitlines()
+    quoted = [ln for ln in section.splitlines() if ln.startswith("- ")]
+    assert quoted, "no finding quoted"
+    for ln in quoted:
+        assert ln in findings, ln
+
+
+@pytest.mark.parametrize("name", ["EdgeMPNN", "RelTransformer", "VectorMPNN-pointwise", "VectorMPNN-gated"])
+def test_study_models_batch_like_one_structure_at_a_time(name):
+    """The study trains on batches: each model's energy of a structure is the same in a batch of two different
+    molecules (padded attention, per-structure sums) as alone, in float64 to rounding; the norm gate commutes with
+    rotations (its local Lie derivative is zero), the per-component SiLU does not."""
+    import torch
+
+    sys.path.insert(0, STUDY)
+    import models
+
+    cls, _, nl = name.partition("-")
+    m = (getattr(models, cls)(width=8, nonlinearity=nl) if nl else getattr(models, cls)(width=8)).double()
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.tensor([6, 6, 8, 1, 1, 1, 1, 1, 1]), torch.tensor([8, 1, 1])
+    pa = torch.randn(9, 3, generator=g, dtype=torch.float64) * 1.3
+    pb = torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.9 + 10.0
+    both = m(torch.cat([za, zb]), torch.cat([pa, pb]), torch.tensor([0] * 9 + [1] * 3))
+    alone = torch.stack([m(za, pa, None)[0], m(zb, pb, None)[0]])
+    assert torch.allclose(both, alone, rtol=1e-12, atol=1e-12)
+    if nl:
+        v = torch.randn(5, 8, 3, generator=g, dtype=torch.float64)
+        act = m.act[0]
+        Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+        commutes = torch.allclose(act(v @ Q.T), act(v) @ Q.T, atol=1e-12)
+        assert commutes == (nl == "gated")
