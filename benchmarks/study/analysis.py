@@ -593,7 +593,7 @@ def _escn_trained_lines(d):
 
 
 def _pretrained_lines(d):
-    lines = [f"- {row['model']} ({row.get('dtype', '')}): L(F) median {row['lie_forces_median']:.1e} (time split)"
+    lines = [f"- {row['model']}" + (f" ({row['dtype']})" if row.get("dtype") else "") + f": L(F) median {row['lie_forces_median']:.1e} (time split)"
              f"{_verdict(row)}; force MAE against GFN2-xTB {row['forces_mae']:.3f} eV/Å (a different level of "
              f"theory), n = {row['n']} structures."
              if row.get("ok") else f"- {row['model']}: not audited ({row['why']})." for row in d.get("rows", [])]
