@@ -1,7 +1,7 @@
 r"""Statistics that match the study's design (issue: "the study says what its data say").
 
 The study trains each architecture family at several widths under several training *recipes* (plain, augment,
-augment-x5, penalty, equigrad). A trend across widths must be read within a recipe (Gruver et al. colour their plots
+penalty, equigrad). A trend across widths must be read within a recipe (Gruver et al. colour their plots
 by training method): pooling recipes mixes the recipe's effect into the trend. Helpers:
 
 * :func:`spearman_exact` — Spearman's ρ with its exact two-sided permutation p-value (all ``n!`` orderings, for
