@@ -335,3 +335,31 @@ def test_study_models_batch_like_one_structure_at_a_time(name):
         Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
         commutes = torch.allclose(act(v @ Q.T), act(v) @ Q.T, atol=1e-12)
         assert commutes == (nl == "gated")
+
+
+def test_run_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    """Several workers share one configuration: a run claimed by a live process is skipped, a claim being written
+    (empty) is left alone, a claim whose process is gone is taken over, and a free run is claimed once."""
+    import subprocess
+
+    sys.path.insert(0, STUDY)
+    import run
+
+    free = tmp_path / "free"
+    free.mkdir()
+    assert run._claim(str(free)) and (free / "claim").read_text() == str(os.getpid())
+    assert run._claim(str(free))  # this process's own claim
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        taken = tmp_path / "taken"
+        taken.mkdir()
+        (taken / "claim").write_text(str(live.pid))
+        assert not run._claim(str(taken))
+    finally:
+        live.kill()
+        live.wait()
+    assert run._claim(str(taken))  # its process is gone
+    writing = tmp_path / "writing"
+    writing.mkdir()
+    (writing / "claim").write_text("")
+    assert not run._claim(str(writing))

@@ -245,12 +245,14 @@ def _claim(folder: str) -> bool:
     processes can share one configuration; a claim whose process is gone is taken over."""
     path = os.path.join(folder, "claim")
     if os.path.exists(path):
+        text = open(path).read().strip()
+        if not text.isdigit():
+            return False  # being written by the process that just created it
         try:
-            pid = int(open(path).read().strip() or 0)
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            os.remove(path)
+            os.kill(int(text), 0)
+            return int(text) == os.getpid()
+        except ProcessLookupError:
+            os.remove(path)  # its process is gone: the run is free again
         except PermissionError:
             return False
     try:
