@@ -210,6 +210,13 @@ def _paired(rs: List[Dict], key_fn, a_sel, b_sel, value) -> tuple:
     return [value(A[k]) for k in keys], [value(B[k]) for k in keys]
 
 
+def _factor_claim(key: str, text: str, a: Sequence[float], b: Sequence[float], larger: str, smaller: str) -> Claim:
+    """The paired factor ``a_i / b_i`` (geometric mean, :func:`study_stats.log_ratio`) as a claim against 1."""
+    lr = stats.log_ratio(a, b)
+    return Claim(key, text, lr["factor"], lr["factor_lo"], lr["factor_hi"], lr["n"],
+                 stats.claim(lr["lo"], lr["hi"], larger, smaller), null=1.0)
+
+
 def remedy_claims(results, molecule: str, family: str, base) -> List[Claim]:
     """Each recipe against plain (paired by width and seed, both learned): the factor on ``L(F)`` and on the force
     MAE; the penalty against augmentation the same way."""
@@ -219,21 +226,16 @@ def remedy_claims(results, molecule: str, family: str, base) -> List[Claim]:
     modes = sorted({r["mode"] for r in rs} - {"plain"})
     pairs = [(m, "plain") for m in modes] + ([("penalty", "augment")] if {"penalty", "augment"} <= set(modes) else [])
     for a, b in pairs:
-        x, y = _paired(rs, key, lambda r: r["mode"] == a, lambda r: r["mode"] == b, lie)
-        lr = stats.log_ratio(x, y)
-        out.append(Claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/lie",
-                         f"{molecule}, {family}: L(F) of {a} over {b} (paired by width and seed; factor)",
-                         lr["factor"], lr["factor_lo"], lr["factor_hi"], lr["n"],
-                         stats.claim(lr["lo"], lr["hi"], f"{a} has the larger Lie derivative",
-                                     f"{a} lowers the Lie derivative"), null=1.0))
-        x, y = _paired(rs, key, lambda r: r["mode"] == a, lambda r: r["mode"] == b,
-                       lambda r: r["test"]["forces_mae"])
-        lr = stats.log_ratio(x, y)
-        out.append(Claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/mae",
-                         f"{molecule}, {family}: force MAE of {a} over {b} (paired; factor)",
-                         lr["factor"], lr["factor_lo"], lr["factor_hi"], lr["n"],
-                         stats.claim(lr["lo"], lr["hi"], f"{a} has the larger force error",
-                                     f"{a} has the smaller force error"), null=1.0))
+        def paired(value, a=a, b=b):
+            return _paired(rs, key, lambda r: r["mode"] == a, lambda r: r["mode"] == b, value)
+
+        out.append(_factor_claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/lie",
+                                 f"{molecule}, {family}: L(F) of {a} over {b} (paired by width and seed; factor)",
+                                 *paired(lie), f"{a} has the larger Lie derivative", f"{a} lowers the Lie derivative"))
+        out.append(_factor_claim(f"remedy/{molecule}/{family}/{a}-vs-{b}/mae",
+                                 f"{molecule}, {family}: force MAE of {a} over {b} (paired; factor)",
+                                 *paired(lambda r: r["test"]["forces_mae"]), f"{a} has the larger force error",
+                                 f"{a} has the smaller force error"))
     return out
 
 
@@ -244,16 +246,13 @@ def shift_claims(results, molecule: str, base) -> List[Claim]:
     out = []
     for kind, what in (("abs", "absolute L(F) (eV/Å)"), ("label", "L(F) relative to the label forces"),
                        ("iso", "L(F) relative to the predicted forces")):
-        lr = stats.log_ratio([lie_per(r, "shift", kind) for r in rs], [lie_per(r, "test", kind) for r in rs])
-        out.append(Claim(f"shift/{molecule}/{kind}", f"{molecule}: {what}, 300 K shift over 500 K time split "
-                         "(per learned unconstrained run; factor)", lr["factor"], lr["factor_lo"], lr["factor_hi"],
-                         lr["n"], stats.claim(lr["lo"], lr["hi"], "larger off-distribution",
-                                              "smaller off-distribution"), null=1.0))
-    lr = stats.log_ratio([r["shift"]["forces_mae"] for r in rs], [r["test"]["forces_mae"] for r in rs])
-    out.append(Claim(f"shift/{molecule}/mae", f"{molecule}: force MAE, shift over time split (factor)", lr["factor"],
-                     lr["factor_lo"], lr["factor_hi"], lr["n"],
-                     stats.claim(lr["lo"], lr["hi"], "larger off-distribution", "smaller off-distribution"),
-                     null=1.0))
+        out.append(_factor_claim(f"shift/{molecule}/{kind}", f"{molecule}: {what}, 300 K shift over 500 K time split "
+                                 "(per learned unconstrained run; factor)", [lie_per(r, "shift", kind) for r in rs],
+                                 [lie_per(r, "test", kind) for r in rs], "larger off-distribution",
+                                 "smaller off-distribution"))
+    out.append(_factor_claim(f"shift/{molecule}/mae", f"{molecule}: force MAE, shift over time split (factor)",
+                             [r["shift"]["forces_mae"] for r in rs], [r["test"]["forces_mae"] for r in rs],
+                             "larger off-distribution", "smaller off-distribution"))
     return out
 
 
@@ -279,12 +278,9 @@ def aliasing_claims(results, molecule: str, base) -> List[Claim]:
     for mode in sorted({r["mode"] for r in rs}):
         x, y = _paired(rs, lambda r: r["seed"], lambda r: r["family"] == "vector-pointwise" and r["mode"] == mode,
                        lambda r: r["family"] == "vector-gated" and r["mode"] == mode, lie)
-        lr = stats.log_ratio(x, y)
-        out.append(Claim(f"aliasing/{molecule}/{mode}/lie", f"{molecule}, vector features, {mode}: L(F) pointwise "
-                         "over norm-gated nonlinearity (paired by seed; factor)", lr["factor"], lr["factor_lo"],
-                         lr["factor_hi"], lr["n"],
-                         stats.claim(lr["lo"], lr["hi"], "the pointwise nonlinearity breaks more",
-                                     "the pointwise nonlinearity breaks less"), null=1.0))
+        out.append(_factor_claim(f"aliasing/{molecule}/{mode}/lie", f"{molecule}, vector features, {mode}: L(F) "
+                                 "pointwise over norm-gated nonlinearity (paired by seed; factor)", x, y,
+                                 "the pointwise nonlinearity breaks more", "the pointwise nonlinearity breaks less"))
         for fam in ("vector-pointwise", "vector-gated"):
             shares = [part_share(r["lie_test"]["layerwise"], "nonlinearities") for r in rs
                       if r["family"] == fam and r["mode"] == mode and r["lie_test"].get("layerwise")]
