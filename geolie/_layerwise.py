@@ -28,7 +28,7 @@ vector) moves it into that module's local term.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -40,14 +40,31 @@ from ._reps import PointRep, ScalarRep, VectorRep, as_rep
 __all__ = ["layerwise_attribution"]
 
 
-def _leaves(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in module.named_modules() if n and len(list(m.children())) == 0]
+def _leaves(module: torch.nn.Module, units: Optional[Sequence[str]] = None) -> List[Tuple[str, torch.nn.Module]]:
+    """The modules attributed: the leaf modules, or the named ``units`` (each one unit, its submodules with it)."""
+    if units is None:
+        return [(n, m) for n, m in module.named_modules() if n and len(list(m.children())) == 0]
+    named = dict(module.named_modules())
+    missing = [u for u in units if u not in named or not u]
+    if missing:
+        raise ValueError(f"layerwise_attribution: units {missing} are not submodules of {type(module).__name__}")
+    nested = [(a, b) for a in units for b in units if a != b and b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"layerwise_attribution: unit {nested[0][1]!r} is inside unit {nested[0][0]!r}; "
+                         "a module is attributed once")
+    return [(u, named[u]) for u in units]
 
 
 def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tensor], torch.Tensor],
                           pos: torch.Tensor, *, group=SO3, reps: Optional[Dict] = None, tol: float = 1e-6,
-                          out_rep="scalar", n_probes: int = 100, seed: int = 0) -> Dict[str, Dict]:
+                          out_rep="scalar", n_probes: int = 100, seed: int = 0,
+                          units: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     """Per leaf module of ``module``: its contribution to ``L_X y`` per generator, and how its reps were set.
+
+    ``units`` (module names) attributes those modules instead of the leaves, each as one unit with its submodules
+    (a block whose inside has no representation geolie reads, such as a grid nonlinearity): what happens outside
+    them is in ``"__unattributed__"``. Each unit's first floating input must be the only one that moves with the
+    positions (its local Lie derivative moves that input alone).
 
     ``energy(pos)`` runs ``module`` and returns the output ``y``. A scalar ``y`` (an energy) gets exact signed
     contributions ``⟨∂y/∂y_i, L_X f_i⟩`` (one backward pass) that sum to ``L_X y``. Any other output (declared by
@@ -58,7 +75,7 @@ def layerwise_attribution(module: torch.nn.Module, energy: Callable[[torch.Tenso
     """
     group = as_group(group)
     reps = reps or {}
-    leaves = _leaves(module)
+    leaves = _leaves(module, units)
     pos = pos.detach()
     K = group.dim
     basis = group.algebra_basis(dtype=pos.dtype, device=pos.device)
@@ -217,5 +234,5 @@ def _unattributed(result: Dict[str, Dict], tot: torch.Tensor, kind: str) -> Dict
                  if k != "__total__"), torch.zeros(K, dtype=torch.float64))
     broken = [k for k, v in result.items() if v.get("status") == "receives broken input"]
     return {"contribution": (tot.detach().double().cpu() - parts).tolist(), "kind": kind,
-            "status": "outside leaf modules" + (f", upstream of {broken[0]} (receives broken input: declare its input "
+            "status": "outside the attributed modules" + (f", upstream of {broken[0]} (receives broken input: declare its input "
                                                 "representation with reps=)" if broken else "")}

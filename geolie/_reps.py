@@ -221,17 +221,36 @@ def has_antisymmetric_part(x: torch.Tensor) -> bool:
 
 
 class IrrepsRep(Rep):
-    """Direct sum of O(3) irreps on the last dimension, in e3nn's basis (``x @ D(R).T``)."""
+    """Direct sum of O(3) irreps in e3nn's basis on the last dimension (``x @ D(R).T``), or on dimension ``axis``.
 
-    def __init__(self, irreps):
+    ``axis=-2`` is the layout of spherical-channel models (eSCN, EquiformerV2, fairchem's eSCN-MD and UMA): features
+    ``[N, (l_max+1)², C]`` with the coefficients of every channel along dimension ``-2``; for those models the
+    coefficients are in e3nn's basis (checked for eSCN-MD in the tests: ``D(R)`` of ``"0e+1o+2e"`` maps a spectral
+    block's input at ``x`` to its input at ``x @ R.T`` to rounding).
+    """
+
+    def __init__(self, irreps, axis: int = -1):
         from e3nn import o3
 
+        if axis >= 0:
+            raise ValueError(f"irreps action: axis counts from the end (-1 the last dimension), got {axis}")
         self.irreps = o3.Irreps(irreps)
-        self.name = str(self.irreps)
+        self.axis = int(axis)
+        self.name = str(self.irreps) if axis == -1 else f"{self.irreps} on dim {axis}"
         self._gen_cache: Dict = {}
 
     def check(self, x, where):
-        _need_trailing(x, (self.irreps.dim,), where, f"irreps {self.name}")
+        if self.axis == -1:
+            _need_trailing(x, (self.irreps.dim,), where, f"irreps {self.name}")
+        elif x.dim() < -self.axis or x.shape[self.axis] != self.irreps.dim:
+            raise ValueError(f"{where}: irreps {self.name} need dimension {self.axis} of size {self.irreps.dim}, "
+                             f"got shape {list(x.shape)}")
+
+    def _last(self, x):
+        return x if self.axis == -1 else x.movedim(self.axis, -1)
+
+    def _back(self, x):
+        return x if self.axis == -1 else x.movedim(-1, self.axis)
 
     def D(self, R: torch.Tensor) -> torch.Tensor:
         """``D(R) [dim, dim]`` as ``exp(sum_k omega_k G_k)`` with ``omega = log R``, times the parities if improper.
@@ -256,7 +275,7 @@ class IrrepsRep(Rep):
         return D
 
     def act(self, x, R, t=None, center=None):
-        return x @ self.D(R).to(x).T
+        return self._back(self._last(x) @ self.D(R).to(x).T)
 
     def D_batched(self, R: torch.Tensor) -> torch.Tensor:
         """``D(R_i)`` for ``R [n, 3, 3]`` (proper or improper): ``[n, dim, dim]``, float64."""
@@ -276,7 +295,7 @@ class IrrepsRep(Rep):
 
     def act_rows(self, x, R, t=None):
         D = self.D_batched(R).to(x)
-        return torch.einsum("n...j,nij->n...i", x, D)
+        return self._back(torch.einsum("n...j,nij->n...i", self._last(x), D))
 
     def _generators(self, dtype, device):
         key = (dtype, device)
@@ -300,7 +319,8 @@ class IrrepsRep(Rep):
     def infinitesimal(self, x, omega, v, center=None):
         G = self._generators(x.dtype, x.device)
         A = torch.einsum("kc,cij->kij", omega.to(x), G)
-        return torch.einsum("...j,kij->k...i", x, A)
+        out = torch.einsum("...j,kij->k...i", self._last(x), A)
+        return out if self.axis == -1 else out.movedim(-1, self.axis)
 
     def parity_sign(self):
         # inversion multiplies an irrep (l, p) by p (e3nn's p is the full parity, 1o has p = -1)

@@ -374,6 +374,74 @@ def test_layerwise_break_outside_modules_is_unattributed_not_zero():
     assert np.abs(res["__unattributed__"]["contribution"]).max() < 1e-12 * np.abs(exact).max()
 
 
+class _MixChannels(torch.nn.Module):
+    """``[N, C, 3] -> [N, C, 3]``: a channel mix (equivariant on vectors)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(c, c, generator=torch.Generator().manual_seed(1)) / c)
+
+    def forward(self, h):
+        return torch.einsum("dc,nci->ndi", self.w, h)
+
+
+class _ComponentSiLU(torch.nn.Module):
+    """SiLU on each Cartesian component: breaks rotations."""
+
+    def forward(self, h):
+        return torch.nn.functional.silu(h)
+
+
+class _NormGate(torch.nn.Module):
+    """``h · sigmoid(|h|)`` per channel: equivariant."""
+
+    def forward(self, h):
+        return h * torch.sigmoid(h.norm(dim=-1, keepdim=True))
+
+
+class _VectorBlocks(torch.nn.Module):
+    """E = Σ |gate(act(mix(c ⊗ s)))|² with centred positions c: the only break is the component-wise SiLU inside
+    ``block``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.block = torch.nn.Sequential(_MixChannels(c), _ComponentSiLU())
+        self.gate = torch.nn.Sequential(_MixChannels(c), _NormGate())
+
+    def forward(self, pos):
+        c = pos - pos.mean(0)
+        return self.gate(self.block(c[:, None, :] * self.s[None, :, None].to(pos))).pow(2).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_attribution_to_named_units(dtype):
+    """``units=``: each named module is one unit. On planted vector blocks whose only break is a component-wise SiLU
+    inside ``block``, the block carries the whole L_X E (the direct total), the equivariant ``gate`` block and the
+    outside carry nothing; the same as attributing the leaves (``block.1``, the SiLU, carries it there)."""
+    from geolie import layerwise_attribution
+
+    m = _VectorBlocks().to(dtype)
+    pos = torch.randn(7, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    res = layerwise_attribution(m, m, pos, units=["block", "gate"], reps={"block": ("vector", "vector"),
+                                                                          "gate": ("vector", "vector")})
+    total = np.array(res["__total__"]["contribution"])
+    assert np.abs(total).min() > 1e-3
+    assert set(res) == {"block", "gate", "__total__", "__unattributed__"}
+    assert np.allclose(res["block"]["contribution"], total, rtol=tol, atol=tol * np.abs(total).max())
+    for k in ("gate", "__unattributed__"):
+        assert np.abs(res[k]["contribution"]).max() < tol * np.abs(total).max(), k
+    leaves = layerwise_attribution(m, m, pos, reps={n: ("vector", "vector") for n in
+                                                    ("block.0", "block.1", "gate.0", "gate.1")})
+    assert np.allclose(leaves["block.1"]["contribution"], res["block"]["contribution"], rtol=tol,
+                       atol=tol * np.abs(total).max())
+    with pytest.raises(ValueError, match="not submodules"):
+        layerwise_attribution(m, m, pos, units=["blocks"])
+    with pytest.raises(ValueError, match="inside unit 'block'"):
+        layerwise_attribution(m, m, pos, units=["block", "block.1"])
+
+
 class _Quadratic(torch.nn.Module):
     """E = Σ_i x_iᵀ A x_i (A symmetric, anisotropic): L_Y E = Σ_i 2 x_iᵀ A (Ω x_i + v) for Y = (ω, v)."""
 

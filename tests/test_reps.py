@@ -119,3 +119,32 @@ def test_tensor2_parts_are_orthogonal_equivariant_projections(dtype):
         assert torch.allclose(v, R @ p[k] @ R.T, atol=tol * 10), k
     sym = x + x.transpose(-1, -2)
     assert set(geolie.tensor2_parts(sym)) == {"l=0", "l=2"}  # symmetric to rounding: no l = 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_irreps_on_another_axis(dtype):
+    """``IrrepsRep(irreps, axis=-2)`` (spherical-channel layout ``[N, dim, C]``) is the trailing-axis action on the
+    transposed tensor: finite action, rows and infinitesimal action; its infinitesimal action is the derivative of
+    its finite one (central differences, error ~ h²); shapes are checked on that axis."""
+    g = torch.Generator().manual_seed(3)
+    last, mid = geolie.IrrepsRep("0e+1o+2e"), geolie.IrrepsRep("0e+1o+2e", axis=-2)
+    x = torch.randn(5, 9, 4, generator=g, dtype=torch.float64).to(dtype)
+    R = geolie.SO3.random(1, g)[0]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(mid.act(x, R), last.act(x.transpose(-1, -2), R).transpose(-1, -2), atol=tol)
+    Rs = geolie.SO3.random(5, g)
+    assert torch.allclose(mid.act_rows(x, Rs), last.act_rows(x.transpose(-1, -2), Rs).transpose(-1, -2), atol=tol)
+    omega, v = geolie.SO3.algebra_basis(dtype=torch.float64)
+    inf = mid.infinitesimal(x, omega, v)
+    assert torch.allclose(inf, last.infinitesimal(x.transpose(-1, -2), omega, v).transpose(-1, -2), atol=tol)
+    h, x64 = 1e-5, x.double()
+    for k in range(3):
+        xi = torch.zeros(3, dtype=torch.float64)
+        xi[k] = h
+        fd = (mid.act(x64, geolie.SO3.exp(xi)) - mid.act(x64, geolie.SO3.exp(-xi))) / (2 * h)
+        assert torch.allclose(mid.infinitesimal(x64, omega, v)[k], fd, atol=1e-9)
+    assert mid.name == "1x0e+1x1o+1x2e on dim -2"
+    with pytest.raises(ValueError, match="dimension -2 of size 9"):
+        mid.check(x.transpose(-1, -2), "features")
+    with pytest.raises(ValueError, match="counts from the end"):
+        geolie.IrrepsRep("1o", axis=1)
