@@ -369,8 +369,10 @@ def _row(pot, st, index, group, dtype, n_finite, layerwise, seed, floors=True, s
         else:
             from ._layerwise import layerwise_attribution
 
-            module, f, out_rep = target
-            kw = {} if out_rep is None else {"out_rep": out_rep}
+            module, f, out_rep, *more = target
+            kw = dict(more[0]) if more else {}
+            if out_rep is not None:
+                kw["out_rep"] = out_rep
             with part("layer-wise attribution"):
                 row["layerwise"] = layerwise_attribution(module, f, ev.inputs[0], group=group, **kw)
     return row

@@ -516,7 +516,13 @@ def test_fairchem_grid_feed_forward_breaks_rotations(fairchem_files):
     rep = geolie.audit(pot, [Structure.from_atoms(MOLS[0])], dtype=torch.float64, n_finite=2, progress=False,
                        layerwise=True)
     row = rep.rows[0]
-    assert row["layerwise"] is None  # fairchem's feature layout is not read: no attribution rather than a wrong one
+    # attribution puts the energy's rotational derivative on the atom-wise (grid) feed-forwards, nothing elsewhere
+    lw = row["layerwise"]
+    total = np.abs(lw["__total__"]["contribution"]).max()
+    ff = sum(np.abs(v["contribution"]) for k, v in lw.items() if k.endswith(".atom_wise"))
+    rest = max(np.abs(v["contribution"]).max() for k, v in lw.items() if not k.endswith((".atom_wise", "__total__")))
+    assert total > 1e-9 and ff.max() > 0.99 * total and rest < 1e-9 * total, (total, ff, rest)
+    assert lw["backbone.blocks.0.atom_wise"]["in_rep"] == "1x0e+1x1o+1x2e on dim -2"
     f = row["outputs"]["forces"]
     assert min(f["rel"][:3]) > 1e-6 and not any(f["at_floor"][:3]), f["rel"]
     assert max(f["rel"][3:]) < 1e-12 and all(f["at_floor"][3:])
@@ -524,6 +530,31 @@ def test_fairchem_grid_feed_forward_breaks_rotations(fairchem_files):
     assert 0.02 < row["finite"]["forces"]["rotation"] / iso < 50
     assert f["ad_check"] < 1e-9 and row["finite"]["forces"]["repeat"] < 1e-14
     assert not any("not deterministic" in n for n in row["notes"])
+
+
+def test_fairchem_features_are_e3nn_irreps_on_dim_minus_2(fairchem_files):
+    """The layout attribution declares for eSCN-MD node features: the input of a block's atom-wise feed-forward at
+    rotated positions is ``D(R)`` of e3nn's ``0e + 1o + 2e`` applied on dimension -2 of its input at the original ones
+    (spectral model, float64, to rounding); its layer-wise attribution is at rounding everywhere."""
+    pot = load_model(f"fairchem:{fairchem_files['spectral']}")
+    st = Structure.from_atoms(MOLS[0])
+    module, f, out_rep, kw = pot.layerwise_target(st, torch.float64)
+    assert out_rep is None and "backbone.blocks.1.atom_wise" in kw["units"]
+    rep = kw["reps"]["backbone.blocks.1.atom_wise"][0]
+    seen = []
+    hook = dict(module.named_modules())["backbone.blocks.1.atom_wise"].register_forward_hook(
+        lambda m, i, o: seen.append(i[0].detach()))
+    pos = torch.as_tensor(st.positions, dtype=torch.float64)
+    R = geolie.SO3.random(1, torch.Generator().manual_seed(4))[0]
+    try:
+        f(pos), f(pos @ R.T)
+    finally:
+        hook.remove()
+    assert float((rep.act(seen[0], R) - seen[1]).norm() / seen[1].norm()) < 1e-13
+    lw = geolie.layerwise_attribution(module, f, pos, **kw)
+    e = abs(float(f(pos).detach()))
+    assert max(np.abs(v["contribution"]).max() for v in lw.values()) < 1e-13 * max(e, 1.0)
+    assert pot.layerwise_target(Structure.from_atoms(_crystal()), torch.float64) is None  # the cell would have to rotate
 
 
 def test_fairchem_s2_activation_is_random_and_said(fairchem_files):

@@ -148,7 +148,9 @@ class Adapter:
         return False
 
     def layerwise_target(self, st: Structure, dtype: torch.dtype):
-        """``(module, f(pos) -> output, out_rep)`` for layer-wise attribution, or ``None`` when not supported."""
+        """``(module, f(pos) -> output, out_rep)`` for layer-wise attribution, or ``None`` when not supported; a fourth
+        element, when present, holds more keyword arguments of :func:`geolie.layerwise_attribution` (``reps``,
+        ``units``) for modules whose representations geolie cannot infer."""
         return None
 
     def inputs(self, st: Structure, dtype: torch.dtype):

@@ -167,10 +167,29 @@ class FairchemAdapter(GraphPotentialAdapter):
         return atomicdata_list_to_batch(items).to(self.device)
 
     def layerwise_target(self, st, dtype):
-        """``None``: fairchem's modules pass spherical-harmonic coefficients in its own layout (``[N, (l+1)², C]``, its
-        own real basis and order), which geolie does not read; inferring them as plain tensors would call equivariant
-        features broken. No layer-wise attribution rather than a wrong one."""
-        return None
+        """eSCN-MD backbones (fairchem's eSCN-MD and UMA), molecules: the model copy for ``dtype``, its energy as a
+        function of the positions, and as units of attribution every block's two normalisations and atom-wise
+        feed-forward and the final normalisation. Their node features ``[N, (l_max+1)², C]`` are declared as e3nn
+        irreps ``0e + 1o + ... + l_max`` on dimension -2 (fairchem's coefficients are in e3nn's basis: tested).
+
+        The edge-wise convolutions are not units: they also read the Wigner matrices of the moving edges, which a
+        local Lie derivative of their node input alone would hold fixed. Their part, and the embeddings' and the
+        heads', is in ``"__unattributed__"``. ``None`` for other backbones (their layouts are not read: no
+        attribution rather than a wrong one) and for periodic structures (the cell would have to rotate too)."""
+        from .._reps import IrrepsRep
+
+        module = self.copy_for(dtype)
+        backbone = getattr(module, "backbone", None)
+        if st.cell is not None or type(backbone).__name__ != "eSCNMDBackbone":
+            return None
+        lmax = int(backbone.lmax)
+        rep = IrrepsRep("+".join(f"1x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)), axis=-2)
+        units = [f"backbone.blocks.{k}.{part}" for k in range(len(backbone.blocks))
+                 for part in ("norm_1", "norm_2", "atom_wise")] + ["backbone.norm"]
+        ev = self.evaluation(st, dtype)
+        z = ev.inputs[1]
+        return module, (lambda p: ev.fn(p, z)["energy"].sum()), None, {
+            "units": units, "reps": {u: (rep, rep) for u in units}}
 
     def _run(self, unit, pos, cell, data, stress: bool) -> Dict[str, torch.Tensor]:
         key = (str(self.device), pos.dtype)
