@@ -432,36 +432,10 @@ def _fairchem_checkpoint(path, *, direct=False, ff_type="spectral", act_type="ga
     """A small eSCN-MD (the UMA/eSEN backbone) HydraModel, random init, saved as fairchem's inference checkpoint
     (``MLIPInferenceCheckpoint``: the Hydra config, weights, EMA weights, tasks), what fairchem publishes and what
     ``convert_train_checkpoint_to_inference_checkpoint`` writes."""
-    import hydra
-    from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
+    from geolie.adapters.fairchem import random_checkpoint
 
-    uma = "fairchem.core.models.uma.escn_md."
-    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=16, lmax=2, mmax=2,
-                    otf_graph=True, max_neighbors=300, cutoff=5.0, edge_channels=16, num_distance_basis=16,
-                    direct_forces=direct, regress_forces=True, regress_stress=not direct, num_layers=2,
-                    hidden_channels=16, dataset_mapping={d: d for d in datasets}, use_dataset_embedding=True,
-                    always_use_pbc=False, ff_type=ff_type, act_type=act_type)
-    if direct:  # energy and forces from separate heads (eSEN direct)
-        heads = {"energy": dict(module=uma + "MLP_Energy_Head"), "forces": dict(module=uma + "Linear_Force_Head")}
-    else:  # energy, with forces and stress from its gradient (eSEN conserving, UMA)
-        heads = {"efs": dict(module=uma + "MLP_EFS_Head")}
-    cfg = dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone, heads=heads,
-               pass_through_head_outputs=not direct)
-    torch.manual_seed(0)
-    model = hydra.utils.instantiate(cfg)
-    tasks = []
-    props = [("energy", "system", [1]), ("forces", "atom", [3])] + ([] if direct else [("stress", "system", [1, 9])])
-    for prop, level, dim in props:
-        tasks.append(dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.Task", name=prop, level=level,
-                          property=prop, datasets=list(datasets),
-                          out_spec=dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.OutputSpec", dim=dim,
-                                        dtype="float32"),
-                          normalizer=dict(_target_="fairchem.core.modules.normalization.normalizer.Normalizer",
-                                          mean=0.0, rmsd=2.0)))
-    ema = torch.optim.swa_utils.AveragedModel(model)
-    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=model.state_dict(),
-                                       ema_state_dict=ema.state_dict(), tasks_config=tasks), path)
-    return str(path)
+    return random_checkpoint(str(path), channels=16, ff_type=ff_type, act_type=act_type, direct=direct,
+                             datasets=datasets, rmsd=2.0)
 
 
 @pytest.fixture(scope="module")

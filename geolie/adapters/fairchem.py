@@ -22,9 +22,16 @@ are ``−∂E/∂pos`` and stress the virial from the position and cell gradient
 forward-over-reverse, exact. The backbone stays in eval mode (UMA's mixture of experts drops experts and
 compositions at random in training mode). A direct model's forces come from their own head (not ``−∇E``).
 ``predict`` runs direct models under ``torch.no_grad``; geolie calls the same model without it. The task's charge and
-spin are fairchem's defaults (``omol``: charge 0, spin multiplicity 1; others 0). Layer-wise attribution is not
-offered: the backbone's features are spherical-harmonic coefficients in fairchem's own layout, which geolie does not
-read (inferred as plain tensors they would look broken where they are equivariant).
+spin are fairchem's defaults (``omol``: charge 0, spin multiplicity 1; others 0).
+
+Layer-wise attribution (eSCN-MD backbones: eSEN, UMA): the units are each block's two normalisations and atom-wise
+feed-forward, whose node features ``[N, (l_max+1)², C]`` are e3nn irreps on dimension -2 (fairchem's coefficients
+are in e3nn's basis: tested). The edge-wise convolutions also read the Wigner matrices of the moving edges and are
+not units; their part is unattributed. Other backbones get none (inferred as plain tensors, spherical-harmonic
+features would look broken where they are equivariant).
+
+:func:`random_checkpoint` writes a random-init eSCN-MD model as such a file (no weights can be downloaded here:
+geolie's tests and study use it).
 """
 from __future__ import annotations
 
@@ -241,3 +248,58 @@ def load(spec: str) -> FairchemAdapter:
                              "convert_train_checkpoint_to_inference_checkpoint")
     del obj
     return FairchemAdapter(spec, task=task)
+
+
+def random_checkpoint(path: str, *, channels: int = 16, lmax: int = 2, num_layers: int = 2, ff_type: str = "spectral",
+                      grid_resolution: Optional[int] = None, act_type: str = "gate", direct: bool = False,
+                      datasets=("omat",), seed: int = 0, rmsd: float = 1.0,
+                      init_from: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Write a random-init eSCN-MD model (the eSEN / UMA backbone, ``lmax = mmax``, 5 Å cutoff) as fairchem's inference
+    checkpoint at ``path`` and return ``path``: the Hydra config, the weights (drawn after ``torch.manual_seed(seed)``;
+    the caller's random state is put back), the same weights as EMA weights, and the tasks energy, forces and (for a
+    conserving model) stress with a normaliser of mean 0 and ``rmsd``.
+
+    ``direct``: energy and forces from separate heads (eSEN direct); else one ``MLP_EFS_Head`` whose forces and
+    stress are the energy's autograd derivatives (eSEN conserving, UMA). ``ff_type`` ``"spectral"`` or ``"grid"``
+    (fairchem's constructor default) with ``grid_resolution`` (``None``: fairchem's), ``act_type`` ``"gate"`` or
+    ``"s2"``. ``init_from``: a state dict whose entries of matching name and shape replace the drawn weights (the same
+    weights across variants that differ in a few modules)."""
+    require("hydra", "fairchem")
+    import hydra
+    from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
+
+    uma = "fairchem.core.models.uma.escn_md."
+    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=channels, lmax=lmax,
+                    mmax=lmax, otf_graph=True, max_neighbors=300, cutoff=5.0, edge_channels=channels,
+                    num_distance_basis=16, direct_forces=direct, regress_forces=True, regress_stress=not direct,
+                    num_layers=num_layers, hidden_channels=channels, dataset_mapping={d: d for d in datasets},
+                    use_dataset_embedding=True, always_use_pbc=False, ff_type=ff_type, act_type=act_type,
+                    grid_resolution=grid_resolution)
+    if direct:
+        heads = {"energy": dict(module=uma + "MLP_Energy_Head"), "forces": dict(module=uma + "Linear_Force_Head")}
+    else:
+        heads = {"efs": dict(module=uma + "MLP_EFS_Head")}
+    cfg = dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone, heads=heads,
+               pass_through_head_outputs=not direct)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = hydra.utils.instantiate(cfg)
+    finally:
+        torch.random.set_rng_state(state)
+    if init_from is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in init_from.items() if k in own and own[k].shape == v.shape},
+                              strict=False)
+    props = [("energy", "system", [1]), ("forces", "atom", [3])] + ([] if direct else [("stress", "system", [1, 9])])
+    tasks = [dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.Task", name=prop, level=level, property=prop,
+                  datasets=list(datasets),
+                  out_spec=dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.OutputSpec", dim=dim,
+                                dtype="float32"),
+                  normalizer=dict(_target_="fairchem.core.modules.normalization.normalizer.Normalizer", mean=0.0,
+                                  rmsd=rmsd))
+             for prop, level, dim in props]
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=model.state_dict(),
+                                       ema_state_dict=ema.state_dict(), tasks_config=tasks), path)
+    return str(path)
