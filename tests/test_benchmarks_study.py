@@ -284,14 +284,32 @@ def test_side_rows_are_read_into_findings(tmp_path):
     """escn.json and pretrained.json, when present beside the runs, become descriptive sections of the findings,
     with each row's numbers as saved; a model that could not be loaded says why."""
     analysis, _ = _study_modules()
+    live = {"shares": {"atom-wise feed-forwards": 0.98, "normalisations": 0.0, "outside the units": 0.02},
+            "energy_at_floor": [False, True, False]}
+    dead = dict(live, energy_at_floor=[True, True, True])
     json.dump({"rows": [{"label": "grid, resolution 8", "lie_forces_median": 1.24e-3, "lie_energy_median": 2e-5,
-                         "n": 8}]}, open(tmp_path / "escn.json", "w"))
+                         "n": 8},
+                        {"label": "grid, resolution 12", "lie_forces_median": 2e-8, "lie_energy_median": 1e-9, "n": 8,
+                         "forces_floor_rel_median": 5e-15, "forces_above_floor": [20, 24],
+                         "verdicts": {"forces": "above floor"}, "attribution": [live, dead, dict(live, shares={
+                             "atom-wise feed-forwards": 0.90, "normalisations": 0.0, "outside the units": 0.10})]},
+                        {"label": "spectral", "lie_forces_median": 4e-16, "lie_energy_median": 1e-17, "n": 8,
+                         "attribution": [dead]}]}, open(tmp_path / "escn.json", "w"))
+    json.dump({"what": "eSCN-MD trained", "training": {"val_forces_mae": 0.1, "best_step": 450, "stopped_step": 700,
+                                                       "converged": True}, "rows": []},
+              open(tmp_path / "escn_trained.json", "w"))
     json.dump({"rows": [{"model": "ani1x", "ok": True, "lie_forces_median": 3e-16, "forces_mae": 0.512, "n": 8},
                         {"model": "chgnet", "ok": False, "why": "chgnet is not installed"}]},
               open(tmp_path / "pretrained.json", "w"))
     secs = analysis.extra_sections(str(tmp_path))
     text = "\n".join(sum(secs.values(), []))
     assert "grid, resolution 8: L(F) median 1.2e-03" in text and "over 8 structures" in text
+    # the above-floor count, and attribution's shares averaged over the frames whose L(E) is above its floor only
+    assert "L(F) above its floor in 20 of 24 structure × rotation figures" in text
+    assert "attribution of L(E) (2 frames above floor, mean share of |contribution|): 94.0% atom-wise feed-forwards, " \
+           "0.0% normalisations, 6.0% outside the units" in text
+    assert "spectral: L(F) median 4.0e-16" in text and "at its floor on the 1 frame attributed, no share stated" in text
+    assert "best validation force MAE 0.100 eV/Å at step 450; stopped at step 700 (on the validation criterion)" in text
     assert "ani1x: L(F) median 3.0e-16" in text and "0.512 eV/Å" in text
     assert "chgnet: not audited (chgnet is not installed)" in text
 

@@ -327,7 +327,7 @@ def all_claims(results, molecules: Sequence[str], bases: Dict[str, Dict[str, flo
         out += shift_claims(results, main, bases[main])
         out += aliasing_claims(results, main, bases[main])
         out += best_forces_claim(results, main)
-    return out
+    return [c for c in out if c.n > 0]  # a comparison with no finished pair yet states nothing
 
 
 # ---------------------------------------------------------------------------------------------------- findings
@@ -561,30 +561,52 @@ def extra_sections(out: str) -> Dict[str, List[str]]:
 
 
 def _verdict(row) -> str:
-    """The audit's verdict on the forces with the median floor, as the side row saved them."""
+    """The floor, how many structure × rotation figures of the forces are above it, and the audit's worst verdict,
+    as the side row saved them."""
     if "verdicts" not in row:
         return ""
-    return (f" (floor median {row.get('forces_floor_rel_median', math.nan):.1e}; the audit's verdict on the forces, "
-            f"every structure and generator: {row['verdicts'].get('forces')})")
+    above = row.get("forces_above_floor")
+    count = f"L(F) above its floor in {above[0]} of {above[1]} structure × rotation figures; " if above else ""
+    return (f" (floor median {row.get('forces_floor_rel_median', math.nan):.1e}; {count}the audit's worst verdict on "
+            f"the forces over structures, generators and finite checks: {row['verdicts'].get('forces')})")
+
+
+def _frames(n: int) -> str:
+    return f"{n} frame" + ("" if n == 1 else "s")
+
+
+def _attribution_text(row) -> str:
+    """Where layer-wise attribution puts the energy's rotational Lie derivative (mean share of the summed
+    ``|contribution|`` over the attributed frames whose L(E) is above its floor), or why no share is stated."""
+    att = row.get("attribution")
+    if not att:
+        return ""
+    live = [a for a in att if not all(a["energy_at_floor"])]
+    if not live:
+        return f"; attribution: L(E) at its floor on the {_frames(len(att))} attributed, no share stated"
+    shares = {k: float(np.mean([a["shares"][k] for a in live])) for k in live[0]["shares"]}
+    return (f"; attribution of L(E) ({_frames(len(live))} above floor, mean share of |contribution|): "
+            + ", ".join(f"{100 * v:.1f}% {k}" for k, v in shares.items()))
 
 
 def _escn_lines(d):
     lines = []
     for row in d.get("rows", []):
         lines.append(f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
-                     f"{row['lie_energy_median']:.1e} over {row['n']} structures{_verdict(row)}" +
-                     (f"; attribution's largest modules: {row['top_modules']}" if row.get("top_modules") else "") + ".")
+                     f"{row['lie_energy_median']:.1e} over {row['n']} structures{_verdict(row)}"
+                     f"{_attribution_text(row)}.")
     return "fairchem eSCN-MD: grid against spectral feed-forward, Lie derivative against grid resolution", lines
 
 
 def _escn_trained_lines(d):
     tr = d.get("training", {})
+    how = "on the validation criterion" if tr.get("converged") else "at the cap"
+    stop = f"stopped at step {tr['stopped_step']} ({how})" if "stopped_step" in tr else "a fixed budget, no early stopping"
     lines = [f"- {d.get('what', '')}: best validation force MAE {tr.get('val_forces_mae', math.nan):.3f} eV/Å at "
-             f"step {tr.get('best_step')} of a fixed budget (no early stopping; the zero-force baseline is in the "
-             "first section)."]
+             f"step {tr.get('best_step')}; {stop} (the zero-force baseline is in the first section)."]
     lines += [f"- {row['label']}: L(F) median {row['lie_forces_median']:.1e}, L(E) median "
               f"{row['lie_energy_median']:.1e}, force MAE {row['forces_mae']:.3f} eV/Å over {row['n']} "
-              f"structures{_verdict(row)}." for row in d.get("rows", [])]
+              f"structures{_verdict(row)}{_attribution_text(row)}." for row in d.get("rows", [])]
     return "fairchem eSCN-MD after training, against grid resolution", lines
 
 

@@ -14,17 +14,23 @@ at 500 K, stop early on frames 620-719, test on the last 2 ps) and the 300 K tra
 runs to convergence on the validation split (learning rate halved on a plateau, stopped after five evaluations
 without improvement, best weights restored) with a step cap. Families (``kind``):
 
-* unconstrained: ``mpnn`` (message passing on raw edge vectors) at four widths × four recipes ``plain``/``augment``/
-  ``penalty``/``equigrad`` on aspirin, and at two widths × three recipes on ethanol and uracil; ``reltransformer``
-  (tokens from relative geometry, attention biased by distances); the aliasing family ``vector-pointwise`` and
-  ``vector-gated`` (vector hidden features with a per-component SiLU or a norm gate);
-* exactly equivariant: ``e3nn`` (CG potential), ``gaunt``, ``schnet``, ``fa-all`` (frame averaging around the
-  relative transformer);
-* approximately equivariant: ``grid`` (the Gaunt potential with a spherical-grid SiLU at three resolutions);
+* unconstrained: ``mpnn`` (message passing on raw edge vectors) on aspirin at four widths × ``plain``/``augment``
+  and three widths (8, 16, 32) × ``penalty``/``equigrad``; on ethanol and uracil at two widths × ``plain``/``augment``
+  and width 16 × ``penalty``; ``reltransformer`` (tokens from relative geometry, attention biased by distances);
+  the aliasing family ``vector-pointwise`` and ``vector-gated`` (vector hidden features with a per-component SiLU or
+  a norm gate), ``plain`` and ``augment``;
+* exactly equivariant, seed 0 (their L(F) is at the floor by construction): ``e3nn`` (CG potential), ``gaunt``,
+  ``schnet``, ``fa-all`` (frame averaging around the relative transformer);
+* approximately equivariant, seed 0: ``grid`` (the Gaunt potential with a spherical-grid SiLU at three resolutions);
 * ``shapes``: a PointNet (plain, augment, penalty) and its frame average.
 
+Budget. The penalty recipes cost 5-10 plain steps per step (a Lie derivative of the forces inside every loss), so
+they run at the widths where that fits: measured on the first seed (one core each, two workers), a width-64
+penalty run takes about an hour and a vector-model run 15-25 minutes. From those timings the 124 runs are about
+20 core-hours (10 hours of two workers), more than the six hours first planned; the runs resume across sessions.
+
 Options: ``--quick`` (ethanol, tiny models, a few dozen steps, two seeds: every code path, a test), ``--out DIR``
-(default ``benchmarks/results/study`` or ``.../study_quick``), ``--only SUBSTRING`` (runs whose name contains it),
+(default ``benchmarks/results/study`` or ``.../study_quick``), ``--only SUBSTRING...`` (runs whose name contains one of them),
 ``--max-runs N`` (stop after N new runs), ``--no-analysis`` (a worker beside another process), ``--threads``.
 """
 from __future__ import annotations
@@ -69,17 +75,19 @@ def config(quick: bool) -> Dict[str, Any]:
         c = dict(molecule="aspirin", molecules_extra=["ethanol", "uracil"], seeds=[0, 1, 2], steps=10000,
                  eval_every=200, patience=5, batch_size=8, lr=3e-3, lam=10.0, n_audit=24, n_finite=1,
                  layerwise_frames=2, monitor_every=1000, monitor_frames=4, widths=[8, 16, 32, 64], modes=MODES,
-                 extra_widths=[16, 64], extra_modes=("plain", "augment", "penalty"), vector_width=32,
-                 vector_modes=("plain", "augment", "penalty"), rel_widths=[16, 64], rel_modes=("plain", "augment"),
-                 baselines=("e3nn", "gaunt", "schnet", "fa-all"), baseline_width=32,
-                 grid_res=[(3, 5), (6, 11), (12, 23)], grid_seeds=[0, 1, 2], shape_steps=600, shape_points=256,
+                 costly_widths=[8, 16, 32], extra_widths=[16, 64], extra_modes=("plain", "augment", "penalty"),
+                 extra_costly_widths=[16], vector_width=32, vector_modes=("plain", "augment"), rel_widths=[16, 64],
+                 rel_modes=("plain", "augment"), baselines=("e3nn", "gaunt", "schnet", "fa-all"), baseline_seeds=[0],
+                 baseline_width=32, grid_res=[(3, 5), (6, 11), (12, 23)], grid_seeds=[0], shape_steps=600,
+                 shape_points=256,
                  shape_widths=[32, 128], shape_batch=16, n_shape_lie=48, shape_modes=("plain", "augment", "penalty"),
                  n_val=None)
     runs: List[Dict[str, Any]] = []
     for seed in c["seeds"]:
-        runs += _md_runs(c, c["molecule"], seed, c["widths"], c["modes"], main=True)
+        runs += _md_runs(c, c["molecule"], seed, c["widths"], c["modes"], c.get("costly_widths"), main=True)
         for mol in c["molecules_extra"]:
-            runs += _md_runs(c, mol, seed, c["extra_widths"], c["extra_modes"], main=False)
+            runs += _md_runs(c, mol, seed, c["extra_widths"], c["extra_modes"], c.get("extra_costly_widths"),
+                             main=False)
         for w in c["shape_widths"]:
             for mode in c["shape_modes"]:
                 runs.append(dict(name=f"shapes-pointnet-w{w}-{mode}-s{seed}", task="shapes", family="pointnet",
@@ -101,8 +109,13 @@ def _md(mol, family, kind, width, mode, seed, tag=None, **extra) -> Dict[str, An
                 mode=mode, seed=seed, **extra)
 
 
-def _md_runs(c, mol, seed, widths, modes, main: bool) -> List[Dict[str, Any]]:
-    runs = [_md(mol, "mpnn", "unconstrained", w, mode, seed) for w in widths for mode in modes]
+#: recipes with a Lie derivative inside every loss: 5-10 plain steps each, trained at ``costly_widths`` only
+COSTLY = ("penalty", "equigrad")
+
+
+def _md_runs(c, mol, seed, widths, modes, costly_widths, main: bool) -> List[Dict[str, Any]]:
+    runs = [_md(mol, "mpnn", "unconstrained", w, mode, seed) for w in widths for mode in modes
+            if mode not in COSTLY or costly_widths is None or w in costly_widths]
     if not main:
         return runs
     for nl in ("pointwise", "gated"):
@@ -113,7 +126,8 @@ def _md_runs(c, mol, seed, widths, modes, main: bool) -> List[Dict[str, Any]]:
              for mode in c["rel_modes"]]
     bw = c["baseline_width"]
     widths = {"e3nn": 8, "gaunt": 8, "schnet": 2 * bw, "fa-all": bw}
-    runs += [_md(mol, fam, "equivariant", widths[fam], "plain", seed, tag=fam) for fam in c["baselines"]]
+    if seed in c.get("baseline_seeds", [seed]):
+        runs += [_md(mol, fam, "equivariant", widths[fam], "plain", seed, tag=fam) for fam in c["baselines"]]
     return runs
 
 
@@ -317,7 +331,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny configuration (a test)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/study[_quick])")
-    ap.add_argument("--only", default=None, help="only runs whose name contains this")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="only runs whose name contains one of these (order stays the configuration's)")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     ap.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     ap.add_argument("--analyse-only", action="store_true", help="write the analysis of the finished runs only")
@@ -334,7 +349,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     c = config(args.quick)
-    runs = [r for r in c["runs"] if args.only is None or args.only in r["name"]]
+    runs = [r for r in c["runs"] if args.only is None or any(o in r["name"] for o in args.only)]
     todo = [r for r in runs if not os.path.exists(os.path.join(out, "runs", r["name"], "result.json"))]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, results in {out}", flush=True)
     if todo and not args.analyse_only:

@@ -20,7 +20,9 @@ The analysis (:mod:`analysis`) reads both files into ``findings.md`` as descript
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import sys
 import tempfile
@@ -40,49 +42,23 @@ ESCN_VARIANTS = [("grid, default resolution", "grid", None), ("grid, resolution 
                  ("grid, resolution 24", "grid", 24), ("spectral (same weights but the feed-forward)", "spectral", None)]
 
 
-def _escn_config(ff_type: str, grid_resolution: Optional[int], channels: int) -> Dict[str, Any]:
-    uma = "fairchem.core.models.uma.escn_md."
-    backbone = dict(model=uma + "eSCNMDBackbone", max_num_elements=100, sphere_channels=channels, lmax=2, mmax=2,
-                    otf_graph=True, max_neighbors=300, cutoff=5.0, edge_channels=channels, num_distance_basis=16,
-                    direct_forces=False, regress_forces=True, regress_stress=True, num_layers=2,
-                    hidden_channels=channels, dataset_mapping={"omat": "omat"}, use_dataset_embedding=True,
-                    always_use_pbc=False, ff_type=ff_type, act_type="gate", grid_resolution=grid_resolution)
-    return dict(_target_="fairchem.core.models.base.HydraModel", backbone=backbone,
-                heads={"efs": dict(module=uma + "MLP_EFS_Head")}, pass_through_head_outputs=True)
-
-
 def escn_checkpoint(path: str, ff_type: str, grid_resolution: Optional[int], seed: int = 0,
                     channels: int = 32) -> str:
     """A random-init eSCN-MD conserving model (energy head, forces and stress from its gradient), saved as
-    fairchem's inference checkpoint. Every weight the variants share is the grid model's of the same ``seed``
-    (the grid feed-forward's weights do not depend on the resolution); the spectral variant differs only in its
-    feed-forward modules, which have weights of their own (drawn after the shared ones were copied)."""
-    import hydra
-    from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
+    fairchem's inference checkpoint (:func:`geolie.adapters.fairchem.random_checkpoint`). Every weight the variants
+    share is the grid model's of the same ``seed`` (the grid feed-forward's weights do not depend on the
+    resolution); the spectral variant differs only in its feed-forward modules, which have weights of their own."""
+    from geolie.adapters.fairchem import random_checkpoint
 
-    cfg = _escn_config(ff_type, grid_resolution, channels)
-    torch.manual_seed(seed)
-    reference = hydra.utils.instantiate(_escn_config("grid", None, channels)).state_dict()
-    torch.manual_seed(seed)
-    model = hydra.utils.instantiate(cfg)
-    own = model.state_dict()
-    shared = {k: v for k, v in reference.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(shared, strict=False)
-    tasks = []
-    for prop, level, dim in (("energy", "system", [1]), ("forces", "atom", [3]), ("stress", "system", [1, 9])):
-        tasks.append(dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.Task", name=prop, level=level,
-                          property=prop, datasets=["omat"],
-                          out_spec=dict(_target_="fairchem.core.units.mlip_unit.mlip_unit.OutputSpec", dim=dim,
-                                        dtype="float32"),
-                          normalizer=dict(_target_="fairchem.core.modules.normalization.normalizer.Normalizer",
-                                          mean=0.0, rmsd=1.0)))
-    ema = torch.optim.swa_utils.AveragedModel(model)
-    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=model.state_dict(),
-                                       ema_state_dict=ema.state_dict(), tasks_config=tasks), path)
-    return path
+    ref = random_checkpoint(path, ff_type="grid", channels=channels, seed=seed)
+    shared = torch.load(ref, weights_only=False).model_state_dict
+    return random_checkpoint(path, ff_type=ff_type, grid_resolution=grid_resolution, channels=channels, seed=seed,
+                             init_from=shared)
 
 
-def _audit_row(pot, frames, dtype=torch.float64) -> Dict[str, Any]:
+def _audit_row(pot, frames, dtype=torch.float64, attribution: int = 0) -> Dict[str, Any]:
+    """The audit's medians over ``frames`` (rotations), how many structure × rotation figures of the forces are
+    above their floors, the worst verdicts; with ``attribution`` > 0, layer-wise attribution on that many frames."""
     import geolie
 
     rep = geolie.audit(pot, frames, dtype=dtype, n_finite=1, progress=False)
@@ -91,8 +67,39 @@ def _audit_row(pot, frames, dtype=torch.float64) -> Dict[str, Any]:
         rel = rep.values(name, "rel")
         row[f"lie_{name}_median"] = float(np.median(np.sqrt(np.mean(rel[:, :3] ** 2, axis=1))))
         row[f"{name}_floor_rel_median"] = rep.aggregates()[name]["floor_rel_median"]
+        flags = [bool(a) for r in rep.rows for a in r["outputs"][name]["at_floor"][:3]]
+        row[f"{name}_above_floor"] = [flags.count(False), len(flags)]
     row["verdicts"] = {k: v.get("overall") for k, v in rep.verdicts().items()}
+    if attribution:
+        at_floor = {r["index"]: r["outputs"]["energy"]["at_floor"][:3] for r in rep.rows}
+        row["attribution"] = [dict(_attribution(pot, a, dtype), energy_at_floor=at_floor[i])
+                              for i, a in enumerate(frames[:attribution])]
     return row
+
+
+#: the parts of an eSCN-MD block that attribution names (unit name suffixes), the rest is outside the units
+ESCN_PARTS = {"atom-wise feed-forwards": (".atom_wise",), "normalisations": (".norm_1", ".norm_2", "backbone.norm")}
+
+
+def _attribution(pot, atoms, dtype) -> Dict[str, Any]:
+    """Layer-wise attribution of the energy's rotational Lie derivative on one frame through the adapter's target
+    (eSCN-MD: the blocks' normalisations and atom-wise feed-forwards as units, the rest outside them): the direct
+    ``L_X E`` per rotation generator, each unit's signed contribution, and the share of the summed ``|contribution|``
+    in each part of :data:`ESCN_PARTS` and outside the units."""
+    import geolie
+    from geolie.adapters import Structure
+
+    module, f, _, kw = pot.layerwise_target(Structure.from_atoms(atoms), dtype)
+    ev = pot.evaluation(Structure.from_atoms(atoms), dtype)
+    lw = geolie.layerwise_attribution(module, f, ev.inputs[0], **kw)
+    contrib = {k: v["contribution"] for k, v in lw.items() if k != "__total__"}
+    absum = {k: sum(abs(c) for c in v) for k, v in contrib.items()}
+    tot = sum(absum.values())
+    shares = {part: sum(a for k, a in absum.items() if k.endswith(suffixes)) / tot if tot > 0 else math.nan
+              for part, suffixes in ESCN_PARTS.items()}
+    shares["outside the units"] = absum["__unattributed__"] / tot if tot > 0 else math.nan
+    return {"total": lw["__total__"]["contribution"], "energy": float(ev.fn(*ev.inputs)["energy"].sum().detach()),
+            "contributions": contrib, "shares": shares}
 
 
 def escn(frames, quick: bool) -> Dict[str, Any]:
@@ -103,7 +110,7 @@ def escn(frames, quick: bool) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         for label, ff, res in variants:
             path = escn_checkpoint(os.path.join(d, "m.pt"), ff, res, channels=8 if quick else 32)
-            row = _audit_row(load_model(f"fairchem:{path}"), frames)
+            row = _audit_row(load_model(f"fairchem:{path}"), frames, attribution=1 if quick else 2)
             rows.append(dict(row, label=label, ff_type=ff, grid_resolution=res))
             print(f"escn: {label}: L(F) median {row['lie_forces_median']:.1e}", flush=True)
     return {"what": "random-init eSCN-MD (lmax = mmax = 2, 2 layers), same weights, float64 audit", "rows": rows}
@@ -116,8 +123,7 @@ def _trainable(pot, frames):
 
     ev = pot.batch_evaluation([Structure.from_atoms(frames[0])], torch.float32)
     ev.fn(*ev.inputs)
-    module = pot._cache.get(pot.device, torch.float32)[0].model.module
-    return module.requires_grad_(True)
+    return pot.copy_for(torch.float32).requires_grad_(True)
 
 
 def _forces_call(pot, frames):
@@ -130,13 +136,14 @@ def _forces_call(pot, frames):
 
 
 def train_escn(pot, train_frames, val_frames, steps: int, batch_size: int = 4, lr: float = 2e-3, seed: int = 0,
-               eval_every: int = 50) -> Dict[str, Any]:
+               eval_every: int = 50, patience: int = 5) -> Dict[str, Any]:
     """Train the adapter's float32 model in place on forces only (``mean ΔF² / Var F``; a random-init model's energy
-    offset is arbitrary and the study's headline is the forces), Adam, best validation force MAE restored."""
-    import copy
-
+    offset is arbitrary and the study's headline is the forces), Adam, with the study's stopping rule: the
+    validation force MAE every ``eval_every`` steps, the learning rate halved after 2 evaluations without
+    improvement, stopped after ``patience`` of them or at ``steps`` (the cap), best weights restored."""
     module = _trainable(pot, train_frames)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
     gen = np.random.default_rng(seed)
     labels = {id(a): torch.tensor(a.get_forces(), dtype=torch.float32) for a in train_frames + val_frames}
     var = float(torch.cat([labels[id(a)] for a in train_frames]).var())
@@ -148,6 +155,7 @@ def train_escn(pot, train_frames, val_frames, steps: int, batch_size: int = 4, l
 
     best = (val_mae(), 0, copy.deepcopy(module.state_dict()))
     hist = [{"step": 0, "val_forces_mae": best[0]}]
+    stale, converged, last = 0, False, steps
     for step in range(1, steps + 1):
         batch = [train_frames[i] for i in gen.choice(len(train_frames), batch_size, replace=False)]
         f = _forces_call(pot, batch)
@@ -157,25 +165,34 @@ def train_escn(pot, train_frames, val_frames, steps: int, batch_size: int = 4, l
         opt.step()
         if step % eval_every == 0 or step == steps:
             v = val_mae()
-            hist.append({"step": step, "val_forces_mae": v, "loss": float(loss.detach())})
+            sched.step(v)
+            hist.append({"step": step, "val_forces_mae": v, "loss": float(loss.detach()),
+                         "lr": opt.param_groups[0]["lr"]})
             print(f"escn training: step {step}/{steps}, validation force MAE {v:.3f} eV/Å", flush=True)
             if v < best[0]:
-                best = (v, step, copy.deepcopy(module.state_dict()))
+                best, stale = (v, step, copy.deepcopy(module.state_dict())), 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    converged, last = True, step
+                    break
     module.load_state_dict(best[2])
-    return {"steps": steps, "best_step": best[1], "val_forces_mae": best[0], "history": hist,
-            "state_dict": module.state_dict()}
+    return {"steps": steps, "stopped_step": last, "converged": converged, "best_step": best[1],
+            "val_forces_mae": best[0], "history": hist, "state_dict": module.state_dict()}
 
 
-def _with_weights(source: str, path: str, state_dict, grid_resolution: Optional[int], channels: int) -> str:
+def _with_weights(source: str, path: str, state_dict, grid_resolution: Optional[int]) -> str:
     """``source``'s checkpoint written to ``path`` with trained weights (also as its EMA weights, which fairchem
     loads) and the given grid resolution."""
     from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 
     ck = torch.load(source, weights_only=False)
+    cfg = copy.deepcopy(ck.model_config)
+    cfg["backbone"]["grid_resolution"] = grid_resolution
     sd = {k: v.detach().clone() for k, v in state_dict.items()}
     ema = {"n_averaged": torch.tensor(1), **{"module." + k: v for k, v in sd.items()}}
-    torch.save(MLIPInferenceCheckpoint(model_config=_escn_config("grid", grid_resolution, channels),
-                                       model_state_dict=sd, ema_state_dict=ema, tasks_config=ck.tasks_config), path)
+    torch.save(MLIPInferenceCheckpoint(model_config=cfg, model_state_dict=sd, ema_state_dict=ema,
+                                       tasks_config=ck.tasks_config), path)
     return path
 
 
@@ -192,15 +209,15 @@ def escn_trained(frames, quick: bool, molecule: str) -> Dict[str, Any]:
         pot = load_model(f"fairchem:{path}")
         import run
 
-        rec = train_escn(pot, sp["train"], run._spread(sp["val"], 4 if quick else 12), steps=4 if quick else 300,
+        rec = train_escn(pot, sp["train"], run._spread(sp["val"], 4 if quick else 12), steps=4 if quick else 3000,
                          eval_every=2 if quick else 50)
         labels = np.concatenate([a.get_forces() for a in frames])
         with torch.enable_grad():
             in_memory = _forces_call(pot, frames).detach().double().numpy()
         for label, ff, res in [v for v in ESCN_VARIANTS if v[1] == "grid"][:2 if quick else None]:
-            p = _with_weights(path, os.path.join(d, f"t{res}.pt"), rec["state_dict"], res, channels)
+            p = _with_weights(path, os.path.join(d, f"t{res}.pt"), rec["state_dict"], res)
             trained = load_model(f"fairchem:{p}")
-            row = _audit_row(trained, frames)
+            row = _audit_row(trained, frames, attribution=1 if quick else 2)
             with torch.enable_grad():
                 pred = _forces_call(trained, frames).detach().double().numpy()
             if res is None and not np.allclose(pred, in_memory, rtol=1e-4, atol=1e-5):  # the file holds the weights
@@ -209,8 +226,9 @@ def escn_trained(frames, quick: bool, molecule: str) -> Dict[str, Any]:
             rows.append(dict(row, label=f"trained, {label}", ff_type=ff, grid_resolution=res, forces_mae=mae))
             print(f"escn trained: {label}: L(F) median {row['lie_forces_median']:.1e}", flush=True)
     rec.pop("state_dict")
-    return {"what": f"eSCN-MD ({channels} channels) trained on forces, {rec['steps']} steps of 4 frames, best "
-                    "validation weights, audited at each grid resolution", "training": rec, "rows": rows}
+    return {"what": f"eSCN-MD ({channels} channels) trained on forces in batches of 4 frames with the study's "
+                    f"stopping rule (cap {rec['steps']} steps), best validation weights, audited at each grid "
+                    "resolution", "training": rec, "rows": rows}
 
 
 def pretrained(frames, quick: bool) -> Dict[str, Any]:
