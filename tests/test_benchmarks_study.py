@@ -328,6 +328,24 @@ def test_study_pages_quote_the_committed_findings(page, heading):
         assert ln in findings, ln
 
 
+@pytest.mark.parametrize("page, heading", [(("docs", "src", "study.md"), "## What the committed runs say so far"),
+                                           (("README.md",), "## The learned-equivariance study")])
+def test_study_pages_prose_has_no_number_the_findings_lack(page, heading):
+    """The prose around the quoted lines (the status, the reading) states only numbers that findings.md states: a
+    hand-derived figure ("about 33×") would go stale when the runs change."""
+    import re
+
+    text = open(os.path.join(ROOT, *page)).read()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    findings = open(os.path.join(ROOT, "benchmarks", "results", "study", "findings.md")).read()
+    prose = "\n".join(ln for ln in section.splitlines() if not ln.startswith("- "))
+    prose = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|\b3D\b", "", prose)  # code, links, "3D"
+    token = r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?"
+    stated = set(re.findall(token, findings))
+    missing = [x for x in re.findall(token, prose) if x not in stated]
+    assert not missing, missing
+
+
 @pytest.mark.parametrize("name", ["EdgeMPNN", "RelTransformer", "VectorMPNN-pointwise", "VectorMPNN-gated"])
 def test_study_models_batch_like_one_structure_at_a_time(name):
     """The study trains on batches: each model's energy of a structure is the same in a batch of two different
@@ -381,3 +399,34 @@ def test_run_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     writing.mkdir()
     (writing / "claim").write_text("")
     assert not run._claim(str(writing))
+
+
+def test_status_tells_done_running_and_pending_runs(tmp_path, capsys):
+    """``--status``: a run with a result is done, one claimed by a live process is running, one claimed by a process
+    that is gone, one with an empty claim and one never started are pending; nothing is claimed by looking."""
+    import subprocess
+
+    sys.path.insert(0, STUDY)
+    import run
+
+    runs = [{"name": n, "molecule": "ethanol", "family": "mpnn", "mode": "plain"}
+            for n in ("done", "live", "gone", "writing", "never")]
+    for n in ("done", "live", "gone", "writing"):
+        (tmp_path / "runs" / n).mkdir(parents=True)
+    (tmp_path / "runs" / "done" / "result.json").write_text("{}")
+    (tmp_path / "runs" / "writing" / "claim").write_text("")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "runs" / "gone" / "claim").write_text(str(dead.pid))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "runs" / "live" / "claim").write_text(str(live.pid))
+        st = run.status(runs, str(tmp_path))
+        run._print_status(runs, str(tmp_path))
+    finally:
+        live.kill()
+        live.wait()
+    assert st == {"done": ["done"], "running": ["live"], "pending": ["gone", "writing", "never"]}
+    assert (tmp_path / "runs" / "gone" / "claim").read_text() == str(dead.pid)  # looking claims nothing
+    out = capsys.readouterr().out
+    assert "1 done, 1 running, 3 pending of 5 runs" in out and "running: live" in out

@@ -31,7 +31,8 @@ penalty run takes about an hour and a vector-model run 15-25 minutes. From those
 
 Options: ``--quick`` (ethanol, tiny models, a few dozen steps, two seeds: every code path, a test), ``--out DIR``
 (default ``benchmarks/results/study`` or ``.../study_quick``), ``--only SUBSTRING...`` (runs whose name contains one of them),
-``--max-runs N`` (stop after N new runs), ``--no-analysis`` (a worker beside another process), ``--threads``.
+``--max-runs N`` (stop after N new runs), ``--no-analysis`` (a worker beside another process), ``--threads``,
+``--status`` (which runs are done, running in a live process, or pending; changes nothing).
 """
 from __future__ import annotations
 
@@ -254,21 +255,30 @@ def load_data(c: Dict[str, Any]) -> Dict[str, Any]:
     return d
 
 
+def _holder(path: str):
+    """The pid holding the claim file ``path`` while its process lives, ``"gone"`` when that process has ended,
+    ``"writing"`` while the file is still empty (its creator is writing its pid)."""
+    text = open(path).read().strip()
+    if not text.isdigit():
+        return "writing"
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass  # another user's live process
+    return int(text)
+
+
 def _claim(folder: str) -> bool:
     """Take the run for this process (a ``claim`` file with its pid, created exclusively), so that several
     processes can share one configuration; a claim whose process is gone is taken over."""
     path = os.path.join(folder, "claim")
     if os.path.exists(path):
-        text = open(path).read().strip()
-        if not text.isdigit():
-            return False  # being written by the process that just created it
-        try:
-            os.kill(int(text), 0)
-            return int(text) == os.getpid()
-        except ProcessLookupError:
-            os.remove(path)  # its process is gone: the run is free again
-        except PermissionError:
-            return False
+        holder = _holder(path)
+        if holder != "gone":
+            return holder == os.getpid()  # a claim being written ("writing") or a live process's
+        os.remove(path)  # its process is gone: the run is free again
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -327,6 +337,37 @@ def train_all(todo: List[Dict[str, Any]], c: Dict[str, Any], out: str, max_runs=
     return done
 
 
+def status(runs: List[Dict[str, Any]], out: str) -> Dict[str, List[str]]:
+    """The runs of the configuration by state: ``done`` (a result), ``running`` (claimed by a live process),
+    ``pending`` (never started, failed, or claimed by a process that is gone); read only, nothing is claimed."""
+    states: Dict[str, List[str]] = {"done": [], "running": [], "pending": []}
+    for r in runs:
+        folder = os.path.join(out, "runs", r["name"])
+        if os.path.exists(os.path.join(folder, "result.json")):
+            states["done"].append(r["name"])
+            continue
+        claim = os.path.join(folder, "claim")
+        alive = os.path.exists(claim) and isinstance(_holder(claim), int)
+        states["running" if alive else "pending"].append(r["name"])
+    return states
+
+
+def _print_status(runs: List[Dict[str, Any]], out: str) -> None:
+    st = status(runs, out)
+    print(f"study: {len(st['done'])} done, {len(st['running'])} running, {len(st['pending'])} pending of "
+          f"{len(runs)} runs")
+    groups: Dict[str, Dict[str, int]] = {}
+    for state, names in st.items():
+        for n in names:
+            r = next(x for x in runs if x["name"] == n)
+            key = f"{r.get('molecule', 'shapes')} {r['family']} {r['mode']}"
+            groups.setdefault(key, {"done": 0, "running": 0, "pending": 0})[state] += 1
+    for key, g in sorted(groups.items()):
+        print(f"  {key:<36} done {g['done']:>2}  running {g['running']:>2}  pending {g['pending']:>2}")
+    for n in st["running"]:
+        print(f"  running: {n}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny configuration (a test)")
@@ -337,6 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     ap.add_argument("--analyse-only", action="store_true", help="write the analysis of the finished runs only")
     ap.add_argument("--no-analysis", action="store_true", help="train only (a worker beside another process)")
+    ap.add_argument("--status", action="store_true", help="print which runs are done, running and pending; no work")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu only for now (see docs/src/study.md)")
     args = ap.parse_args(argv)
@@ -351,6 +393,9 @@ def main(argv=None) -> int:
     c = config(args.quick)
     runs = [r for r in c["runs"] if args.only is None or any(o in r["name"] for o in args.only)]
     todo = [r for r in runs if not os.path.exists(os.path.join(out, "runs", r["name"], "result.json"))]
+    if args.status:
+        _print_status(runs, out)
+        return 0
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, results in {out}", flush=True)
     if todo and not args.analyse_only:
         train_all(todo, c, out, args.max_runs, strict=args.quick)
