@@ -234,5 +234,6 @@ def _unattributed(result: Dict[str, Dict], tot: torch.Tensor, kind: str) -> Dict
                  if k != "__total__"), torch.zeros(K, dtype=torch.float64))
     broken = [k for k, v in result.items() if v.get("status") == "receives broken input"]
     return {"contribution": (tot.detach().double().cpu() - parts).tolist(), "kind": kind,
-            "status": "outside the attributed modules" + (f", upstream of {broken[0]} (receives broken input: declare its input "
-                                                "representation with reps=)" if broken else "")}
+            "status": "outside the attributed modules" + (
+                f", upstream of {broken[0]} (receives broken input: declare its input representation with reps=)"
+                if broken else "")}
