@@ -185,9 +185,11 @@ class FairchemAdapter(GraphPotentialAdapter):
         attribution rather than a wrong one) and for periodic structures (the cell would have to rotate too)."""
         from .._reps import IrrepsRep
 
+        if st.cell is not None:
+            return None
         module = self.copy_for(dtype)
         backbone = getattr(module, "backbone", None)
-        if st.cell is not None or type(backbone).__name__ != "eSCNMDBackbone":
+        if type(backbone).__name__ != "eSCNMDBackbone":
             return None
         lmax = int(backbone.lmax)
         rep = IrrepsRep("+".join(f"1x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)), axis=-2)
