@@ -319,8 +319,7 @@ class IrrepsRep(Rep):
     def infinitesimal(self, x, omega, v, center=None):
         G = self._generators(x.dtype, x.device)
         A = torch.einsum("kc,cij->kij", omega.to(x), G)
-        out = torch.einsum("...j,kij->k...i", self._last(x), A)
-        return out if self.axis == -1 else out.movedim(-1, self.axis)
+        return self._back(torch.einsum("...j,kij->k...i", self._last(x), A))
 
     def parity_sign(self):
         # inversion multiplies an irrep (l, p) by p (e3nn's p is the full parity, 1o has p = -1)

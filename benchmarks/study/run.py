@@ -356,10 +356,11 @@ def _print_status(runs: List[Dict[str, Any]], out: str) -> None:
     st = status(runs, out)
     print(f"study: {len(st['done'])} done, {len(st['running'])} running, {len(st['pending'])} pending of "
           f"{len(runs)} runs")
+    by_name = {r["name"]: r for r in runs}
     groups: Dict[str, Dict[str, int]] = {}
     for state, names in st.items():
         for n in names:
-            r = next(x for x in runs if x["name"] == n)
+            r = by_name[n]
             key = f"{r.get('molecule', 'shapes')} {r['family']} {r['mode']}"
             groups.setdefault(key, {"done": 0, "running": 0, "pending": 0})[state] += 1
     for key, g in sorted(groups.items()):
@@ -387,15 +388,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join(os.path.dirname(HERE), "results", "study_quick" if args.quick else "study")
+    c = config(args.quick)
+    runs = [r for r in c["runs"] if args.only is None or any(o in r["name"] for o in args.only)]
+    if args.status:  # before --fresh and the folder's creation: looking changes nothing
+        _print_status(runs, out)
+        return 0
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    c = config(args.quick)
-    runs = [r for r in c["runs"] if args.only is None or any(o in r["name"] for o in args.only)]
     todo = [r for r in runs if not os.path.exists(os.path.join(out, "runs", r["name"], "result.json"))]
-    if args.status:
-        _print_status(runs, out)
-        return 0
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} already done, results in {out}", flush=True)
     if todo and not args.analyse_only:
         train_all(todo, c, out, args.max_runs, strict=args.quick)

@@ -89,16 +89,17 @@ def _attribution(pot, atoms, dtype) -> Dict[str, Any]:
     import geolie
     from geolie.adapters import Structure
 
-    module, f, _, kw = pot.layerwise_target(Structure.from_atoms(atoms), dtype)
-    ev = pot.evaluation(Structure.from_atoms(atoms), dtype)
-    lw = geolie.layerwise_attribution(module, f, ev.inputs[0], **kw)
+    st = Structure.from_atoms(atoms)
+    module, f, _, kw = pot.layerwise_target(st, dtype)
+    pos = pot.inputs(st, dtype)[0]
+    lw = geolie.layerwise_attribution(module, f, pos, **kw)
     contrib = {k: v["contribution"] for k, v in lw.items() if k != "__total__"}
     absum = {k: sum(abs(c) for c in v) for k, v in contrib.items()}
     tot = sum(absum.values())
     shares = {part: sum(a for k, a in absum.items() if k.endswith(suffixes)) / tot if tot > 0 else math.nan
               for part, suffixes in ESCN_PARTS.items()}
     shares["outside the units"] = absum["__unattributed__"] / tot if tot > 0 else math.nan
-    return {"total": lw["__total__"]["contribution"], "energy": float(ev.fn(*ev.inputs)["energy"].sum().detach()),
+    return {"total": lw["__total__"]["contribution"], "energy": float(f(pos).detach()),
             "contributions": contrib, "shares": shares}
 
 

@@ -183,6 +183,8 @@ class FairchemAdapter(GraphPotentialAdapter):
         local Lie derivative of their node input alone would hold fixed. Their part, and the embeddings' and the
         heads', is in ``"__unattributed__"``. ``None`` for other backbones (their layouts are not read: no
         attribution rather than a wrong one) and for periodic structures (the cell would have to rotate too)."""
+        from e3nn import o3
+
         from .._reps import IrrepsRep
 
         if st.cell is not None:
@@ -192,7 +194,7 @@ class FairchemAdapter(GraphPotentialAdapter):
         if type(backbone).__name__ != "eSCNMDBackbone":
             return None
         lmax = int(backbone.lmax)
-        rep = IrrepsRep("+".join(f"1x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)), axis=-2)
+        rep = IrrepsRep(o3.Irreps.spherical_harmonics(lmax), axis=-2)
         units = [f"backbone.blocks.{k}.{part}" for k in range(len(backbone.blocks))
                  for part in ("norm_1", "norm_2", "atom_wise")] + ["backbone.norm"]
         ev = self.evaluation(st, dtype)
