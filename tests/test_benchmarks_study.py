@@ -147,6 +147,13 @@ def test_study_statistics_against_hand_computed_values():
     si = st.seed_interval([1.0, 2.0, 3.0])
     assert si["mean"] == 2.0 and si["hi"] - 2.0 == pytest.approx(sst.t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
     assert st.seed_interval([5.0])["lo"] is None
+    # a share's interval is the t-interval cut to [0, 1]: 0.9 ± 12.706 · 0.1/√2 reaches past 1 uncut
+    cut, free = st.seed_interval([0.8, 1.0], bounds=(0.0, 1.0)), st.seed_interval([0.8, 1.0])
+    h = sst.t.ppf(0.975, 1) * np.std([0.8, 1.0], ddof=1) / np.sqrt(2)
+    assert free["hi"] == pytest.approx(0.9 + h) and free["hi"] > 1 and cut["hi"] == 1.0
+    assert cut["lo"] == 0.0 and free["lo"] == pytest.approx(0.9 - h) < 0 and cut["mean"] == pytest.approx(0.9)
+    narrow = st.seed_interval([0.50, 0.51, 0.52], bounds=(0.0, 1.0))
+    assert narrow["lo"] == pytest.approx(st.seed_interval([0.50, 0.51, 0.52])["lo"])  # inside: unchanged
     assert st.claim(0.1, 0.2, "up", "down") == "up" and st.claim(-0.2, -0.1, "up", "down") == "down"
     assert st.claim(-0.1, 0.2, "up", "down") == "not distinguishable"
 
@@ -399,6 +406,25 @@ def test_run_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     writing.mkdir()
     (writing / "claim").write_text("")
     assert not run._claim(str(writing))
+
+
+def test_status_estimates_what_is_left_from_finished_runs(tmp_path):
+    """The remaining time: the mean of finished runs of the same family, recipe and width, else of family and
+    recipe; a run with neither is named as unknown, never guessed."""
+    sys.path.insert(0, STUDY)
+    import run
+
+    def r(name, family, mode, width):
+        return {"name": name, "molecule": "aspirin", "family": family, "mode": mode, "width": width}
+
+    runs = [r("a", "mpnn", "plain", 8), r("b", "mpnn", "plain", 8), r("c", "mpnn", "plain", 64),
+            r("d", "mpnn", "plain", 8), r("e", "mpnn", "plain", 16), r("f", "mpnn", "penalty", 8)]
+    for name, sec in (("a", 100.0), ("b", 300.0), ("c", 1000.0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "result.json").write_text(json.dumps({"seconds": sec}))
+    est = run.remaining_estimate(runs, str(tmp_path), ["d", "e", "f"])
+    # d: width 8's mean (200); e: no width-16 run, so plain's mean over widths (1400 / 3); f: nothing to go by
+    assert est["seconds"] == pytest.approx(200.0 + 1400.0 / 3) and est["runs"] == 2 and est["unknown"] == ["f"]
 
 
 def test_status_tells_done_running_and_pending_runs(tmp_path, capsys):

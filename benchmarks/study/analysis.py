@@ -284,7 +284,7 @@ def aliasing_claims(results, molecule: str, base) -> List[Claim]:
         for fam in ("vector-pointwise", "vector-gated"):
             shares = [part_share(r["lie_test"]["layerwise"], "nonlinearities") for r in rs
                       if r["family"] == fam and r["mode"] == mode and r["lie_test"].get("layerwise")]
-            si = stats.seed_interval(shares)
+            si = stats.seed_interval(shares, bounds=(0.0, 1.0))  # a share: its interval stays in [0, 1]
             out.append(Claim(f"aliasing/{molecule}/{mode}/{fam}/share",
                              f"{molecule}, {fam}, {mode}: share of the energy's rotational derivative attributed to "
                              "the nonlinearities (seed mean)", si["mean"], si["lo"], si["hi"], si["n"],

@@ -32,7 +32,8 @@ penalty run takes about an hour and a vector-model run 15-25 minutes. From those
 Options: ``--quick`` (ethanol, tiny models, a few dozen steps, two seeds: every code path, a test), ``--out DIR``
 (default ``benchmarks/results/study`` or ``.../study_quick``), ``--only SUBSTRING...`` (runs whose name contains one of them),
 ``--max-runs N`` (stop after N new runs), ``--no-analysis`` (a worker beside another process), ``--threads``,
-``--status`` (which runs are done, running in a live process, or pending; changes nothing).
+``--status`` (which runs are done, running in a live process, or pending, and about how many core-hours the rest
+will take by the finished runs' times: :func:`remaining_estimate`; changes nothing).
 """
 from __future__ import annotations
 
@@ -352,10 +353,39 @@ def status(runs: List[Dict[str, Any]], out: str) -> Dict[str, List[str]]:
     return states
 
 
+def remaining_estimate(runs: List[Dict[str, Any]], out: str, names: List[str]) -> Dict[str, Any]:
+    """Core-seconds the runs ``names`` will take, by the finished runs' own times (``seconds`` in their results):
+    each run gets the mean of the finished runs of its family, recipe and width (any molecule, any seed), else of its
+    family and recipe; runs with neither are counted in ``unknown``. Finished runs ran beside other work, so this is
+    what the runs took on this machine as it was used, not a benchmark."""
+    took: Dict[Any, List[float]] = {}
+    for r in runs:
+        path = os.path.join(out, "runs", r["name"], "result.json")
+        if os.path.exists(path):
+            sec = json.load(open(path)).get("seconds")
+            if isinstance(sec, (int, float)):
+                for key in ((r["family"], r["mode"], r.get("width")), (r["family"], r["mode"])):
+                    took.setdefault(key, []).append(float(sec))
+    by_name = {r["name"]: r for r in runs}
+    seconds, unknown = 0.0, []
+    for n in names:
+        r = by_name[n]
+        ts = took.get((r["family"], r["mode"], r.get("width"))) or took.get((r["family"], r["mode"]))
+        if ts:
+            seconds += sum(ts) / len(ts)
+        else:
+            unknown.append(n)
+    return {"seconds": seconds, "runs": len(names) - len(unknown), "unknown": unknown}
+
+
 def _print_status(runs: List[Dict[str, Any]], out: str) -> None:
     st = status(runs, out)
     print(f"study: {len(st['done'])} done, {len(st['running'])} running, {len(st['pending'])} pending of "
           f"{len(runs)} runs")
+    left = remaining_estimate(runs, out, st["running"] + st["pending"])
+    print(f"  still to run: about {left['seconds'] / 3600:.1f} core-hours for {left['runs']} of them (the mean time of "
+          f"finished runs of the same family, recipe and width, or of family and recipe)"
+          + (f"; {len(left['unknown'])} with no finished run of their family and recipe" if left["unknown"] else ""))
     by_name = {r["name"]: r for r in runs}
     groups: Dict[str, Dict[str, int]] = {}
     for state, names in st.items():
@@ -379,7 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     ap.add_argument("--analyse-only", action="store_true", help="write the analysis of the finished runs only")
     ap.add_argument("--no-analysis", action="store_true", help="train only (a worker beside another process)")
-    ap.add_argument("--status", action="store_true", help="print which runs are done, running and pending; no work")
+    ap.add_argument("--status", action="store_true", help="print which runs are done, running and pending, and the time left; no work")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu only for now (see docs/src/study.md)")
     args = ap.parse_args(argv)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,8 +85,11 @@ def factor_fit(y: Sequence[float], x: Sequence[float], groups: Sequence[Any]) ->
     return {"slope": b, "lo": b - t * se, "hi": b + t * se, "se": se, "n": n, "groups": len(levels), "dof": dof}
 
 
-def seed_interval(values: Sequence[float]) -> Dict[str, Any]:
-    """Mean and 95% t-interval over seeds (``lo``/``hi`` None with a single seed)."""
+def seed_interval(values: Sequence[float], bounds: Optional[Tuple[float, float]] = None) -> Dict[str, Any]:
+    """Mean and 95% t-interval over seeds (``lo``/``hi`` None with a single seed).
+
+    ``bounds``: the quantity's range (``(0, 1)`` for a share); the t-interval is cut to it, which keeps its coverage
+    (the true value lies inside the range) and says no more than the data: a share's interval never reaches past 1."""
     from scipy import stats
 
     v = np.asarray([a for a in values if a is not None and np.isfinite(a)], float)
@@ -95,7 +98,10 @@ def seed_interval(values: Sequence[float]) -> Dict[str, Any]:
     if len(v) == 1:
         return {"mean": float(v[0]), "lo": None, "hi": None, "n": 1}
     h = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return {"mean": float(v.mean()), "lo": float(v.mean()) - h, "hi": float(v.mean()) + h, "n": len(v)}
+    lo, hi = float(v.mean()) - h, float(v.mean()) + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": float(v.mean()), "lo": lo, "hi": hi, "n": len(v)}
 
 
 def claim(lo: Optional[float], hi: Optional[float], positive: str, negative: str, null: float = 0.0) -> str:
