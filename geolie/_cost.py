@@ -14,8 +14,8 @@ An audit runs inside :func:`accounting`; the engine marks its parts with :func:`
 Times are exclusive (a part inside another is counted once, in the inner one, except inside the parts that own
 everything they call, :data:`ABSORBING`: the floors' own tangents are the floors' cost), so the parts add up to the
 wall time of the run. With a reference (``geolie audit --profile``, ``audit(..., profile=True)``) the account also measures,
-in the same run, one batched energy+forces call of the same model on the first call's structures (median of 3 after
-a warm-up; forces by the model's autograd or geolie's ``-dE/dx``, as the audit gets them), and expresses every part
+in the same run, one batched energy+forces call of the same model on the first call's structures (after a warm-up, the
+median of at least 3 calls over at least :data:`REFERENCE_SECONDS`; forces by the model's autograd or geolie's ``-dE/dx``, as the audit gets them), and expresses every part
 per structure in **E+F-equivalents**: seconds per structure divided by that call's seconds per structure.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 __all__ = ["CostAccount", "accounting", "part", "table"]
 
 _ACTIVE: List["CostAccount"] = []
+#: the E+F reference is timed over at least this many seconds (:meth:`CostAccount.reference`)
+REFERENCE_SECONDS = 0.5
 #: parts that own everything inside them: the other precision's base evaluation, tangents and adjoint test are
 #: the floors' cost; the finite companions', the hunt's and the conservativeness checks' model calls are theirs
 ABSORBING = frozenset({"floors", "finite companions", "hunt", "conservativeness", "layer-wise attribution",
@@ -68,13 +70,16 @@ class CostAccount:
             if self._stack:
                 self._stack[-1][1] = end  # the enclosing part resumes
 
-    def reference(self, ef_call: Callable[[], Any], n_structures: int, repeat: int = 3) -> None:
-        """Time ``ef_call`` (one batched energy+forces call of ``n_structures`` structures): warm-up, median of
-        ``repeat``; the account's E+F-equivalents are per structure against it. Not counted in any part."""
+    def reference(self, ef_call: Callable[[], Any], n_structures: int, repeat: int = 3,
+                  min_seconds: float = REFERENCE_SECONDS, max_repeat: int = 50) -> None:
+        """Time ``ef_call`` (one batched energy+forces call of ``n_structures`` structures): warm-up, then the median
+        of at least ``repeat`` calls, more (up to ``max_repeat``) until they add up to ``min_seconds`` (every ratio of the account
+        divides by this one figure: a short call timed three times is a noisy one). The account's E+F-equivalents are
+        per structure against it. Not counted in any part."""
         start = time.perf_counter()
         ef_call()
-        ts = []
-        for _ in range(repeat):
+        ts: List[float] = []
+        while len(ts) < repeat or (sum(ts) < min_seconds and len(ts) < max_repeat):
             t = time.perf_counter()
             ef_call()
             ts.append(time.perf_counter() - t)

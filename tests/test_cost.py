@@ -49,6 +49,33 @@ def test_parts_are_exclusive_and_add_up(monkeypatch):
     assert "E+F-equivalents per structure" in text and "b" in text
 
 
+def test_reference_times_short_calls_for_long_enough(monkeypatch):
+    """The E+F reference: a warm-up, then at least ``repeat`` calls, more until they add up to ``min_seconds`` (at
+    most ``max_repeat``); the median per structure, none of it in the run's wall time."""
+    clock = FakeClock()
+    monkeypatch.setattr(_cost.time, "perf_counter", clock)
+    calls = []
+
+    def ef(dt):
+        def call():
+            calls.append(dt)
+            clock.t += dt
+        return call
+
+    with accounting() as acc:
+        acc.reference(ef(2.0 ** -6), n_structures=2, repeat=3, min_seconds=0.3)  # exact binary steps: 0.3 / 2^-6 = 19.2
+    assert len(calls) == 1 + 20 and acc.ef_seconds_per_structure == pytest.approx(2.0 ** -7)
+    calls.clear()
+    with accounting() as acc:
+        acc.reference(ef(2.0 ** -10), n_structures=1, repeat=3, min_seconds=0.3, max_repeat=50)
+    assert len(calls) == 1 + 50  # capped
+    calls.clear()
+    with accounting() as acc:
+        acc.reference(ef(1.0), n_structures=1, repeat=3, min_seconds=0.3)
+        acc.close(n_structures=1)
+    assert len(calls) == 1 + 3 and acc.to_dict()["wall_seconds"] == pytest.approx(0.0)
+
+
 def test_part_outside_an_account_is_free():
     with part("nothing"):
         pass
