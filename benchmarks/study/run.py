@@ -362,7 +362,8 @@ def remaining_estimate(runs: List[Dict[str, Any]], out: str, names: List[str]) -
     for r in runs:
         path = os.path.join(out, "runs", r["name"], "result.json")
         if os.path.exists(path):
-            sec = json.load(open(path)).get("seconds")
+            with open(path) as fh:
+                sec = json.load(fh).get("seconds")
             if isinstance(sec, (int, float)):
                 for key in ((r["family"], r["mode"], r.get("width")), (r["family"], r["mode"])):
                     took.setdefault(key, []).append(float(sec))
