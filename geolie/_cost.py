@@ -15,8 +15,9 @@ Times are exclusive (a part inside another is counted once, in the inner one, ex
 everything they call, :data:`ABSORBING`: the floors' own tangents are the floors' cost), so the parts add up to the
 wall time of the run. With a reference (``geolie audit --profile``, ``audit(..., profile=True)``) the account also measures,
 in the same run, one batched energy+forces call of the same model on the first call's structures (after a warm-up, the
-median of at least 3 calls over at least :data:`REFERENCE_SECONDS`; forces by the model's autograd or geolie's ``-dE/dx``, as the audit gets them), and expresses every part
-per structure in **E+F-equivalents**: seconds per structure divided by that call's seconds per structure.
+median of at least 3 calls over at least :data:`REFERENCE_SECONDS`; forces by the model's autograd or geolie's
+``-dE/dx``, as the audit gets them), and expresses every part per structure in **E+F-equivalents**: seconds per
+structure divided by that call's seconds per structure.
 """
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ class CostAccount:
     def reference(self, ef_call: Callable[[], Any], n_structures: int, repeat: int = 3,
                   min_seconds: float = REFERENCE_SECONDS, max_repeat: int = 50) -> None:
         """Time ``ef_call`` (one batched energy+forces call of ``n_structures`` structures): warm-up, then the median
-        of at least ``repeat`` calls, more (up to ``max_repeat``) until they add up to ``min_seconds`` (every ratio of the account
-        divides by this one figure: a short call timed three times is a noisy one). The account's E+F-equivalents are
-        per structure against it. Not counted in any part."""
+        of at least ``repeat`` calls, more (up to ``max_repeat``) until they add up to ``min_seconds`` (every ratio of
+        the account divides by this one figure: a short call timed three times is a noisy one). The account's
+        E+F-equivalents are per structure against it. Not counted in any part."""
         start = time.perf_counter()
         ef_call()
         ts: List[float] = []

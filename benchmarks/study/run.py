@@ -410,7 +410,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete earlier results in --out first")
     ap.add_argument("--analyse-only", action="store_true", help="write the analysis of the finished runs only")
     ap.add_argument("--no-analysis", action="store_true", help="train only (a worker beside another process)")
-    ap.add_argument("--status", action="store_true", help="print which runs are done, running and pending, and the time left; no work")
+    ap.add_argument("--status", action="store_true",
+                    help="print which runs are done, running and pending, and the time left; no work")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu only for now (see docs/src/study.md)")
     args = ap.parse_args(argv)
